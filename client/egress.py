@@ -1,0 +1,99 @@
+"""The seams between the decoder and what governs egress: policy decisions and the audit log.
+
+CoDecoder asks an ``EgressPolicy`` before every remote call and writes every decision to an
+``AuditSink`` before anything is sent. The policy sees the whole local sequence with its private
+mask and what the expert session already holds, and answers with the exact remote view and how
+much of it is new; the decoder sends only ``decision.remote_view[decision.send_from:]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class EgressRequest:
+    """What the decoder wants to show the expert."""
+
+    request_id: str
+    session: str
+    local_tokens: Sequence[int]
+    private_mask: Sequence[bool]
+    held_view: Sequence[int]  # the remote view the expert session already holds
+
+
+@dataclass(frozen=True)
+class EgressDecision:
+    """The policy's answer; ``reason`` is machine-readable (``ok``, ``cap:per_request_calls``...)."""
+
+    allowed: bool
+    reason: str
+    remote_view: Sequence[int] = ()
+    send_from: int = 0  # tokens of remote_view the session already holds
+    dry_run: bool = False
+
+    @property
+    def new_tokens(self) -> Sequence[int]:
+        return self.remote_view[self.send_from:]
+
+
+@dataclass(frozen=True)
+class EgressRecord:
+    """Written (and fsynced) before the request leaves; also written for denials."""
+
+    request_id: str
+    session: str
+    destination: str  # gateway URL
+    model: str
+    decision: EgressDecision
+    sent_tokens: Sequence[int]
+    sent_text: str
+    held: int
+
+
+@dataclass(frozen=True)
+class EgressOutcome:
+    """What came back for a call, linked to its EgressRecord by id."""
+
+    received_tokens: Sequence[int] = ()
+    accepted_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class EgressPolicy(Protocol):
+    def decide(self, request: EgressRequest) -> EgressDecision:
+        """Decide, and if allowed count the call against the caps."""
+        ...
+
+
+class AuditSink(Protocol):
+    def record_egress(self, record: EgressRecord) -> str:
+        """Durably append the record before anything is sent; return its id."""
+        ...
+
+    def record_outcome(self, egress_id: str, outcome: EgressOutcome) -> None:
+        """Append the outcome of the call whose egress record has ``egress_id``."""
+        ...
+
+
+class SendEverything:
+    """A policy that allows the full local sequence, with no caps: for tests and local experts."""
+
+    def decide(self, request: EgressRequest) -> EgressDecision:
+        view = list(request.local_tokens)
+        return EgressDecision(True, "ok", view, common_prefix_length(view, request.held_view))
+
+
+def common_prefix_length(left: Sequence[int], right: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    shared = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared
+

@@ -1,0 +1,132 @@
+"""Every error the client raises, in one tree.
+
+    TandemError
+    ├── ConfigError                 a settings file or value is wrong; the message says which
+    ├── SecretMissingError          a secret is in neither the keyring nor the environment
+    ├── ModelError                  llama.cpp failed (translated in base_model.py)
+    │   ├── ModelLoadError          the GGUF file is missing or does not load
+    │   ├── ContextOverflowError    the sequence does not fit n_ctx
+    │   └── TokenizerMismatchError  two models or a head disagree on the vocabulary
+    ├── SwitchError                 the ONNX switch head failed (translated in switch.py)
+    │   └── SwitchMismatchError     the head was made for another base model
+    ├── ExpertError                 a remote expert call failed (translated in expert.py)
+    │   ├── ExpertUnavailableError  connect error, timeout, 5xx, or circuit open
+    │   │   └── CircuitOpenError    the breaker is open: no call was made
+    │   └── ExpertRejectedError     the gateway refused the request (4xx)
+    │       ├── ExpertAuthError     401 / 403
+    │       ├── ExpertRateLimitedError  429, with retry_after seconds
+    │       └── SessionLostError    409: the gateway no longer holds the session
+    ├── PolicyError                 the egress policy could not be evaluated
+    ├── AuditError                  the audit log could not be written or read
+    │   └── AuditVerifyError        the chain is broken; names the first bad line
+    └── DocumentError               a document could not be stored
+        ├── DocumentTooLargeError
+        └── DocumentParseError
+
+Foreign exceptions (httpx, llama.cpp, onnxruntime, sqlite3) are translated at exactly one
+boundary per dependency with ``raise X(...) from exc``; callers never match message text.
+"""
+
+from __future__ import annotations
+
+
+class TandemError(Exception):
+    """Base of every error Tandem raises on purpose."""
+
+
+class ConfigError(TandemError):
+    """A settings file or value is wrong."""
+
+
+class SecretMissingError(TandemError):
+    """A secret was found neither in the keyring nor in the environment."""
+
+
+class ModelError(TandemError):
+    """llama.cpp failed."""
+
+
+class ModelLoadError(ModelError):
+    """The GGUF file is missing or llama.cpp could not load it."""
+
+
+class ContextOverflowError(ModelError):
+    """The sequence would not fit the model's context window."""
+
+
+class TokenizerMismatchError(ModelError):
+    """Two models, or a model and a head, were built for different vocabularies."""
+
+
+class SwitchError(TandemError):
+    """The ONNX switch head failed to load or run."""
+
+
+class SwitchMismatchError(SwitchError):
+    """The switch head was trained for another base model."""
+
+
+class ExpertError(TandemError):
+    """A call to the remote expert failed."""
+
+
+class ExpertUnavailableError(ExpertError):
+    """The expert could not be reached in time or answered with a server error."""
+
+
+class CircuitOpenError(ExpertUnavailableError):
+    """The circuit breaker is open, so no call was attempted."""
+
+
+class ExpertRejectedError(ExpertError):
+    """The gateway refused the request."""
+
+    def __init__(self, message: str, *, status_code: int, error_type: str = "") -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+class ExpertAuthError(ExpertRejectedError):
+    """The gateway refused our credentials."""
+
+
+class ExpertRateLimitedError(ExpertRejectedError):
+    """The gateway rate-limited us; retry_after says for how long."""
+
+    def __init__(self, message: str, *, status_code: int = 429, error_type: str = "",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status_code=status_code, error_type=error_type)
+        self.retry_after = retry_after
+
+
+class SessionLostError(ExpertRejectedError):
+    """The gateway no longer holds the session: resend the whole allowed prefix."""
+
+
+class PolicyError(TandemError):
+    """The egress policy could not be evaluated."""
+
+
+class AuditError(TandemError):
+    """The audit log could not be written or read."""
+
+
+class AuditVerifyError(AuditError):
+    """The audit chain is broken at a given line."""
+
+    def __init__(self, message: str, *, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class DocumentError(TandemError):
+    """A document could not be ingested or found."""
+
+
+class DocumentTooLargeError(DocumentError):
+    """An uploaded document exceeds the configured size limit."""
+
+
+class DocumentParseError(DocumentError):
+    """An uploaded document could not be parsed."""

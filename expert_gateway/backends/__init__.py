@@ -1,0 +1,1 @@
+"""Expert backends behind the gateway's ``ExpertBackend`` protocol."""
