@@ -34,7 +34,7 @@ class ContinueRequest(_Wire):
 
     session: SessionId
     model: ModelName
-    held: int = Field(ge=0, le=MAX_SEQUENCE_TOKENS, description="tokens the client believes the gateway holds")
+    held: int = Field(ge=0, le=MAX_SEQUENCE_TOKENS, description="tokens the gateway is believed to hold")
     tokens: list[TokenId] = Field(max_length=MAX_SEQUENCE_TOKENS, description="new tokens after `held`")
     max_tokens: int = Field(default=1, ge=1, le=MAX_CONTINUE_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy")
@@ -121,7 +121,8 @@ def sample_from_logits(logits: Sequence[float] | np.ndarray, *, temperature: flo
     probabilities = np.exp(scaled - scaled.max())
     cumulative = np.cumsum(probabilities / probabilities.sum())
     draw = positional_uniform(seed, position) if seed is not None else float(np.random.random())
-    return int(min(np.searchsorted(cumulative, draw, side="right"), len(values) - 1))
+    index = int(np.searchsorted(cumulative, draw, side="right"))
+    return min(index, len(values) - 1)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
