@@ -33,11 +33,12 @@ MEDIA_TYPES = {
 _MEDIA_ALIASES = {"application/xhtml+xml": "text/html", "text/x-markdown": "text/markdown"}
 
 # Words too common to help BM25 pick a passage; dropping them keeps queries small.
-_STOPWORDS = frozenset(
-    "a an and are as at be by did do does for from how i in is it its me much many my "
-    "of on or our so than that the their them then there these this to was we what when where "
-    "which who why will with you your".split()
-)
+_STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "how",
+    "i", "in", "is", "it", "its", "me", "much", "many", "my", "of", "on", "or", "our", "so",
+    "than", "that", "the", "their", "them", "then", "there", "these", "this", "to", "was", "we",
+    "what", "when", "where", "which", "who", "why", "will", "with", "you", "your",
+})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
@@ -117,7 +118,7 @@ class DocumentStore:
         """Index text that is already plain (or Markdown/HTML source)."""
         return self.ingest(name, text.encode("utf-8"), media_type=media_type)
 
-    def list(self) -> list[DocumentInfo]:
+    def list_documents(self) -> list[DocumentInfo]:
         with self._query() as connection:
             rows = connection.execute(
                 "SELECT id, name, media_type, size_bytes, characters, passage_count, created_at "

@@ -71,7 +71,7 @@ def test_pdf_ingest_extracts_text(store: DocumentStore) -> None:
 def test_corrupt_pdf_is_a_parse_error(store: DocumentStore) -> None:
     with pytest.raises(DocumentParseError, match="PDF"):
         store.ingest("broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog garbage")
-    assert store.list() == []
+    assert store.list_documents() == []
 
 
 def test_html_ingest_strips_tags_scripts_and_styles(store: DocumentStore) -> None:
@@ -99,7 +99,7 @@ def test_deletion_removes_from_retrieval_and_listing(store: DocumentStore) -> No
     assert len(store.search("bananas", k=3)) == 1
     store.delete(gone.id)
     assert store.search("bananas", k=3) == []
-    assert [d.id for d in store.list()] == [kept.id]
+    assert [d.id for d in store.list_documents()] == [kept.id]
     with pytest.raises(DocumentNotFoundError):
         store.delete(gone.id)
     with pytest.raises(DocumentNotFoundError):
@@ -148,7 +148,7 @@ def test_concurrent_ingest_and_search(store: DocumentStore) -> None:
     for thread in threads:
         thread.join()
     assert failures == []
-    assert len(store.list()) == 60
+    assert len(store.list_documents()) == 60
 
 
 def test_chunking_keeps_passages_within_the_limit() -> None:
