@@ -7,10 +7,11 @@ Nested fields come from the environment with a double underscore, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -145,3 +146,116 @@ def _first_problem(exc: ValidationError) -> str:
     problem = exc.errors()[0]
     where = ".".join(str(part) for part in problem["loc"])
     return f"{where}: {problem['msg']}"
+
+
+class DenyPattern(_Section):
+    """A regular expression over the remote view's text, and what to do when it matches."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,32}$", description="reason suffix: pattern:<name>")
+    regex: str = Field(min_length=1, max_length=1000, description="Python regular expression")
+    action: Literal["redact", "skip"] = Field(
+        default="redact", description="redact: replace matches by the placeholder; skip: do not defer"
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            if re.compile(value).match(""):
+                raise ValueError("the pattern matches the empty string")
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+DEFAULT_DENY_PATTERNS = (
+    DenyPattern(name="card_number", regex=r"\b(?:\d[ -]?){12,18}\d\b", action="skip"),
+    DenyPattern(
+        name="iban",
+        regex=r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b",
+        action="redact",
+    ),
+    DenyPattern(
+        name="email", regex=r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+        action="redact",
+    ),
+    DenyPattern(
+        name="national_id",
+        regex=r"\b(?:\d{3}-\d{2}-\d{4}|\d{3} \d{2} \d{4}|[A-Z]{2}\d{6}[A-D]|\d{6}[-+A]\d{3}[0-9A-Y])\b",
+        action="redact",
+    ),
+)
+
+
+class PolicySettings(BaseSettings):
+    """Everything policy.toml configures: what may leave the machine, how often, and the audit log."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_POLICY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    mode: Literal["full", "redact_private", "window"] = Field(
+        default="redact_private",
+        description="full: the whole sequence; redact_private: private spans become the "
+        "placeholder; window: only the last window_tokens tokens, private spans redacted",
+    )
+    window_tokens: int = Field(
+        default=256, ge=8, le=32768, description="most tokens the expert sees in window mode"
+    )
+    placeholder: str = Field(
+        default="[private]", min_length=1, max_length=64, description="text that replaces a redacted span"
+    )
+    per_request_calls: int = Field(
+        default=64, ge=0, le=1_000_000, description="remote calls one answer may make (0: none)"
+    )
+    per_request_tokens: int = Field(
+        default=8192, ge=0, le=100_000_000, description="tokens one answer may send (0: none)"
+    )
+    hourly_calls: int = Field(
+        default=2000, ge=0, le=100_000_000, description="remote calls per UTC hour, all processes"
+    )
+    hourly_tokens: int = Field(
+        default=500_000, ge=0, le=10**12, description="tokens sent per UTC hour, all processes"
+    )
+    daily_calls: int = Field(
+        default=20_000, ge=0, le=10**9, description="remote calls per UTC day, all processes"
+    )
+    daily_tokens: int = Field(
+        default=5_000_000, ge=0, le=10**13, description="tokens sent per UTC day, all processes"
+    )
+    deny_patterns: list[DenyPattern] = Field(
+        default_factory=lambda: list(DEFAULT_DENY_PATTERNS),
+        max_length=256,
+        description="regular expressions over the remote view's text, checked on every call",
+    )
+    taint_min_chars: int = Field(
+        default=12, ge=4, le=1000,
+        description="public text that repeats this many characters of a private span is private",
+    )
+    sensitive_min_chars: int = Field(
+        default=3, ge=2, le=100,
+        description="public text that repeats this many letters or digits of a deny-pattern "
+        "match inside a private span is private (stops copies before the pattern completes)",
+    )
+    dry_run: bool = Field(default=False, description="decide and audit every call but send nothing")
+    usage_db: Path = Field(
+        default=Path(".tandem/usage.sqlite3"), description="SQLite file with the cap counters"
+    )
+    audit_log: Path = Field(
+        default=Path(".tandem/audit/audit.jsonl"), description="the active audit log file"
+    )
+    audit_rotate_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=4096, le=1024**4,
+        description="rotate the audit log when the active file would grow past this size",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
