@@ -1,0 +1,471 @@
+"""Collection of switch-head training data: base hidden states and log-probs, expert log-probs.
+
+For each corpus line ``{"prompt", "answer"}`` (or GSM8K's ``{"question", "answer"}``) the base
+runs over prompt + answer in one batched llama.cpp decode, which yields the final hidden state
+and logits at every position. At each answer position we keep the hidden state that predicts
+the gold token, the base's log-prob of it, its argmax and two cheap features (entropy, top-1
+margin). The expert's log-prob and argmax at the same positions come from the gateway's
+``/v1/score``; that egress goes through the client's policy and audit like any other.
+
+Output: safetensors shards (deterministic bytes, so an interrupted run resumed gives the same
+files) plus ``manifest.json`` naming models, fingerprints, file hashes, the corpus hash and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRecord, EgressRequest
+from client.errors import TandemError
+
+ARRAY_NAMES = ("hidden", "features", "base_logprob", "expert_logprob", "base_argmax",
+               "expert_argmax", "gold", "example_index", "answer_position")
+MANIFEST_NAME = "manifest.json"
+FORMAT = "tandem-collect/1"
+PromptStyle = Literal["auto", "plain", "chat"]
+
+
+class CollectError(TandemError):
+    """Collection could not run: bad corpus, unusable model, or an expert that failed."""
+
+
+# --- the stored data --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectedData:
+    """All answer positions of a collection, concatenated; one row per position."""
+
+    hidden: np.ndarray  # [n, d] float32: the base's final hidden state that predicts gold
+    features: np.ndarray  # [n, 2] float32: base entropy and top-1 margin at that position
+    base_logprob: np.ndarray  # [n] float32: log P_base(gold)
+    expert_logprob: np.ndarray  # [n] float32: log P_expert(gold)
+    base_argmax: np.ndarray  # [n] int32
+    expert_argmax: np.ndarray  # [n] int32
+    gold: np.ndarray  # [n] int32
+    example_index: np.ndarray  # [n] int32: corpus line of the position
+    answer_position: np.ndarray  # [n] int32: index of the gold token within the answer
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hidden.shape[1])
+
+    def select(self, mask: np.ndarray) -> CollectedData:
+        return CollectedData(*(getattr(self, name)[mask] for name in ARRAY_NAMES), manifest=self.manifest)
+
+
+def base_features(logits: np.ndarray) -> np.ndarray:
+    """Entropy (nats) and top-1 margin (p1 - p2) of the base distribution, float32 [n, 2]."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    probs = np.exp(log_probs)
+    entropy = -(probs * log_probs).sum(axis=-1)
+    top_two = np.sort(probs, axis=-1)[:, -2:] if probs.shape[1] > 1 else np.pad(probs, ((0, 0), (1, 0)))
+    return np.stack([entropy, top_two[:, 1] - top_two[:, 0]], axis=-1).astype(np.float32)
+
+
+def load_collected(directory: Path) -> CollectedData:
+    """Concatenate the shards named by a complete manifest."""
+    manifest = read_manifest(directory)
+    if not manifest.get("complete"):
+        raise CollectError(f"collection in {directory} is incomplete; rerun `tandem train collect`")
+    from safetensors.numpy import load_file
+
+    shards = [load_file(str(directory / shard["name"])) for shard in manifest["shards"]]
+    shards = [shard for shard in shards if shard["gold"].shape[0]]
+    if not shards:
+        raise CollectError(f"collection in {directory} holds no answer positions")
+    arrays = {name: np.concatenate([shard[name] for shard in shards]) for name in ARRAY_NAMES}
+    return CollectedData(**arrays, manifest=manifest)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_NAME
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CollectError(f"no {MANIFEST_NAME} in {directory}: run `tandem train collect` first") from exc
+    except (OSError, ValueError) as exc:
+        raise CollectError(f"cannot read {path}: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise CollectError(f"{path} is not a manifest written by `tandem train collect`")
+    return manifest
+
+
+# --- the corpus ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    index: int
+    prompt: str
+    answer: str
+
+
+def read_corpus(path: Path, *, limit: int | None = None) -> list[Example]:
+    """``{"prompt","answer"}`` or ``{"question","answer"}`` lines; a clear error names a bad line."""
+    examples: list[Example] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CollectError(f"cannot read corpus {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise CollectError(f"{path}:{number}: not JSON ({exc})") from exc
+        prompt = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
+        answer = record.get("answer") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise CollectError(f"{path}:{number}: needs string fields 'prompt' (or 'question') and 'answer'")
+        examples.append(Example(len(examples), prompt, answer))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise CollectError(f"corpus {path} holds no examples")
+    return examples
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- tokenization -------------------------------------------------------------------------------
+
+
+class Tokenizing(Protocol):
+    chat_template: str | None
+    bos_id: int
+    eos_id: int
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]: ...
+
+
+def resolve_style(model: Tokenizing, style: PromptStyle) -> Literal["plain", "chat"]:
+    if style == "auto":
+        return "chat" if model.chat_template else "plain"
+    if style == "chat" and not model.chat_template:
+        raise CollectError("prompt style 'chat' needs a base model with a chat template")
+    return style
+
+
+def render_chat(template: str, prompt: str) -> str:
+    """The chat template applied to one user turn, ending where the assistant's answer starts."""
+    import jinja2.sandbox
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return environment.from_string(template).render(
+        messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+        bos_token="", eos_token="",
+    )
+
+
+def encode_example(model: Tokenizing, example: Example, style: Literal["plain", "chat"]) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + EOS, and the index of the first answer token."""
+    if style == "chat":
+        assert model.chat_template is not None
+        text = render_chat(model.chat_template, example.prompt)
+        prompt_ids = model.tokenize(text, add_bos=True, special=True)
+    else:
+        prompt_ids = model.tokenize(example.prompt, add_bos=True)
+    answer_ids = [*model.tokenize(example.answer), model.eos_id]
+    return [*prompt_ids, *answer_ids], len(prompt_ids)
+
+
+# --- the expert side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredSpan:
+    logprobs: np.ndarray  # [answer tokens] float32
+    argmax: np.ndarray  # [answer tokens] int32
+
+
+class ExpertScorer(Protocol):
+    """Log-prob and argmax of the expert at every position from ``start`` on."""
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]: ...
+
+
+@dataclass
+class EgressCounter:
+    remote_calls: int = 0
+    tokens_sent: int = 0
+    denied: int = 0
+
+
+class GatewayScorer:
+    """``POST /v1/score`` on the gateway, each sequence cleared by policy and audited first."""
+
+    def __init__(self, url: str, *, model: str, tokenizer: str, token: str | None = None,
+                 policy: EgressPolicy | None = None, audit: AuditSink | None = None,
+                 detokenize: Callable[[Sequence[int]], str] | None = None,
+                 client: Any = None, timeout_s: float = 120.0) -> None:
+        import httpx
+
+        from client.egress import SendEverything
+
+        self.url = url.rstrip("/")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.policy: EgressPolicy = policy or SendEverything()
+        self.audit = audit
+        self.detokenize = detokenize or (lambda tokens: "")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = client or httpx.Client(timeout=timeout_s, headers=headers)
+        self.counter = EgressCounter()
+        self.session = f"collect-{uuid.uuid4().hex[:12]}"
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]:
+        views = [self._clear(tokens, start) for tokens, start in sequences]
+        body = {"model": self.model, "tokenizer": self.tokenizer,
+                "sequences": [{"tokens": list(view), "start": start} for view, start, _ in views]}
+        started = time.perf_counter()
+        reply = self._post(body)
+        self.counter.remote_calls += 1
+        results = reply.get("results", [])
+        if len(results) != len(views):
+            raise CollectError(f"gateway answered {len(results)} results for {len(views)} sequences")
+        spans = [ScoredSpan(np.asarray(r["logprobs"], np.float32), np.asarray(r["argmax"], np.int32))
+                 for r in results]
+        for (_, _, egress_id), span in zip(views, spans, strict=True):
+            if self.audit is not None and egress_id is not None:
+                self.audit.record_outcome(egress_id, EgressOutcome(
+                    received_tokens=span.argmax.tolist(), latency_s=time.perf_counter() - started))
+        return spans
+
+    def _clear(self, tokens: Sequence[int], start: int) -> tuple[Sequence[int], int, str | None]:
+        """Ask policy for the remote view, write the audit record, return what may be sent."""
+        request_id = uuid.uuid4().hex
+        decision = self.policy.decide(EgressRequest(request_id, self.session, list(tokens),
+                                                    [False] * len(tokens), ()))
+        answer = list(tokens[start:])
+        view = list(decision.remote_view)
+        if not decision.allowed or view[len(view) - len(answer):] != answer:
+            self.counter.denied += 1
+            raise CollectError(f"egress policy refused scoring ({decision.reason}); "
+                               "collection needs the answer tokens to reach the expert")
+        egress_id = None
+        if self.audit is not None:
+            egress_id = self.audit.record_egress(EgressRecord(
+                request_id, self.session, self.url, self.model, decision, view,
+                self.detokenize(view), held=0))
+        self.counter.tokens_sent += len(view)
+        return view, len(view) - len(answer), egress_id
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = self.client.post(f"{self.url}/v1/score", json=body)
+        except httpx.HTTPError as exc:
+            raise CollectError(f"cannot reach the gateway at {self.url}: {exc}") from exc
+        if response.status_code != 200:
+            raise CollectError(f"gateway refused /v1/score with {response.status_code}: "
+                               f"{response.text[:300]}")
+        result: dict[str, Any] = response.json()
+        return result
+
+
+class LocalScorer:
+    """The same scores computed by an in-process llama.cpp expert (no HTTP, no egress)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.counter = EgressCounter()
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]:
+        from expert_gateway.protocol import log_softmax
+
+        spans = []
+        for tokens, start in sequences:
+            self.model.reset()
+            logits = self.model.decode(list(tokens[:-1])).logits
+            log_probs = log_softmax(logits[start - 1:].astype(np.float64))
+            gold = np.asarray(tokens[start:])
+            spans.append(ScoredSpan(log_probs[np.arange(len(gold)), gold].astype(np.float32),
+                                    log_probs.argmax(axis=-1).astype(np.int32)))
+        self.model.reset()
+        return spans
+
+
+# --- the collection loop --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectPlan:
+    corpus: Path
+    out: Path
+    limit: int | None = None
+    shard_size: int = 64
+    score_batch: int = 16
+    prompt_style: PromptStyle = "auto"
+    progress: bool = True
+
+
+def collect(plan: CollectPlan, *, base: Any, base_path: Path, scorer: ExpertScorer,
+            expert_info: dict[str, Any], after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run the collection into ``plan.out``; shards already written by an identical run are kept."""
+    examples = read_corpus(plan.corpus, limit=plan.limit)
+    style = resolve_style(base, plan.prompt_style)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    manifest = _start_manifest(plan, base, base_path, expert_info, style, len(examples))
+    run_key = _run_key(manifest)
+    shards = list(_chunks(examples, plan.shard_size))
+    from tqdm import tqdm
+
+    for shard_number, chunk in enumerate(tqdm(shards, desc="collect shards", disable=not plan.progress)):
+        path = plan.out / f"shard-{shard_number:05d}.safetensors"
+        if not _shard_done(path, run_key):
+            arrays, skipped = _collect_chunk(chunk, base, scorer, style, plan.score_batch)
+            _write_shard(path, arrays, run_key, skipped)
+        manifest["shards"].append(_shard_entry(path))
+        if after_shard is not None:
+            after_shard(shard_number)
+    return _finish_manifest(plan.out, manifest, scorer)
+
+
+def _chunks(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
+    for start in range(0, len(examples), size):
+        yield list(examples[start:start + size])
+
+
+def _start_manifest(plan: CollectPlan, base: Any, base_path: Path, expert_info: dict[str, Any],
+                    style: str, examples: int) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "complete": False,
+        "corpus": {"path": str(plan.corpus), "sha256": file_sha256(plan.corpus), "examples": examples,
+                   "limit": plan.limit},
+        "base": {"path": str(base_path), "sha256": file_sha256(base_path),
+                 "fingerprint": base.fingerprint, "hidden_size": base.hidden_size,
+                 "vocab_size": base.vocab_size},
+        "expert": expert_info,
+        "prompt_style": style,
+        "shard_size": plan.shard_size,
+        "feature_names": ["entropy", "top1_margin"],
+        "shards": [],
+    }
+
+
+def _run_key(manifest: dict[str, Any]) -> str:
+    """What makes a shard reusable: same corpus, base, expert, style and sharding."""
+    identity = {key: manifest[key] for key in ("corpus", "base", "expert", "prompt_style", "shard_size")}
+    identity["base"] = {k: v for k, v in identity["base"].items() if k != "path"}
+    identity["corpus"] = {k: v for k, v in identity["corpus"].items() if k != "path"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _shard_done(path: Path, run_key: str) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return bool((handle.metadata() or {}).get("run_key") == run_key)
+    except Exception:  # a torn or foreign file: collect the shard again
+        return False
+
+
+def _collect_chunk(chunk: Sequence[Example], base: Any, scorer: ExpertScorer,
+                   style: Literal["plain", "chat"], score_batch: int) -> tuple[dict[str, np.ndarray], int]:
+    rows: list[dict[str, np.ndarray]] = []
+    pending: list[tuple[Example, list[int], int, dict[str, np.ndarray]]] = []
+    skipped = 0
+    for example in chunk:
+        tokens, start = encode_example(base, example, style)
+        if len(tokens) > base.n_ctx:
+            skipped += 1  # longer than the base's context: it could never be decoded either
+            continue
+        pending.append((example, tokens, start, _base_pass(base, tokens, start)))
+    for batch_start in range(0, len(pending), score_batch):
+        batch = pending[batch_start:batch_start + score_batch]
+        spans = scorer.score([(tokens, start) for _, tokens, start, _ in batch])
+        for (example, _, _, row), span in zip(batch, spans, strict=True):
+            if len(span.logprobs) != len(row["gold"]):
+                raise CollectError(f"expert scored {len(span.logprobs)} answer tokens, expected {len(row['gold'])}")
+            rows.append({**row, "expert_logprob": span.logprobs, "expert_argmax": span.argmax,
+                         "example_index": np.full(len(row["gold"]), example.index, np.int32)})
+    return _stack(rows, base.hidden_size), skipped
+
+
+def _base_pass(base: Any, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+    """One decode of everything but the last token: row i predicts token i + 1."""
+    from expert_gateway.protocol import log_softmax
+
+    base.reset()
+    output = base.decode(list(tokens[:-1]))
+    base.reset()
+    logits = np.asarray(output.logits[start - 1:], dtype=np.float32)
+    gold = np.asarray(tokens[start:], dtype=np.int32)
+    log_probs = log_softmax(logits.astype(np.float64))
+    return {
+        "hidden": np.ascontiguousarray(output.hidden[start - 1:], dtype=np.float32),
+        "features": base_features(logits),
+        "base_logprob": log_probs[np.arange(len(gold)), gold].astype(np.float32),
+        "base_argmax": logits.argmax(axis=-1).astype(np.int32),
+        "gold": gold,
+        "answer_position": np.arange(len(gold), dtype=np.int32),
+    }
+
+
+def _stack(rows: list[dict[str, np.ndarray]], hidden_size: int) -> dict[str, np.ndarray]:
+    if not rows:
+        empty = {name: np.zeros(0, np.int32) for name in ARRAY_NAMES}
+        empty.update(hidden=np.zeros((0, hidden_size), np.float32), features=np.zeros((0, 2), np.float32),
+                     base_logprob=np.zeros(0, np.float32), expert_logprob=np.zeros(0, np.float32))
+        return empty
+    return {name: np.ascontiguousarray(np.concatenate([row[name] for row in rows])) for name in ARRAY_NAMES}
+
+
+def _write_shard(path: Path, arrays: dict[str, np.ndarray], run_key: str, skipped: int) -> None:
+    """Write beside the target and rename, so an interrupted run never leaves a torn shard."""
+    from safetensors.numpy import save_file
+
+    partial = path.with_suffix(".partial")
+    save_file(arrays, str(partial), metadata={"run_key": run_key, "skipped": str(skipped)})
+    partial.replace(path)
+
+
+def _shard_entry(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        gold = handle.get_tensor("gold")
+        examples = len(np.unique(handle.get_tensor("example_index")))
+        skipped = int((handle.metadata() or {}).get("skipped", "0"))
+    return {"name": path.name, "sha256": file_sha256(path), "examples": examples,
+            "positions": int(gold.shape[0]), "skipped": skipped}
+
+
+def _finish_manifest(out: Path, manifest: dict[str, Any], scorer: ExpertScorer) -> dict[str, Any]:
+    counter = getattr(scorer, "counter", EgressCounter())
+    manifest["counts"] = {
+        "examples": sum(shard["examples"] for shard in manifest["shards"]),
+        "positions": sum(shard["positions"] for shard in manifest["shards"]),
+        "skipped_too_long": sum(shard["skipped"] for shard in manifest["shards"]),
+        "remote_calls_this_run": counter.remote_calls,
+        "tokens_sent_this_run": counter.tokens_sent,
+    }
+    manifest["complete"] = True
+    partial = out / (MANIFEST_NAME + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    partial.replace(out / MANIFEST_NAME)
+    return manifest
