@@ -1,1 +1,71 @@
-"""Expert backends behind the gateway's ``ExpertBackend`` protocol."""
+"""Expert backends behind the gateway's ``ExpertBackend`` protocol, built from validated settings.
+
+``BACKENDS`` maps the ``model.backend`` setting to a factory. Each factory imports its backend
+module when called, so importing this package loads neither llama.cpp nor torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from expert_gateway.backends.base import ContinueOptions, Continuation, ExpertBackend
+from expert_gateway.errors import BackendError
+from expert_gateway.settings import GatewaySettings
+
+
+def model_path(settings: GatewaySettings) -> Path:
+    """The model file or folder that ``model.preset`` names."""
+    preset = settings.model.preset
+    if preset == "path":
+        assert settings.model.path is not None  # enforced by ModelSettings
+        return settings.model.path
+    if preset == "smollm2":
+        from client.base_model import smollm2_path
+
+        return smollm2_path()
+    try:
+        from export.toy import ensure_toy_pair
+    except ImportError as exc:
+        raise BackendError(f"the toy expert needs the export package: {exc}") from exc
+    return Path(ensure_toy_pair().expert_gguf)
+
+
+def _llama_cpp(settings: GatewaySettings) -> ExpertBackend:
+    from expert_gateway.backends.llama_cpp import LlamaCppBackend
+
+    options = settings.llama_cpp
+    return LlamaCppBackend.open(model_path(settings), name=settings.model.name, n_ctx=options.n_ctx,
+                                n_batch=options.n_batch, n_threads=options.n_threads,
+                                slots=options.slots)
+
+
+def _hf(settings: GatewaySettings) -> ExpertBackend:
+    from expert_gateway.backends.hf import HfBackend
+
+    options = settings.hf
+    return HfBackend.open(model_path(settings), name=settings.model.name, device=options.device,
+                          dtype=options.dtype, max_batch=options.max_batch,
+                          max_context=options.max_context)
+
+
+def _openai_compat(settings: GatewaySettings) -> ExpertBackend:
+    from expert_gateway.backends.openai_compat import OpenAICompatBackend
+
+    return OpenAICompatBackend.from_settings(settings.openai_compat, name=settings.model.name,
+                                             tokenizer_path=model_path(settings))
+
+
+BACKENDS: dict[str, Callable[[GatewaySettings], ExpertBackend]] = {
+    "llama_cpp": _llama_cpp,
+    "hf": _hf,
+    "openai_compat": _openai_compat,
+}
+
+
+def build_backend(settings: GatewaySettings) -> ExpertBackend:
+    """The backend ``model.backend`` selects, loaded and ready."""
+    return BACKENDS[settings.model.backend](settings)
+
+
+__all__ = ["BACKENDS", "ContinueOptions", "Continuation", "ExpertBackend", "build_backend", "model_path"]
