@@ -60,7 +60,8 @@ def test_parity_check_catches_a_graph_that_differs(head_file: Path, tmp_path: Pa
 def test_export_command_takes_the_calibrated_threshold(head_file: Path, tmp_path: Path) -> None:
     calibration = {"quantile_thresholds": {"0.2": 0.61}, "chosen": {"threshold": 0.61}, "sweep": []}
     (tmp_path / "calibration.json").write_text(json.dumps(calibration))
-    report = export_command(head_file, tmp_path / "switch.onnx", calibration_path=tmp_path / "calibration.json")
+    report = export_command(head_file, tmp_path / "switch.onnx",
+                            calibration_path=tmp_path / "calibration.json")
     assert report.threshold == pytest.approx(0.61)
     with pytest.raises(ExportError, match="outside"):
         export_command(head_file, tmp_path / "bad.onnx", threshold=1.5)
