@@ -200,7 +200,9 @@ class PolicySettings(BaseSettings):
         "placeholder; window: only the last window_tokens tokens, private spans redacted",
     )
     window_tokens: int = Field(
-        default=256, ge=8, le=32768, description="most tokens the expert sees in window mode"
+        default=256, ge=8, le=32768,
+        description="window mode: only the last this-many local tokens go (private spans in them "
+        "still redacted); the start moves by a quarter window so the gateway reuses its cache"
     )
     placeholder: str = Field(
         default="[private]", min_length=1, max_length=64, description="text that replaces a redacted span"

@@ -1,0 +1,131 @@
+"""Secrets from the OS keyring, with an environment fallback for headless servers.
+
+Every secret has a short name (``gateway``, ``audit-hmac``) and an environment variable. The
+keyring is asked first; when it has nothing, or no keyring backend works on this machine, the
+environment variable is used. keyring's exceptions are translated here, in ``_keyring_call``,
+and nowhere else. Secret values travel as ``SecretStr`` and never appear in messages.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import keyring
+import keyring.errors
+from pydantic import SecretStr
+
+from client.errors import ConfigError, SecretMissingError
+
+SERVICE = "tandem"
+
+SECRET_ENV_VARS: dict[str, str] = {
+    "gateway": "TANDEM_GATEWAY_TOKEN",
+    "audit-hmac": "TANDEM_AUDIT_HMAC_KEY",
+    "daemon-api": "TANDEM_DAEMON_API_KEY",
+}
+
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True)
+class SecretStatus:
+    """Where a secret was found, without its value."""
+
+    name: str
+    source: Literal["keyring", "environment", "missing"]
+    keyring_problem: str = ""
+
+
+def env_var_for(name: str) -> str:
+    """The environment variable that backs the secret ``name``."""
+    try:
+        return SECRET_ENV_VARS[name]
+    except KeyError:
+        known = ", ".join(sorted(SECRET_ENV_VARS))
+        raise ConfigError(f"unknown secret {name!r}; known secrets: {known}") from None
+
+
+def missing_message(name: str) -> str:
+    """The fix for a missing secret, as the error message."""
+    return f"no {name} secret: run `tandem keys set {name}` or set {env_var_for(name)}"
+
+
+class SecretStore:
+    """Reads and writes Tandem's secrets in the keyring under service ``tandem``."""
+
+    def __init__(self, *, service: str = SERVICE, environ: Mapping[str, str] | None = None) -> None:
+        self._service = service
+        self._environ = os.environ if environ is None else environ
+
+    def get(self, name: str) -> SecretStr:
+        """The secret, from the keyring or else the environment; SecretMissingError says how to set it."""
+        value, status = self._lookup(name)
+        if value is None:
+            hint = f" (keyring unavailable: {status.keyring_problem})" if status.keyring_problem else ""
+            raise SecretMissingError(missing_message(name) + hint)
+        return SecretStr(value)
+
+    def status(self, name: str) -> SecretStatus:
+        """Where ``name`` would be read from."""
+        return self._lookup(name)[1]
+
+    def set(self, name: str, value: SecretStr) -> None:
+        """Store ``value`` in the keyring."""
+        env_var_for(name)
+        if not value.get_secret_value():
+            raise ConfigError(f"refusing to store an empty {name} secret")
+        self._keyring_call(
+            name, "store", lambda: keyring.set_password(self._service, name, value.get_secret_value())
+        )
+
+    def delete(self, name: str) -> bool:
+        """Remove ``name`` from the keyring; False when it was not there."""
+        env_var_for(name)
+        if self._keyring_call(name, "read", lambda: keyring.get_password(self._service, name)) is None:
+            return False
+        self._keyring_call(name, "delete", lambda: keyring.delete_password(self._service, name))
+        return True
+
+    def get_or_create(self, name: str, *, nbytes: int = 32) -> SecretStr:
+        """The secret, or a fresh random one stored in the keyring (for keys only Tandem uses)."""
+        value, status = self._lookup(name)
+        if value is not None:
+            return SecretStr(value)
+        if status.keyring_problem:
+            raise SecretMissingError(
+                f"{missing_message(name)} (keyring unavailable: {status.keyring_problem})"
+            )
+        created = SecretStr(_random.token_hex(nbytes))
+        self.set(name, created)
+        return created
+
+    def _lookup(self, name: str) -> tuple[str | None, SecretStatus]:
+        env_var = env_var_for(name)
+        problem = ""
+        try:
+            value = self._keyring_call(name, "read", lambda: keyring.get_password(self._service, name))
+        except ConfigError as exc:
+            value, problem = None, str(exc)
+        if value:
+            return value, SecretStatus(name, "keyring")
+        from_env = self._environ.get(env_var)
+        if from_env:
+            return from_env, SecretStatus(name, "environment", problem)
+        return None, SecretStatus(name, "missing", problem)
+
+    def _keyring_call(self, name: str, action: str, call: Callable[[], ResultT]) -> ResultT:
+        """Run one keyring operation; the single place keyring's errors become Tandem's."""
+        try:
+            return call()
+        except keyring.errors.PasswordDeleteError as exc:
+            raise ConfigError(f"cannot delete {name} from the keyring: {type(exc).__name__}") from exc
+        except keyring.errors.KeyringError as exc:
+            # The backend's message may echo arguments; only its type is shown.
+            raise ConfigError(
+                f"cannot {action} {name} in the keyring ({type(exc).__name__}); "
+                f"set {env_var_for(name)} instead"
+            ) from exc
