@@ -134,6 +134,8 @@ def _describe_validation(exc: RequestValidationError) -> str:
     """A short, content-free description: where and what, never the offending values."""
     problems = []
     for problem in exc.errors()[:3]:
+        if problem.get("type") == "json_invalid":
+            return "malformed JSON body"
         where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
         problems.append(f"{where}: {problem.get('msg', 'invalid')}")
     more = len(exc.errors()) - len(problems)
