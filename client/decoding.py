@@ -1,0 +1,467 @@
+"""CoDecoder: Co-LLM decoding with a local base, a switch head and a remote expert.
+
+At each position the switch scores the base's final hidden state ``h_t``; above the threshold the
+token comes from the expert, else from the base (DESIGN.md section 1). The expert is asked for
+up to ``lookahead`` tokens at once; the span is fed to the base in ONE batched decode, which
+yields the hidden state after each expert token, and expert tokens are accepted for as long as
+the switch still defers there. At the first position where it does not, the base's own token
+(from the same batch) is used and the KV cache is rolled back. Every random draw uses the
+uniform of its absolute position (``sample_from_logits``), so the output is token for token that
+of one-token-per-call Co-LLM, with fewer round trips.
+
+Egress: before each call the policy decides what the expert may see and the audit sink records
+it; only the tokens the expert session does not hold yet are sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from client.egress import (
+    AuditSink,
+    EgressDecision,
+    EgressOutcome,
+    EgressPolicy,
+    EgressRecord,
+    EgressRequest,
+    SendEverything,
+    common_prefix_length,
+)
+from client.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
+from client.expert import Expert, ExpertReply, Gated
+from client.prompting import Segment
+from client.settings import ClientSettings
+from client.switch import SwitchScorer
+from expert_gateway.protocol import TokenLogprob, sample_from_logits
+
+Provenance = Literal["base", "expert", "fallback", "denied"]
+FinishReason = Literal["stop", "length"]
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode; ``threshold=None`` uses the switch head's calibrated threshold."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    seed: int | None = None
+    threshold: float | None = None
+    warmup_tokens: int = 0
+    warmup_threshold: float = 1.0
+    lookahead: int = 8
+    compose: bool = False
+    top_logprobs: int = 5
+    stop: tuple[str, ...] = ()
+    incremental: bool = True  # send only what the expert session lacks (False: whole prefix)
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> DecodingOptions:
+        decoding, switch = settings.decoding, settings.switch
+        return cls(max_tokens=decoding.max_tokens, temperature=decoding.temperature,
+                   threshold=switch.threshold, warmup_tokens=switch.warmup_tokens,
+                   warmup_threshold=switch.warmup_threshold, lookahead=decoding.lookahead,
+                   compose=decoding.compose, top_logprobs=decoding.top_logprobs)
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One generated token: its id, its bytes, where it came from and the switch's score."""
+
+    token_id: int
+    text: bytes
+    provenance: Provenance
+    deferral_probability: float
+
+
+@dataclass(frozen=True)
+class EgressSummary:
+    """What one answer sent to the expert."""
+
+    calls: int = 0
+    tokens_sent: int = 0
+    tokens_received: int = 0
+    denials: int = 0
+    failures: int = 0
+    deferred_positions: int = 0
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    request_id: str
+    tokens: list[GeneratedToken]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    egress: EgressSummary
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token.token_id for token in self.tokens]
+
+    @property
+    def provenance_counts(self) -> dict[str, int]:
+        counts = {"base": 0, "expert": 0, "fallback": 0, "denied": 0}
+        for token in self.tokens:
+            counts[token.provenance] += 1
+        return counts
+
+
+@dataclass
+class _Row:
+    """Base outputs for the next position: logits [vocab] and hidden state [d]."""
+
+    logits: np.ndarray
+    hidden: np.ndarray
+
+
+@dataclass
+class _Answer:
+    """Mutable state of one answer."""
+
+    request_id: str
+    session: str
+    tokens: list[int]
+    private_mask: list[bool]
+    prompt_length: int
+    max_new: int
+    options: DecodingOptions
+    generated: list[GeneratedToken] = field(default_factory=list)
+    held_view: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    stop_at: int | None = None  # byte offset where a stop sequence begins
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - len(self.generated)
+
+    def answer_bytes(self) -> bytes:
+        return b"".join(token.text for token in self.generated)
+
+
+class CoDecoder:
+    """The Co-LLM decoding loop over one base model (one answer at a time)."""
+
+    def __init__(self, *, base: Any, switch: SwitchScorer, expert: Expert | None,
+                 policy: EgressPolicy | None = None, audit: AuditSink | None = None,
+                 options: DecodingOptions | None = None, seq: int = 0) -> None:
+        self.base = base
+        self.switch = switch
+        self.expert = expert
+        self.policy = policy or SendEverything()
+        self.audit = audit
+        self.options = options or DecodingOptions()
+        self.seq = seq
+        self.threshold = self._resolve_threshold()
+        self._lock = threading.Lock()
+        self._base_tokens: list[int] = []  # what the base's KV cache holds for `seq`
+
+    def _resolve_threshold(self) -> float:
+        if self.options.threshold is not None:
+            return self.options.threshold
+        # A calibrated head (OnnxSwitch) carries its threshold; plain scorers get 0.5.
+        return float(getattr(self.switch, "threshold", DEFAULT_THRESHOLD))
+
+    # -- public API ------------------------------------------------------------------------
+
+    def encode(self, prompt: Sequence[Segment] | Sequence[int]) -> tuple[list[int], list[bool]]:
+        """Token ids and private mask of a prompt given as segments or as token ids."""
+        if all(isinstance(part, Segment) for part in prompt):
+            tokens: list[int] = list(self.base.tokenize("", add_bos=True))
+            mask = [False] * len(tokens)
+            for segment in prompt:
+                assert isinstance(segment, Segment)
+                # Control tokens are parsed only in public text: a passage cannot forge them.
+                ids = self.base.tokenize(segment.text, special=not segment.private)
+                tokens += ids
+                mask += [segment.private] * len(ids)
+            return tokens, mask
+        ids = [int(token) for token in prompt]  # type: ignore[arg-type]
+        return ids, [False] * len(ids)
+
+    def prompt_length(self, prompt: Sequence[Segment] | Sequence[int]) -> int:
+        return len(self.encode(prompt)[0])
+
+    def generate(self, prompt: Sequence[Segment] | Sequence[int], *,
+                 on_token: Callable[[GeneratedToken], None] | None = None,
+                 request_id: str | None = None, **overrides: Any) -> DecodeResult:
+        """Decode an answer; ``overrides`` replace fields of the decoder's options."""
+        stream = self.stream(prompt, request_id=request_id, **overrides)
+        while True:
+            try:
+                token = next(stream)
+            except StopIteration as done:
+                result: DecodeResult = done.value
+                return result
+            if on_token is not None:
+                on_token(token)
+
+    def stream(self, prompt: Sequence[Segment] | Sequence[int], *, request_id: str | None = None,
+               **overrides: Any) -> Generator[GeneratedToken, None, DecodeResult]:
+        """Yield tokens as they are accepted; the generator's return value is the result."""
+        options = replace(self.options, **{key: value for key, value in overrides.items()
+                                           if value is not None})
+        tokens, mask = self.encode(prompt)
+        if not tokens:
+            raise ModelError("the prompt is empty")
+        if len(tokens) >= self.base.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(tokens)} tokens; the context "
+                                       f"window holds {self.base.n_ctx}")
+        answer = _Answer(request_id or f"req-{uuid.uuid4().hex[:24]}",
+                         f"tandem-{uuid.uuid4().hex}", tokens, mask, len(tokens),
+                         min(options.max_tokens, self.base.n_ctx - len(tokens)), options)
+        return self._locked_run(answer)
+
+    def _locked_run(self, answer: _Answer) -> Generator[GeneratedToken, None, DecodeResult]:
+        with self._lock:
+            try:
+                return (yield from self._run(answer))
+            finally:
+                self._base_tokens = answer.tokens[:self.base.position(self.seq)]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _run(self, answer: _Answer) -> Generator[GeneratedToken, None, DecodeResult]:
+        row: _Row | None = self._prefill(answer.tokens)
+        while answer.finish is None:
+            if row is None:
+                row = self._decode_tail(answer)
+            score = float(self._score(row.hidden[None, :])[0])
+            before = len(answer.generated)
+            if score > self._threshold_for(answer):
+                row = self._defer(answer, row, score)
+            else:
+                self._accept(answer, self._sample(row.logits, answer), "base", score)
+                row = None
+            yield from answer.generated[before:]
+        if self.base.position(self.seq) > len(answer.tokens):
+            self.base.rollback(len(answer.tokens), seq=self.seq)
+        return self._result(answer)
+
+    def _prefill(self, prompt: list[int]) -> _Row:
+        shared = 0
+        if self.base.position(self.seq) == len(self._base_tokens):
+            shared = common_prefix_length(self._base_tokens, prompt)
+        shared = min(shared, len(prompt) - 1)  # decode at least one token to get its outputs
+        self.base.rollback(shared, seq=self.seq)
+        output = self.base.decode(prompt[shared:], seq=self.seq, last_only=True)
+        return _Row(output.logits[-1], output.hidden[-1])
+
+    def _decode_tail(self, answer: _Answer) -> _Row:
+        missing = answer.tokens[self.base.position(self.seq):]
+        output = self.base.decode(missing, seq=self.seq, last_only=True)
+        return _Row(output.logits[-1], output.hidden[-1])
+
+    def _score(self, hidden: np.ndarray) -> np.ndarray:
+        return np.asarray(self.switch.score(hidden), dtype=np.float64)
+
+    def _threshold_for(self, answer: _Answer) -> float:
+        if len(answer.generated) < answer.options.warmup_tokens:
+            return answer.options.warmup_threshold
+        return self.threshold
+
+    def _sample(self, logits: np.ndarray, answer: _Answer) -> int:
+        return sample_from_logits(logits, temperature=answer.options.temperature,
+                                  seed=answer.options.seed, position=len(answer.tokens))
+
+    def _accept(self, answer: _Answer, token: int, provenance: Provenance, score: float) -> None:
+        answer.tokens.append(token)
+        answer.private_mask.append(False)
+        answer.generated.append(GeneratedToken(token, self.base.token_bytes(token), provenance,
+                                               score))
+        if self.base.is_end_of_generation(token) or self._find_stop(answer):
+            answer.finish = "stop"
+        elif answer.remaining <= 0:
+            answer.finish = "length"
+
+    def _find_stop(self, answer: _Answer) -> bool:
+        if not answer.options.stop:
+            return False
+        text = answer.answer_bytes()
+        last = len(answer.generated[-1].text)
+        for stop in answer.options.stop:
+            encoded = stop.encode("utf-8")
+            if not encoded:
+                continue
+            found = text.find(encoded, max(0, len(text) - last - len(encoded) + 1))
+            if found >= 0:
+                answer.stop_at = found
+                return True
+        return False
+
+    def _result(self, answer: _Answer) -> DecodeResult:
+        text = answer.answer_bytes()
+        if answer.stop_at is not None:
+            text = text[:answer.stop_at]
+        counters = answer.counters
+        summary = EgressSummary(calls=counters.get("calls", 0),
+                                tokens_sent=counters.get("tokens_sent", 0),
+                                tokens_received=counters.get("tokens_received", 0),
+                                denials=counters.get("denials", 0),
+                                failures=counters.get("failures", 0),
+                                deferred_positions=counters.get("deferred", 0))
+        assert answer.finish is not None
+        return DecodeResult(answer.request_id, answer.generated,
+                            text.decode("utf-8", errors="replace"), answer.finish,
+                            answer.prompt_length, summary)
+
+    # -- deferral ----------------------------------------------------------------------------
+
+    def _defer(self, answer: _Answer, row: _Row, score: float) -> _Row | None:
+        """Handle a deferred position; return the next row when the base already computed it."""
+        answer.count("deferred")
+        if self.expert is None or (isinstance(self.expert, Gated) and not self.expert.ready()):
+            self._accept(answer, self._sample(row.logits, answer), "fallback", score)
+            return None
+        span = min(answer.options.lookahead, answer.remaining)
+        outcome = self._call_expert(answer, span)
+        if isinstance(outcome, str):
+            self._accept(answer, self._sample(row.logits, answer), outcome, score)
+            return None
+        reply, egress_id, started = outcome
+        accepted, next_row = self._verify_span(answer, row, score, reply)
+        self._record_outcome(egress_id, EgressOutcome(
+            received_tokens=list(reply.tokens), accepted_tokens=accepted,
+            latency_s=time.monotonic() - started))
+        return next_row
+
+    def _verify_span(self, answer: _Answer, row: _Row, score: float,
+                     reply: ExpertReply) -> tuple[int, _Row | None]:
+        """Accept expert tokens while the switch defers; return (accepted, next row or None)."""
+        span = list(reply.tokens)
+        start = len(answer.tokens)
+        token = self._deferred_token(answer, row.logits, score, reply, 0)
+        self._accept(answer, token, "expert", score)
+        if token != span[0] or answer.finish is not None or len(span) == 1:
+            return int(token == span[0]), None
+        output = self.base.decode(span, seq=self.seq)
+        scores = self._score(output.hidden[:-1])
+        for index in range(1, len(span)):
+            logits, position_score = output.logits[index - 1], float(scores[index - 1])
+            if position_score > self._threshold_for(answer):
+                token = self._deferred_token(answer, logits, position_score, reply, index)
+                self._accept(answer, token, "expert", position_score)
+                if token != span[index]:
+                    self.base.rollback(start + index, seq=self.seq)
+                    return index, None
+            else:
+                self._accept(answer, self._sample(logits, answer), "base", position_score)
+                self.base.rollback(start + index, seq=self.seq)
+                return index, None
+            if answer.finish is not None:
+                return index + 1, None
+        return len(span), _Row(output.logits[-1], output.hidden[-1])
+
+    def _deferred_token(self, answer: _Answer, base_logits: np.ndarray, score: float,
+                        reply: ExpertReply, index: int) -> int:
+        """The token at a deferred position: the expert's, or the composed mixture's."""
+        expert_token = int(reply.tokens[index])
+        if not answer.options.compose:
+            return expert_token
+        top = reply.logprobs[index] if reply.logprobs and index < len(reply.logprobs) else None
+        mixture = compose_distribution(base_logits, score, expert_token, top)
+        return sample_from_logits(np.log(np.maximum(mixture, 1e-300)),
+                                  temperature=answer.options.temperature,
+                                  seed=answer.options.seed, position=len(answer.tokens))
+
+    # -- egress --------------------------------------------------------------------------------
+
+    def _call_expert(self, answer: _Answer, span: int
+                     ) -> tuple[ExpertReply, str | None, float] | Provenance:
+        """One expert call through policy and audit; a provenance string when it did not work."""
+        assert self.expert is not None
+        for attempt in range(2):
+            if not answer.options.incremental:
+                answer.held_view = []
+            decision, egress_id = self._authorize(answer)
+            if not decision.allowed:
+                answer.count("denials")
+                return "denied"
+            started = time.monotonic()
+            new_tokens = list(decision.new_tokens)
+            answer.count("calls")
+            answer.count("tokens_sent", len(new_tokens))
+            try:
+                reply = self.expert.continue_(
+                    session=answer.session, held=decision.send_from, tokens=new_tokens,
+                    max_tokens=span, temperature=answer.options.temperature,
+                    seed=answer.options.seed,
+                    top_logprobs=answer.options.top_logprobs if answer.options.compose else 0)
+                self._check_reply(reply, span)
+            except SessionLostError as exc:
+                self._record_failure(egress_id, exc, started)
+                answer.held_view = []  # resend the whole allowed prefix, once
+                if attempt == 0:
+                    continue
+                answer.count("failures")
+                return "fallback"
+            except ExpertError as exc:
+                self._record_failure(egress_id, exc, started)
+                answer.count("failures")
+                return "fallback"
+            answer.count("tokens_received", len(reply.tokens))
+            answer.held_view = (list(decision.remote_view) + list(reply.tokens))[:reply.held]
+            return reply, egress_id, started
+        return "fallback"
+
+    def _check_reply(self, reply: ExpertReply, span: int) -> None:
+        if not reply.tokens or len(reply.tokens) > span:
+            raise ExpertError(f"expert returned {len(reply.tokens)} tokens for a span of {span}")
+        outside = [token for token in reply.tokens if not 0 <= token < self.base.vocab_size]
+        if outside:
+            raise ExpertError(f"expert returned token {outside[0]} outside the base vocabulary")
+
+    def _authorize(self, answer: _Answer) -> tuple[EgressDecision, str | None]:
+        request = EgressRequest(answer.request_id, answer.session, list(answer.tokens),
+                                list(answer.private_mask), list(answer.held_view))
+        decision = self.policy.decide(request)
+        if self.audit is None:
+            return decision, None
+        sent = list(decision.new_tokens) if decision.allowed else []
+        record = EgressRecord(
+            request_id=answer.request_id, session=answer.session,
+            destination=self.expert.destination if self.expert else "",
+            model=self.expert.model if self.expert else "", decision=decision,
+            sent_tokens=sent,
+            sent_text=self.base.detokenize(sent).decode("utf-8", errors="replace"),
+            held=decision.send_from if decision.allowed else 0)
+        return decision, self.audit.record_egress(record)
+
+    def _record_failure(self, egress_id: str | None, exc: ExpertError, started: float) -> None:
+        self._record_outcome(egress_id, EgressOutcome(
+            latency_s=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"))
+
+    def _record_outcome(self, egress_id: str | None, outcome: EgressOutcome) -> None:
+        if self.audit is not None and egress_id is not None:
+            self.audit.record_outcome(egress_id, outcome)
+
+
+def compose_distribution(base_logits: np.ndarray, score: float, expert_token: int,
+                         top: TokenLogprob | None) -> np.ndarray:
+    """``(1 - s) P_base + s P_expert``, P_expert from the expert's top log-probs (renormalised).
+
+    Without log-probs the expert distribution is a point mass on the expert's token.
+    """
+    logits = np.asarray(base_logits, dtype=np.float64)
+    base = np.exp(logits - logits.max())
+    base /= base.sum()
+    expert = np.zeros_like(base)
+    if top is not None and top.top:
+        ids = np.array([token for token, _ in top.top], dtype=np.int64)
+        weights = np.exp(np.array([logprob for _, logprob in top.top], dtype=np.float64))
+        expert[ids] += weights / weights.sum()
+    else:
+        expert[expert_token] = 1.0
+    return (1.0 - score) * base + score * expert
+
