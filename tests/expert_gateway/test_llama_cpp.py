@@ -1,0 +1,148 @@
+"""The embedded llama.cpp backend behind a real uvicorn: continue, score, reuse, concurrency."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from expert_gateway.backends.base import ContinueOptions
+from expert_gateway.backends.llama_cpp import LlamaCppBackend
+from expert_gateway.protocol import ModelInfo, ScoreSequence, log_softmax, sample_from_logits
+
+from .conftest import Gateway
+
+PROMPT = [1, 504, 3575, 282, 4649, 314]  # short; valid ids in both toy and SmolLM2 vocabularies
+
+
+def _prompt(info: ModelInfo, salt: int = 0) -> list[int]:
+    return [(token + 7 * salt) % info.vocab_size for token in PROMPT]
+
+
+def _body(info: ModelInfo, **overrides: object) -> dict[str, object]:
+    body: dict[str, object] = {"session": "s", "model": info.name, "held": 0, "tokens": _prompt(info),
+                               "max_tokens": 4, "tokenizer": info.tokenizer}
+    return {**body, **overrides}
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def test_models_lists_the_expert(real_gateway: Gateway, llama_backend: LlamaCppBackend) -> None:
+    with real_gateway.client() as client:
+        models = client.get("/v1/models").json()
+    assert models == [llama_backend.info.model_dump()]
+
+
+def test_continue_is_greedy_argmax_of_the_model(real_gateway: Gateway,
+                                               llama_backend: LlamaCppBackend) -> None:
+    info = llama_backend.info
+    with real_gateway.client() as client:
+        reply = client.post("/v1/continue", json=_body(info, session="greedy")).json()
+        scored = client.post("/v1/score", json={
+            "model": info.name, "tokenizer": info.tokenizer,
+            "sequences": [{"tokens": _prompt(info) + reply["tokens"], "start": len(PROMPT)}],
+        }).json()["results"][0]
+    assert reply["held"] == len(PROMPT) + len(reply["tokens"])
+    # Greedy tokens are the argmax at each position, and their log-probs agree with /v1/score.
+    assert scored["argmax"][:len(reply["tokens"])] == reply["tokens"]
+    np.testing.assert_allclose([entry["logprob"] for entry in reply["logprobs"]],
+                               scored["logprobs"], atol=1e-3)
+
+
+def test_session_reuse_prefills_only_new_tokens_and_matches_a_fresh_call(
+        real_gateway: Gateway, llama_backend: LlamaCppBackend) -> None:
+    info = llama_backend.info
+    with real_gateway.client() as client:
+        first = client.post("/v1/continue", json=_body(info, session="reuse")).json()
+        before = client.get("/metrics").text
+        accepted = first["tokens"][:2]
+        new = [(_prompt(info)[0] + 11) % info.vocab_size]
+        body = _body(info, session="reuse", held=len(PROMPT) + 2, tokens=new)
+        reused = client.post("/v1/continue", json=body).json()
+        after = client.get("/metrics").text
+        fresh = client.post("/v1/continue", json=_body(
+            info, session="reuse-fresh", tokens=_prompt(info) + accepted + new)).json()
+    prefilled = (_metric(after, "tandem_gateway_prefill_tokens_total")
+                 - _metric(before, "tandem_gateway_prefill_tokens_total"))
+    saved = (_metric(after, "tandem_gateway_prefill_tokens_saved_total")
+             - _metric(before, "tandem_gateway_prefill_tokens_saved_total"))
+    assert prefilled == 1  # only the new token; the accepted expert tokens were already held
+    assert saved == len(PROMPT) + 2
+    assert reused["tokens"] == fresh["tokens"]
+    np.testing.assert_allclose([entry["logprob"] for entry in reused["logprobs"]],
+                               [entry["logprob"] for entry in fresh["logprobs"]], atol=1e-3)
+
+
+def test_eight_concurrent_sessions_equal_sequential(real_gateway: Gateway,
+                                                    llama_backend: LlamaCppBackend) -> None:
+    info = llama_backend.info
+    bodies = [_body(info, session=f"c{index}", tokens=_prompt(info, index + 1), max_tokens=3)
+              for index in range(8)]
+    with real_gateway.client() as client:
+        sequential = [client.post("/v1/continue", json=body).json()["tokens"] for body in bodies]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(
+                lambda body: client.post("/v1/continue", json=body).json()["tokens"], bodies))
+    assert parallel == sequential
+
+
+def test_seeded_sampling_spans_equal_token_by_token(llama_backend: LlamaCppBackend) -> None:
+    prompt = _prompt(llama_backend.info, 5)
+    options = ContinueOptions(max_tokens=5, temperature=1.3, seed=42)
+    span = llama_backend.continue_("span", prompt, options=options).tokens
+    one_by_one: list[int] = []
+    for _ in range(len(span)):
+        step = ContinueOptions(max_tokens=1, temperature=1.3, seed=42)
+        one_by_one += llama_backend.continue_("steps", prompt + one_by_one, options=step).tokens
+    assert one_by_one == span
+
+
+def test_sampling_uses_the_positional_uniform(llama_backend: LlamaCppBackend) -> None:
+    prompt = _prompt(llama_backend.info, 9)
+    token = llama_backend.continue_("pos", prompt, options=ContinueOptions(
+        max_tokens=1, temperature=0.8, seed=3)).tokens[0]
+    logits = llama_backend._model.decode(prompt, seq=0).logits[-1]
+    llama_backend._model.reset(seq=0)
+    llama_backend._cached[0] = []
+    assert token == sample_from_logits(logits, temperature=0.8, seed=3, position=len(prompt))
+
+
+def test_score_matches_a_direct_forward_pass(llama_backend: LlamaCppBackend) -> None:
+    tokens = _prompt(llama_backend.info, 2) + _prompt(llama_backend.info, 3)
+    result = llama_backend.score([ScoreSequence(tokens=tokens, start=3)])[0]
+    logits = llama_backend._model.decode(tokens[:-1], seq=0).logits
+    llama_backend._model.reset(seq=0)
+    llama_backend._cached[0] = []
+    expected = log_softmax(logits.astype(np.float64))[np.arange(2, len(tokens) - 1), tokens[3:]]
+    np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
+    assert result.argmax == [int(value) for value in logits[2:].argmax(axis=-1)]
+
+
+def test_health_and_metrics_over_the_real_server(real_gateway: Gateway) -> None:
+    assert httpx.get(real_gateway.url + "/health").json()["status"] == "ok"
+    text = httpx.get(real_gateway.url + "/metrics").text
+    assert _metric(text, "tandem_gateway_active_sessions") >= 0
+
+
+@pytest.mark.parametrize("session_count", [5])
+def test_more_sessions_than_slots_still_reuse_their_history(real_gateway: Gateway,
+                                                            llama_backend: LlamaCppBackend,
+                                                            session_count: int) -> None:
+    info = llama_backend.info
+    with real_gateway.client() as client:
+        replies = [client.post("/v1/continue", json=_body(info, session=f"slot{index}",
+                                                          tokens=_prompt(info, 20 + index))).json()
+                   for index in range(session_count)]
+        # Slot 0's KV was taken by a later session; its token history is still held.
+        again = client.post("/v1/continue", json=_body(info, session="slot0", held=replies[0]["held"],
+                                                       tokens=[])).json()
+        fresh = client.post("/v1/continue", json=_body(
+            info, session="slot0-fresh", tokens=_prompt(info, 20) + replies[0]["tokens"])).json()
+    assert again["tokens"] == fresh["tokens"]
