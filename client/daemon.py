@@ -1,0 +1,657 @@
+"""The local HTTP service: an OpenAI-compatible API, a documents API, a web page and metrics.
+
+``create_app(services)`` builds the FastAPI app from services loaded once at the entry point
+(nothing happens at import). Model work runs on one worker thread fed by a fair, bounded queue
+(``client.model_worker``); request handlers only parse, queue, stream and format. Every error a
+client can cause is a JSON 4xx in OpenAI's error shape; the worker survives any failing job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.assistant import (
+    Answer,
+    AnswerToken,
+    Assistant,
+    ChatTurn,
+    Question,
+    new_request_id,
+)
+from client.documents import DocumentInfo, DocumentNotFoundError, DocumentStore
+from client.errors import (
+    ContextOverflowError,
+    DocumentParseError,
+    DocumentTooLargeError,
+    TandemError,
+)
+from client.metrics import Metrics
+from client.model_worker import ClientQueueFullError, ModelWorker, QueueFullError
+
+logger = logging.getLogger(__name__)
+
+EgressReader = Callable[[str], list[dict[str, Any]]]
+
+
+@dataclass
+class DaemonServices:
+    """Everything the daemon serves with, loaded once by the entry point."""
+
+    assistant: Assistant
+    documents: DocumentStore
+    model_name: str
+    egress_reader: EgressReader | None = None
+    api_key: SecretStr | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_queue: int = 64
+    max_queue_per_client: int = 16
+    default_max_tokens: int = 128
+    default_temperature: float = 0.0
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.param = param
+        self.headers = headers or {}
+
+
+def error_for(exc: Exception) -> ApiError:
+    """The single place where Tandem errors become HTTP statuses."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ClientQueueFullError):
+        return ApiError(429, str(exc), error_type="rate_limit_error",
+                        headers={"Retry-After": f"{exc.retry_after:.0f}"})
+    if isinstance(exc, QueueFullError):
+        return ApiError(503, str(exc), error_type="server_busy",
+                        headers={"Retry-After": f"{exc.retry_after:.0f}"})
+    if isinstance(exc, DocumentTooLargeError):
+        return ApiError(413, str(exc), error_type="too_large")
+    if isinstance(exc, DocumentParseError):
+        return ApiError(422, str(exc), error_type="unprocessable_document")
+    if isinstance(exc, DocumentNotFoundError):
+        return ApiError(404, str(exc), error_type="not_found")
+    if isinstance(exc, ContextOverflowError):
+        return ApiError(400, f"the prompt is too long: {exc}", error_type="context_length_exceeded")
+    if isinstance(exc, TandemError):
+        return ApiError(500, str(exc), error_type="server_error")
+    return ApiError(500, "internal error; see the daemon's log", error_type="server_error")
+
+
+# -- OpenAI-compatible request bodies ---------------------------------------------------------
+
+class _Body(BaseModel):
+    # Unknown OpenAI fields (top_p, logit_bias, ...) are accepted and ignored, as other
+    # OpenAI-compatible servers do, so existing client code keeps working.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str = Field(max_length=200_000)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = Field(default=None)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TandemOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    retrieve: bool | None = Field(default=None, description="search the documents for passages")
+
+
+class _GenerationBody(_Body):
+    model: str | None = Field(default=None, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    stop: str | list[str] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only one choice is supported")
+    user: str | None = Field(default=None, max_length=256)
+    tandem: TandemOptions | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(len(stop) > 256 for stop in stops):
+            raise ApiError(400, "stop takes at most 4 sequences of at most 256 characters",
+                           param="stop")
+        return [stop for stop in stops if stop]
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="the text to continue; a list may hold one prompt")
+    echo: bool = False
+
+
+class TextDocumentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    text: str
+    media_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
+
+
+# -- bridging the worker thread to async handlers ---------------------------------------------
+
+class AnswerRun:
+    """Events of one answer, passed from the worker thread to the handler's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: asyncio.Queue[AnswerToken | Answer | Exception] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def emit(self, event: AnswerToken | Answer | Exception) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[AnswerToken | Answer]:
+        while True:
+            event = await self._events.get()
+            if isinstance(event, Exception):
+                raise error_for(event) from event
+            yield event
+            if isinstance(event, Answer):
+                return
+
+
+class Daemon:
+    """The daemon's behaviour behind the routes: queueing, answering and formatting."""
+
+    def __init__(self, services: DaemonServices) -> None:
+        self.services = services
+        self.metrics = Metrics()
+        self.worker = ModelWorker(max_queue=services.max_queue,
+                                  max_per_client=services.max_queue_per_client)
+        self.started = time.time()
+
+    def submit(self, question: Question, *, request_id: str, client: str) -> AnswerRun:
+        run = AnswerRun(asyncio.get_running_loop())
+
+        def job() -> None:
+            try:
+                answer = self.services.assistant.answer(
+                    question, request_id=request_id, on_token=run.emit, cancelled=run.cancelled)
+            except Exception as exc:
+                if not isinstance(exc, TandemError):
+                    logger.exception("answer %s failed", request_id)
+                run.emit(exc)
+                return
+            self.metrics.record_answer(answer)
+            run.emit(answer)
+
+        queued = self.worker.submit(client, job)
+        run.cancelled = queued.cancelled
+        return run
+
+    def question(self, body: _GenerationBody, *, messages: list[ChatTurn] | None = None,
+                 prompt: str | None = None, max_tokens: int | None = None) -> Question:
+        services = self.services
+        retrieve = body.tandem.retrieve if body.tandem and body.tandem.retrieve is not None else (
+            prompt is None)
+        return Question(
+            messages=messages or [], prompt=prompt,
+            max_tokens=max_tokens or body.max_tokens or services.default_max_tokens,
+            temperature=services.default_temperature if body.temperature is None
+            else body.temperature,
+            seed=body.seed, stop=body.stops(), retrieve=retrieve,
+        )
+
+
+def tandem_extra(answer: Answer) -> dict[str, Any]:
+    """The ``tandem`` object of a reply: per-token provenance, passages and egress summary."""
+    return {
+        "request_id": answer.request_id,
+        "tokens": [_token_json(token) for token in answer.tokens],
+        "provenance": answer.provenance_counts,
+        "passages": [{"document_id": p.document_id, "document_name": p.document_name,
+                      "ordinal": p.ordinal} for p in answer.passages],
+        "egress": asdict(answer.egress),
+    }
+
+
+def _token_json(token: AnswerToken) -> dict[str, Any]:
+    return {"text": token.text, "provenance": token.provenance,
+            "deferral_probability": round(float(token.deferral_probability), 6)}
+
+
+def _usage(answer: Answer) -> dict[str, int]:
+    completion = len(answer.tokens)
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": answer.prompt_tokens + completion}
+
+
+def _finish(answer: Answer) -> str:
+    return "length" if answer.finish_reason == "length" else "stop"
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    import json
+
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def _error_json(error: ApiError) -> dict[str, Any]:
+    return {"error": {"message": str(error), "type": error.error_type, "param": error.param,
+                      "code": error.status}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(_error_json(error), status_code=error.status, headers=error.headers)
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+def create_app(services: DaemonServices) -> FastAPI:
+    """The daemon's ASGI app; the worker thread starts and stops with the app's lifespan."""
+    daemon = Daemon(services)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        daemon.worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(daemon.worker.stop)
+            for close in services.on_close:
+                close()
+
+    app = FastAPI(title="Tandem", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.daemon = daemon
+    _install_error_handlers(app)
+    _install_middleware(app, daemon)
+    _add_page_routes(app, daemon)
+    _add_completion_routes(app, daemon)
+    _add_document_routes(app, daemon)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(TandemError)
+    async def tandem_error(_: Request, exc: TandemError) -> JSONResponse:
+        return error_response(error_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problem = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in problem["loc"] if part != "body")
+        message = f"{where}: {problem['msg']}" if where else str(problem["msg"])
+        return error_response(ApiError(400, message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(ApiError(exc.status_code, str(exc.detail), error_type="http_error"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=exc)
+        return error_response(error_for(exc))
+
+
+def _install_middleware(app: FastAPI, daemon: Daemon) -> None:
+    api_key = daemon.services.api_key
+
+    @app.middleware("http")
+    async def authenticate_and_count(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        if api_key is not None and request.url.path.startswith(("/v1/", "/metrics")):
+            offered = request.headers.get("authorization", "")
+            expected = f"Bearer {api_key.get_secret_value()}"
+            if not hmac.compare_digest(offered.encode(), expected.encode()):
+                return error_response(ApiError(
+                    401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    error_type="authentication_error"))
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        daemon.metrics.record_request(path, response.status_code, time.perf_counter() - started)
+        return response
+
+
+def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
+    services = daemon.services
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        html = resources.files("client").joinpath("static/index.html").read_text("utf-8")
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": services.model_name,
+                "queued": len(daemon.worker.queue), "busy": daemon.worker.busy,
+                "uptime_s": round(time.time() - daemon.started, 3)}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        gauges = {
+            "tandem_queue_depth": (len(daemon.worker.queue), "requests waiting for the model"),
+            "tandem_worker_busy": (int(daemon.worker.busy), "1 while the model is decoding"),
+            "tandem_documents": (len(services.documents.list_documents()), "stored documents"),
+        }
+        return PlainTextResponse(daemon.metrics.render(gauges),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": services.model_name, "object": "model", "created": int(daemon.started),
+            "owned_by": "tandem"}]}
+
+    @app.get("/v1/egress/{request_id}")
+    async def egress(request_id: str) -> dict[str, Any]:
+        if services.egress_reader is None:
+            return {"request_id": request_id, "records": []}
+        records = await asyncio.to_thread(services.egress_reader, request_id)
+        return {"request_id": request_id, "records": records}
+
+
+def _client_key(request: Request, body: _GenerationBody) -> str:
+    host = request.client.host if request.client else "local"
+    return f"{host}:{body.user or ''}"
+
+
+def _add_completion_routes(app: FastAPI, daemon: Daemon) -> None:
+    services = daemon.services
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionBody,
+                               request: Request) -> JSONResponse | StreamingResponse:
+        turns = [ChatTurn(message.role, message.text()) for message in body.messages]
+        if not any(turn.role == "user" for turn in turns):
+            raise ApiError(400, "messages needs at least one user message", param="messages")
+        question = daemon.question(body, messages=turns, max_tokens=body.max_completion_tokens)
+        request_id = new_request_id("chatcmpl")
+        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
+        shape = _ChatShape(request_id, services.model_name)
+        return await _respond(run, shape, body)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionBody,
+                          request: Request) -> JSONResponse | StreamingResponse:
+        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        question = daemon.question(body, prompt=prompt)
+        request_id = new_request_id("cmpl")
+        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
+        shape = _CompletionShape(request_id, services.model_name, prompt if body.echo else "")
+        return await _respond(run, shape, body)
+
+
+class _ChatShape:
+    """How chat completions look on the wire."""
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self.request_id, self.model, self.created = request_id, model, int(time.time())
+
+    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.request_id, "object": kind, "created": self.created,
+                "model": self.model, "choices": choices}
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                  "logprobs": None, "finish_reason": _finish(answer)}
+        return {**self._envelope("chat.completion", [choice]), "usage": _usage(answer),
+                "tandem": tandem_extra(answer)}
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        return self._envelope("chat.completion.chunk", [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def token_chunk(self, token: AnswerToken) -> dict[str, Any]:
+        return {**self._envelope("chat.completion.chunk", [
+            {"index": 0, "delta": {"content": token.text}, "finish_reason": None}]),
+            "tandem": {"tokens": [_token_json(token)]}}
+
+    def last_chunk(self, answer: Answer) -> dict[str, Any]:
+        extra = tandem_extra(answer)
+        del extra["tokens"]  # already sent, one chunk per token
+        return {**self._envelope("chat.completion.chunk", [
+            {"index": 0, "delta": {}, "finish_reason": _finish(answer)}]), "tandem": extra}
+
+    def usage_chunk(self, answer: Answer) -> dict[str, Any]:
+        return {**self._envelope("chat.completion.chunk", []), "usage": _usage(answer)}
+
+
+class _CompletionShape(_ChatShape):
+    """How text completions look on the wire."""
+
+    def __init__(self, request_id: str, model: str, echo: str) -> None:
+        super().__init__(request_id, model)
+        self.echo = echo
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        choice = {"index": 0, "text": self.echo + answer.text, "logprobs": None,
+                  "finish_reason": _finish(answer)}
+        return {**self._envelope("text_completion", [choice]), "usage": _usage(answer),
+                "tandem": tandem_extra(answer)}
+
+    def first_chunk(self) -> dict[str, Any] | None:
+        if not self.echo:
+            return None
+        return self._envelope("text_completion", [
+            {"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}])
+
+    def token_chunk(self, token: AnswerToken) -> dict[str, Any]:
+        return {**self._envelope("text_completion", [
+            {"index": 0, "text": token.text, "logprobs": None, "finish_reason": None}]),
+            "tandem": {"tokens": [_token_json(token)]}}
+
+    def last_chunk(self, answer: Answer) -> dict[str, Any]:
+        extra = tandem_extra(answer)
+        del extra["tokens"]
+        return {**self._envelope("text_completion", [
+            {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish(answer)}]),
+            "tandem": extra}
+
+    def usage_chunk(self, answer: Answer) -> dict[str, Any]:
+        return {**self._envelope("text_completion", []), "usage": _usage(answer)}
+
+
+async def _respond(run: AnswerRun, shape: _ChatShape,
+                   body: _GenerationBody) -> JSONResponse | StreamingResponse:
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(run, shape, include_usage=include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": shape.request_id})
+    try:
+        async for event in run.events():
+            if isinstance(event, Answer):
+                return JSONResponse(shape.whole(event), headers={"X-Request-Id": shape.request_id})
+    finally:
+        run.cancelled.set()  # a no-op once answered; stops the decoder if the client left
+    raise ApiError(500, "the answer ended without a result", error_type="server_error")
+
+
+async def _stream(run: AnswerRun, shape: _ChatShape, *, include_usage: bool) -> AsyncIterator[bytes]:
+    first = shape.first_chunk()
+    if first is not None:
+        yield _sse(first)
+    try:
+        async for event in run.events():
+            if isinstance(event, AnswerToken):
+                yield _sse(shape.token_chunk(event))
+                continue
+            yield _sse(shape.last_chunk(event))
+            if include_usage:
+                yield _sse(shape.usage_chunk(event))
+    except Exception as exc:
+        yield _sse(_error_json(error_for(exc)))
+    finally:
+        run.cancelled.set()
+    yield _sse("[DONE]")
+
+
+def _add_document_routes(app: FastAPI, daemon: Daemon) -> None:
+    services = daemon.services
+
+    @app.get("/v1/documents")
+    async def list_documents() -> dict[str, Any]:
+        documents = await asyncio.to_thread(services.documents.list_documents)
+        return {"object": "list", "data": [_document_json(info) for info in documents]}
+
+    @app.get("/v1/documents/{document_id}")
+    async def get_document(document_id: str) -> dict[str, Any]:
+        return _document_json(await asyncio.to_thread(services.documents.get, document_id))
+
+    @app.delete("/v1/documents/{document_id}")
+    async def delete_document(document_id: str) -> dict[str, Any]:
+        await asyncio.to_thread(services.documents.delete, document_id)
+        return {"id": document_id, "object": "document", "deleted": True}
+
+    @app.post("/v1/documents", status_code=201)
+    async def upload(request: Request) -> JSONResponse:
+        body = await _read_capped(request, services.max_upload_bytes)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            stored = await _ingest_multipart(request, body, services)
+        elif content_type.startswith("application/json"):
+            stored = [await _ingest_json(body, services)]
+        else:
+            raise ApiError(415, "send multipart/form-data (field `file`) or JSON "
+                           "{name, text, media_type}", error_type="unsupported_media_type")
+        return JSONResponse({"object": "list", "data": [_document_json(i) for i in stored]},
+                            status_code=201)
+
+
+def _document_json(info: DocumentInfo) -> dict[str, Any]:
+    return {"object": "document", **asdict(info)}
+
+
+# Multipart framing around a file is small; this much over the limit is still a legal upload.
+_MULTIPART_SLACK = 64 * 1024
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, or 413 once it passes ``limit`` (the rest is drained, not kept)."""
+    cap = limit + _MULTIPART_SLACK
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the upload is larger than the limit of {limit} bytes",
+                         error_type="too_large")
+    if declared.isdigit() and int(declared) > cap * 8:
+        raise too_large  # not worth draining; the server closes the connection
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received <= cap:
+            chunks.append(chunk)
+        elif received > cap * 8:
+            raise too_large
+    if received > cap:
+        raise too_large
+    return b"".join(chunks)
+
+
+async def _ingest_multipart(request: Request, body: bytes,
+                            services: DaemonServices) -> list[DocumentInfo]:
+    from starlette.datastructures import UploadFile
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=16, max_fields=16)
+    except Exception as exc:  # python-multipart raises several unrelated types
+        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    try:
+        uploads = [value for value in form.values() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise ApiError(400, "the multipart body has no file field", param="file")
+        stored = []
+        for upload in uploads:
+            data = await upload.read()
+            name = upload.filename or "upload"
+            stored.append(await asyncio.to_thread(
+                services.documents.ingest, name, data, media_type=upload.content_type))
+        return stored
+    finally:
+        await form.close()
+
+
+async def _ingest_json(body: bytes, services: DaemonServices) -> DocumentInfo:
+    from pydantic import ValidationError
+
+    try:
+        document = TextDocumentBody.model_validate_json(body)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise ApiError(400, f"{where}: {problem['msg']}" if where else problem["msg"]) from exc
+    return await asyncio.to_thread(services.documents.add_text, document.name, document.text,
+                                   media_type=document.media_type)
+
+
+class ServerThread:
+    """Serves an ASGI app with uvicorn on a background thread (demo, tests, ``tandem ask``)."""
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning") -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="tandem-http", daemon=True)
+        self.host = host
+
+    def start(self, *, timeout: float = 30.0) -> str:
+        """Start serving and return the base URL once the socket listens."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise TandemError(f"the HTTP server on {self.host} did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)

@@ -1,0 +1,245 @@
+"""The daemon on a real uvicorn on 127.0.0.1, driven by the official ``openai`` client and httpx."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from pydantic import SecretStr
+
+from client.daemon import ServerThread, create_app
+from tests.client.daemon_fakes import FakeDecoder, Gate, fake_services, wait_until
+from tests.client.test_documents import make_pdf
+
+
+@pytest.fixture()
+def decoder() -> FakeDecoder:
+    return FakeDecoder()
+
+
+@pytest.fixture()
+def daemon_url(tmp_path: Path, decoder: FakeDecoder) -> Iterator[str]:
+    server = ServerThread(create_app(fake_services(tmp_path, decoder=decoder)))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture()
+def client(daemon_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{daemon_url}/v1", api_key="unused", max_retries=0) as opened:
+        yield opened
+
+
+def test_chat_completion_with_the_openai_client(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="tandem", messages=[{"role": "user", "content": "what is 12 plus 30"}])
+    assert reply.choices[0].message.content == " = WHAT IS 12 PLUS 30"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens == 21
+    extra = reply.model_extra["tandem"]
+    assert "".join(token["text"] for token in extra["tokens"]) == reply.choices[0].message.content
+    assert [t["provenance"] for t in extra["tokens"] if t["text"].isdigit()] == ["expert"] * 4
+    assert extra["provenance"] == {"base": 17, "expert": 4, "fallback": 0, "denied": 0}
+    assert extra["egress"]["calls"] == 1 and extra["egress"]["tokens_sent"] == 7
+
+
+def test_streaming_chat_matches_the_whole_answer(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tandem", messages=[{"role": "user", "content": "add 2 and 5"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == " = ADD 2 AND 5"
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
+    assert finishing[0].model_extra["tandem"]["egress"]["calls"] == 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(text)
+    token_chunks = [c for c in chunks if c.model_extra.get("tandem", {}).get("tokens")]
+    assert len(token_chunks) == len(text)
+
+
+def test_max_tokens_stop_and_completions(client: openai.OpenAI) -> None:
+    short = client.chat.completions.create(
+        model="tandem", messages=[{"role": "user", "content": "abcdef"}], max_tokens=4)
+    assert short.choices[0].message.content == " = A"
+    assert short.choices[0].finish_reason == "length"
+    stopped = client.completions.create(model="tandem", prompt="Question: xyz 42 qq\nAnswer:",
+                                        stop=["42"], seed=3, temperature=0.5)
+    assert stopped.choices[0].text == " = XYZ "
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tandem", prompt="Question: hi\nAnswer:",
+                                         stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == " = HI"
+
+
+def test_bad_requests_are_400_not_500(client: openai.OpenAI, daemon_url: str) -> None:
+    bad_bodies = [
+        {"model": "tandem", "messages": []},
+        {"model": "tandem", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+        {"model": "tandem", "messages": [{"role": "user", "content": "x"}], "n": 3},
+        {"model": "tandem", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "tandem", "messages": [{"role": "system", "content": "only system"}]},
+        {"model": "tandem", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
+        {"model": "tandem", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+    ]
+    for body in bad_bodies:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**body)  # type: ignore[call-overload]
+        assert caught.value.status_code == 400
+        assert caught.value.body["message"]  # type: ignore[index]
+    raw = httpx.post(f"{daemon_url}/v1/chat/completions", content=b"{not json",
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tandem", prompt="")
+    assert httpx.get(f"{daemon_url}/v1/nowhere").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_a_failing_decoder_is_a_json_error_and_the_daemon_lives_on(
+        client: openai.OpenAI, decoder: FakeDecoder) -> None:
+    decoder.fail_on = "explode"
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="t", messages=[{"role": "user", "content": "explode"}])
+    reply = client.chat.completions.create(model="t", messages=[{"role": "user", "content": "ok"}])
+    assert reply.choices[0].message.content == " = OK"
+
+
+def test_documents_ingest_retrieve_and_delete(daemon_url: str, decoder: FakeDecoder,
+                                              client: openai.OpenAI) -> None:
+    uploads = {
+        "report.pdf": (make_pdf("Zanzibar revenue was 4711 dollars"), "application/pdf"),
+        "page.html": (b"<html><body><p>The <b>walrus</b> count is 12</p></body></html>",
+                      "text/html"),
+        "notes.md": (b"# Notes\n\n**Kumquat** harvest: 300 kg", "text/markdown"),
+    }
+    ids = {}
+    for name, (data, media_type) in uploads.items():
+        reply = httpx.post(f"{daemon_url}/v1/documents", files={"file": (name, data, media_type)})
+        assert reply.status_code == 201, reply.text
+        ids[name] = reply.json()["data"][0]["id"]
+    reply = httpx.post(f"{daemon_url}/v1/documents",
+                       json={"name": "memo.txt", "text": "The quokka budget is 9 coins."})
+    assert reply.status_code == 201
+    listed = httpx.get(f"{daemon_url}/v1/documents").json()["data"]
+    assert sorted(d["name"] for d in listed) == ["memo.txt", "notes.md", "page.html", "report.pdf"]
+
+    for word, expected in [("zanzibar", "4711"), ("walrus", "12"), ("kumquat", "300"),
+                           ("quokka", "9 coins")]:
+        client.chat.completions.create(model="t", messages=[{"role": "user", "content": word}])
+        private = [s.text for s in decoder.prompts[-1] if s.private]
+        assert len(private) == 1 and expected in private[0], (word, private)
+
+    assert httpx.delete(f"{daemon_url}/v1/documents/{ids['page.html']}").status_code == 200
+    client.chat.completions.create(model="t", messages=[{"role": "user", "content": "walrus"}])
+    assert [s for s in decoder.prompts[-1] if s.private] == []
+    missing = httpx.delete(f"{daemon_url}/v1/documents/{ids['page.html']}")
+    assert missing.status_code == 404 and "no document" in missing.json()["error"]["message"]
+
+
+def test_upload_errors(daemon_url: str) -> None:
+    big = httpx.post(f"{daemon_url}/v1/documents",
+                     files={"file": ("big.txt", io.BytesIO(b"a" * (20 * 1024 * 1024)), "text/plain")},
+                     timeout=60)
+    assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
+    corrupt = httpx.post(f"{daemon_url}/v1/documents",
+                         files={"file": ("broken.pdf", b"%PDF-1.7\n garbage", "application/pdf")})
+    assert corrupt.status_code == 422 and "PDF" in corrupt.json()["error"]["message"]
+    for kwargs in [{"json": {"name": "x"}}, {"content": b"plain", "headers": {"content-type": "text/plain"}},
+                   {"files": {"nope": ("", b"")}}, {"json": {"name": "x", "text": " "}}]:
+        reply = httpx.post(f"{daemon_url}/v1/documents", **kwargs)  # type: ignore[arg-type]
+        assert reply.status_code in (400, 415, 422), (kwargs, reply.text)
+        assert reply.json()["error"]["message"]
+    assert httpx.get(f"{daemon_url}/v1/documents").json()["data"] == []
+
+
+def test_sixteen_concurrent_chats_all_complete_correctly(client: openai.OpenAI) -> None:
+    def ask(number: int) -> str:
+        reply = client.chat.completions.create(
+            model="t", messages=[{"role": "user", "content": f"what is {number} times two"}])
+        return reply.choices[0].message.content or ""
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    assert answers == [f" = WHAT IS {number} TIMES TWO" for number in range(16)]
+
+
+def test_full_queue_is_refused_with_503_and_429(tmp_path: Path) -> None:
+    gate = Gate(FakeDecoder())
+    services = fake_services(tmp_path, decoder=gate, max_queue=2, max_queue_per_client=1)
+    services.assistant.decoder = gate
+    server = ServerThread(create_app(services))
+    url = server.start()
+    body = {"model": "t", "messages": [{"role": "user", "content": "hold"}]}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            running = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=30)
+            wait_until(gate.entered.is_set)
+            queued = pool.submit(httpx.post, f"{url}/v1/chat/completions",
+                                 json={**body, "user": "a"}, timeout=30)
+            wait_until(lambda: httpx.get(f"{url}/health").json()["queued"] == 1)
+            same_client = httpx.post(f"{url}/v1/chat/completions", json={**body, "user": "a"})
+            assert same_client.status_code == 429
+            other = pool.submit(httpx.post, f"{url}/v1/chat/completions",
+                                json={**body, "user": "b"}, timeout=30)
+            wait_until(lambda: httpx.get(f"{url}/health").json()["queued"] == 2)
+            full = httpx.post(f"{url}/v1/chat/completions", json={**body, "user": "c"})
+            assert full.status_code == 503 and full.headers["retry-after"]
+            gate.release.set()
+            assert [f.result().status_code for f in (running, queued, other)] == [200, 200, 200]
+    finally:
+        gate.release.set()
+        server.stop()
+
+
+def test_health_metrics_page_models_and_egress(daemon_url: str, client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="t", messages=[{"role": "user", "content": "7"}])
+    assert httpx.get(f"{daemon_url}/health").json()["status"] == "ok"
+    metrics = httpx.get(f"{daemon_url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'tandem_answer_tokens_total{provenance="expert"} 1' in metrics.text
+    assert 'tandem_http_requests_total{route="/v1/chat/completions",status="200"} 1' in metrics.text
+    assert "tandem_http_request_duration_seconds_count" in metrics.text
+    page = httpx.get(f"{daemon_url}/")
+    assert page.status_code == 200 and "<title>Tandem" in page.text
+    assert "http://" not in page.text.replace("http://www.w3.org/2000/svg", "")  # no CDN
+    assert [m.id for m in client.models.list()] == ["tandem-fake"]
+    egress = httpx.get(f"{daemon_url}/v1/egress/{reply.id}").json()
+    assert egress["records"][0]["request_id"] == reply.id
+
+
+def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
+    services = fake_services(tmp_path, api_key=SecretStr("sesame"))
+    server = ServerThread(create_app(services))
+    url = server.start()
+    try:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as wrong:
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0) as right:
+            assert right.models.list().data[0].id == "tandem-fake"
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 401
+    finally:
+        server.stop()
+
+
+def test_client_disconnect_mid_stream_frees_the_worker(daemon_url: str,
+                                                       decoder: FakeDecoder) -> None:
+    decoder.delay_s = 0.05
+    body = {"model": "t", "stream": True, "max_tokens": 200,
+            "messages": [{"role": "user", "content": "x" * 150}]}
+    with httpx.stream("POST", f"{daemon_url}/v1/chat/completions", json=body) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
+                    "content"):
+                break
+    wait_until(lambda: not httpx.get(f"{daemon_url}/health").json()["busy"], timeout=3)
