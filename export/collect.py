@@ -26,6 +26,7 @@ import numpy as np
 
 from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRecord, EgressRequest
 from client.errors import TandemError
+from client.prompting import Segment, plain_prompt
 
 ARRAY_NAMES = ("hidden", "features", "base_logprob", "expert_logprob", "base_argmax",
                "expert_argmax", "gold", "example_index", "answer_position")
@@ -110,6 +111,7 @@ class Example:
     index: int
     prompt: str
     answer: str
+    segments: tuple[Segment, ...] = ()  # the toy's passage/question, so private spans are known
 
 
 def read_corpus(path: Path, *, limit: int | None = None) -> list[Example]:
@@ -122,20 +124,31 @@ def read_corpus(path: Path, *, limit: int | None = None) -> list[Example]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise CollectError(f"{path}:{number}: not JSON ({exc})") from exc
-        prompt = record.get("prompt", record.get("question")) if isinstance(record, dict) else None
-        answer = record.get("answer") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not isinstance(answer, str):
-            raise CollectError(f"{path}:{number}: needs string fields 'prompt' (or 'question') and 'answer'")
-        examples.append(Example(len(examples), prompt, answer))
+        examples.append(_example(len(examples), line, where=f"{path}:{number}"))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
         raise CollectError(f"corpus {path} holds no examples")
     return examples
+
+
+def _example(index: int, line: str, *, where: str) -> Example:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise CollectError(f"{where}: not JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise CollectError(f"{where}: expected a JSON object")
+    prompt, answer = record.get("prompt", record.get("question")), record.get("answer")
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise CollectError(f"{where}: needs string fields 'prompt' (or 'question') and 'answer'")
+    segments: tuple[Segment, ...] = ()
+    passage, question = record.get("passage"), record.get("question")
+    if "prompt" in record and isinstance(passage, str) and isinstance(question, str):
+        segments = tuple(plain_prompt([passage], question))
+        if "".join(segment.text for segment in segments) != prompt:
+            segments = ()  # a prompt in another format: treat it as one public piece
+    return Example(index, prompt, answer, segments)
 
 
 def file_sha256(path: Path) -> str:
@@ -176,16 +189,32 @@ def render_chat(template: str, prompt: str) -> str:
     )
 
 
-def encode_example(model: Tokenizing, example: Example, style: Literal["plain", "chat"]) -> tuple[list[int], int]:
-    """Token ids of prompt + answer + EOS, and the index of the first answer token."""
+def prompt_segments(model: Tokenizing, example: Example, style: Literal["plain", "chat"]) -> list[Segment]:
+    """The prompt as the client builds it: the toy's segments, or the chat template's rendering."""
     if style == "chat":
         assert model.chat_template is not None
-        text = render_chat(model.chat_template, example.prompt)
-        prompt_ids = model.tokenize(text, add_bos=True, special=True)
-    else:
-        prompt_ids = model.tokenize(example.prompt, add_bos=True)
+        return [Segment(render_chat(model.chat_template, example.prompt))]
+    return list(example.segments or (Segment(example.prompt),))
+
+
+def encode_example(model: Any, example: Example,
+                   style: Literal["plain", "chat"]) -> tuple[list[int], list[bool], int]:
+    """Token ids of prompt + answer + EOS, their private mask, and where the answer starts.
+
+    The prompt is tokenized by ``CoDecoder.encode`` itself, so training positions are exactly
+    the positions the decoder will see.
+    """
+    from client.decoding import CoDecoder
+
+    encoder = CoDecoder(base=model, switch=_NoSwitch(), expert=None)
+    prompt_ids, private = encoder.encode(prompt_segments(model, example, style))
     answer_ids = [*model.tokenize(example.answer), model.eos_id]
-    return [*prompt_ids, *answer_ids], len(prompt_ids)
+    return [*prompt_ids, *answer_ids], [*private, *[False] * len(answer_ids)], len(prompt_ids)
+
+
+class _NoSwitch:
+    def score(self, hidden: np.ndarray) -> np.ndarray:
+        return np.zeros(len(hidden), np.float32)
 
 
 # --- the expert side ----------------------------------------------------------------------------
@@ -197,10 +226,28 @@ class ScoredSpan:
     argmax: np.ndarray  # [answer tokens] int32
 
 
-class ExpertScorer(Protocol):
-    """Log-prob and argmax of the expert at every position from ``start`` on."""
+@dataclass(frozen=True)
+class ScoringItem:
+    tokens: Sequence[int]
+    start: int  # first answer token
+    private: Sequence[bool]  # per token: may the policy keep it on the machine
 
-    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]: ...
+
+class ExpertScorer(Protocol):
+    """Log-prob and argmax of the expert at every answer position of each item."""
+
+    def score(self, items: Sequence[ScoringItem]) -> list[ScoredSpan | None]:
+        """None for an item the egress policy did not let reach the expert."""
+        ...
+
+
+class ScoringEndpoint(Protocol):
+    """What answers ``/v1/score``: ``client.expert.HttpExpert`` or ``LocalScoring``."""
+
+    destination: str
+    model: str
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> Sequence[Any]: ...
 
 
 @dataclass
@@ -210,99 +257,98 @@ class EgressCounter:
     denied: int = 0
 
 
-class GatewayScorer:
-    """``POST /v1/score`` on the gateway, each sequence cleared by policy and audited first."""
+class AuditedScorer:
+    """Scores through an endpoint after policy cleared each sequence and the audit recorded it.
 
-    def __init__(self, url: str, *, model: str, tokenizer: str, token: str | None = None,
-                 policy: EgressPolicy | None = None, audit: AuditSink | None = None,
-                 detokenize: Callable[[Sequence[int]], str] | None = None,
-                 client: Any = None, timeout_s: float = 120.0) -> None:
-        import httpx
+    The policy may shorten or redact the prefix (the remote view); the answer tokens must reach
+    the expert unchanged, and the expert is scored on exactly the view it was allowed to see.
+    """
 
+    def __init__(self, endpoint: ScoringEndpoint, *, policy: EgressPolicy | None = None,
+                 audit: AuditSink | None = None,
+                 detokenize: Callable[[Sequence[int]], str] | None = None) -> None:
         from client.egress import SendEverything
 
-        self.url = url.rstrip("/")
-        self.model = model
-        self.tokenizer = tokenizer
+        self.endpoint = endpoint
         self.policy: EgressPolicy = policy or SendEverything()
         self.audit = audit
         self.detokenize = detokenize or (lambda tokens: "")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = client or httpx.Client(timeout=timeout_s, headers=headers)
         self.counter = EgressCounter()
         self.session = f"collect-{uuid.uuid4().hex[:12]}"
 
-    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]:
-        views = [self._clear(tokens, start) for tokens, start in sequences]
-        body = {"model": self.model, "tokenizer": self.tokenizer,
-                "sequences": [{"tokens": list(view), "start": start} for view, start, _ in views]}
+    def score(self, items: Sequence[ScoringItem]) -> list[ScoredSpan | None]:
+        cleared = [self._clear(item) for item in items]
+        views = [view for view in cleared if view is not None]
+        if not views:
+            return [None] * len(items)
         started = time.perf_counter()
-        reply = self._post(body)
+        try:
+            results = list(self.endpoint.score([(view, start) for view, start, _ in views]))
+        except TandemError as exc:
+            self._record_outcomes(views, [], time.perf_counter() - started, error=str(exc))
+            raise CollectError(f"expert scoring failed: {exc}") from exc
         self.counter.remote_calls += 1
-        results = reply.get("results", [])
         if len(results) != len(views):
-            raise CollectError(f"gateway answered {len(results)} results for {len(views)} sequences")
-        spans = [ScoredSpan(np.asarray(r["logprobs"], np.float32), np.asarray(r["argmax"], np.int32))
+            raise CollectError(f"expert answered {len(results)} results for {len(views)} sequences")
+        spans = [ScoredSpan(np.asarray(r.logprobs, np.float32), np.asarray(r.argmax, np.int32))
                  for r in results]
-        for (_, _, egress_id), span in zip(views, spans, strict=True):
-            if self.audit is not None and egress_id is not None:
-                self.audit.record_outcome(egress_id, EgressOutcome(
-                    received_tokens=span.argmax.tolist(), latency_s=time.perf_counter() - started))
-        return spans
+        self._record_outcomes(views, spans, time.perf_counter() - started)
+        answered = iter(spans)
+        return [None if view is None else next(answered) for view in cleared]
 
-    def _clear(self, tokens: Sequence[int], start: int) -> tuple[Sequence[int], int, str | None]:
+    def _clear(self, item: ScoringItem) -> tuple[list[int], int, str | None] | None:
         """Ask policy for the remote view, write the audit record, return what may be sent."""
         request_id = uuid.uuid4().hex
-        decision = self.policy.decide(EgressRequest(request_id, self.session, list(tokens),
-                                                    [False] * len(tokens), ()))
-        answer = list(tokens[start:])
+        decision = self.policy.decide(EgressRequest(request_id, self.session, list(item.tokens),
+                                                    list(item.private), ()))
+        answer = list(item.tokens[item.start:])
         view = list(decision.remote_view)
-        if not decision.allowed or view[len(view) - len(answer):] != answer:
-            self.counter.denied += 1
-            raise CollectError(f"egress policy refused scoring ({decision.reason}); "
-                               "collection needs the answer tokens to reach the expert")
         egress_id = None
         if self.audit is not None:
             egress_id = self.audit.record_egress(EgressRecord(
-                request_id, self.session, self.url, self.model, decision, view,
-                self.detokenize(view), held=0))
+                request_id, self.session, self.endpoint.destination, self.endpoint.model, decision,
+                view if decision.allowed else [], self.detokenize(view) if decision.allowed else "",
+                held=0))
+        if not decision.allowed or len(view) <= len(answer) or view[len(view) - len(answer):] != answer:
+            # Denied, or the policy hid part of the answer: there is nothing to learn from.
+            self.counter.denied += 1
+            return None
         self.counter.tokens_sent += len(view)
         return view, len(view) - len(answer), egress_id
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
-        try:
-            response = self.client.post(f"{self.url}/v1/score", json=body)
-        except httpx.HTTPError as exc:
-            raise CollectError(f"cannot reach the gateway at {self.url}: {exc}") from exc
-        if response.status_code != 200:
-            raise CollectError(f"gateway refused /v1/score with {response.status_code}: "
-                               f"{response.text[:300]}")
-        result: dict[str, Any] = response.json()
-        return result
+    def _record_outcomes(self, views: Sequence[tuple[list[int], int, str | None]],
+                         spans: Sequence[ScoredSpan], latency_s: float, *, error: str | None = None) -> None:
+        if self.audit is None:
+            return
+        for index, (_, _, egress_id) in enumerate(views):
+            if egress_id is None:
+                continue
+            received = spans[index].argmax.tolist() if index < len(spans) else []
+            self.audit.record_outcome(egress_id, EgressOutcome(
+                received_tokens=received, latency_s=latency_s, error=error))
 
 
-class LocalScorer:
-    """The same scores computed by an in-process llama.cpp expert (no HTTP, no egress)."""
+class LocalScoring:
+    """``/v1/score`` computed by an in-process llama.cpp expert: same answers, no HTTP."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.counter = EgressCounter()
+    def __init__(self, model: Any, *, name: str = "local-expert") -> None:
+        self.expert_model = model
+        self.model = name
+        self.destination = "in-process"
 
-    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoredSpan]:
-        from expert_gateway.protocol import log_softmax
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[Any]:
+        from expert_gateway.protocol import ScoreResult, log_softmax
 
-        spans = []
+        results = []
         for tokens, start in sequences:
-            self.model.reset()
-            logits = self.model.decode(list(tokens[:-1])).logits
+            self.expert_model.reset()
+            logits = self.expert_model.decode(list(tokens[:-1])).logits
             log_probs = log_softmax(logits[start - 1:].astype(np.float64))
             gold = np.asarray(tokens[start:])
-            spans.append(ScoredSpan(log_probs[np.arange(len(gold)), gold].astype(np.float32),
-                                    log_probs.argmax(axis=-1).astype(np.int32)))
-        self.model.reset()
-        return spans
+            results.append(ScoreResult(logprobs=log_probs[np.arange(len(gold)), gold].tolist(),
+                                       argmax=log_probs.argmax(axis=-1).tolist()))
+        self.expert_model.reset()
+        return results
 
 
 # --- the collection loop --------------------------------------------------------------------------
@@ -333,8 +379,8 @@ def collect(plan: CollectPlan, *, base: Any, base_path: Path, scorer: ExpertScor
     for shard_number, chunk in enumerate(tqdm(shards, desc="collect shards", disable=not plan.progress)):
         path = plan.out / f"shard-{shard_number:05d}.safetensors"
         if not _shard_done(path, run_key):
-            arrays, skipped = _collect_chunk(chunk, base, scorer, style, plan.score_batch)
-            _write_shard(path, arrays, run_key, skipped)
+            arrays, counts = _collect_chunk(chunk, base, scorer, style, plan.score_batch)
+            _write_shard(path, arrays, run_key, counts)
         manifest["shards"].append(_shard_entry(path))
         if after_shard is not None:
             after_shard(shard_number)
@@ -385,25 +431,30 @@ def _shard_done(path: Path, run_key: str) -> bool:
 
 
 def _collect_chunk(chunk: Sequence[Example], base: Any, scorer: ExpertScorer,
-                   style: Literal["plain", "chat"], score_batch: int) -> tuple[dict[str, np.ndarray], int]:
+                   style: Literal["plain", "chat"],
+                   score_batch: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     rows: list[dict[str, np.ndarray]] = []
-    pending: list[tuple[Example, list[int], int, dict[str, np.ndarray]]] = []
-    skipped = 0
+    pending: list[tuple[Example, ScoringItem, dict[str, np.ndarray]]] = []
+    skipped = denied = 0
     for example in chunk:
-        tokens, start = encode_example(base, example, style)
+        tokens, private, start = encode_example(base, example, style)
         if len(tokens) > base.n_ctx:
             skipped += 1  # longer than the base's context: it could never be decoded either
             continue
-        pending.append((example, tokens, start, _base_pass(base, tokens, start)))
+        pending.append((example, ScoringItem(tokens, start, private), _base_pass(base, tokens, start)))
     for batch_start in range(0, len(pending), score_batch):
         batch = pending[batch_start:batch_start + score_batch]
-        spans = scorer.score([(tokens, start) for _, tokens, start, _ in batch])
-        for (example, _, _, row), span in zip(batch, spans, strict=True):
+        spans = scorer.score([item for _, item, _ in batch])
+        for (example, _, row), span in zip(batch, spans, strict=True):
+            if span is None:
+                denied += 1
+                continue
             if len(span.logprobs) != len(row["gold"]):
-                raise CollectError(f"expert scored {len(span.logprobs)} answer tokens, expected {len(row['gold'])}")
+                raise CollectError(f"expert scored {len(span.logprobs)} answer tokens, "
+                                   f"expected {len(row['gold'])}")
             rows.append({**row, "expert_logprob": span.logprobs, "expert_argmax": span.argmax,
                          "example_index": np.full(len(row["gold"]), example.index, np.int32)})
-    return _stack(rows, base.hidden_size), skipped
+    return _stack(rows, base.hidden_size), {"skipped": skipped, "denied": denied}
 
 
 def _base_pass(base: Any, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
@@ -435,12 +486,13 @@ def _stack(rows: list[dict[str, np.ndarray]], hidden_size: int) -> dict[str, np.
     return {name: np.ascontiguousarray(np.concatenate([row[name] for row in rows])) for name in ARRAY_NAMES}
 
 
-def _write_shard(path: Path, arrays: dict[str, np.ndarray], run_key: str, skipped: int) -> None:
+def _write_shard(path: Path, arrays: dict[str, np.ndarray], run_key: str, counts: dict[str, int]) -> None:
     """Write beside the target and rename, so an interrupted run never leaves a torn shard."""
     from safetensors.numpy import save_file
 
     partial = path.with_suffix(".partial")
-    save_file(arrays, str(partial), metadata={"run_key": run_key, "skipped": str(skipped)})
+    metadata = {"run_key": run_key, **{name: str(value) for name, value in counts.items()}}
+    save_file(arrays, str(partial), metadata=metadata)
     partial.replace(path)
 
 
@@ -450,9 +502,10 @@ def _shard_entry(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="numpy") as handle:
         gold = handle.get_tensor("gold")
         examples = len(np.unique(handle.get_tensor("example_index")))
-        skipped = int((handle.metadata() or {}).get("skipped", "0"))
+        metadata = handle.metadata() or {}
     return {"name": path.name, "sha256": file_sha256(path), "examples": examples,
-            "positions": int(gold.shape[0]), "skipped": skipped}
+            "positions": int(gold.shape[0]), "skipped": int(metadata.get("skipped", "0")),
+            "denied": int(metadata.get("denied", "0"))}
 
 
 def _finish_manifest(out: Path, manifest: dict[str, Any], scorer: ExpertScorer) -> dict[str, Any]:
@@ -461,6 +514,7 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], scorer: ExpertScorer) 
         "examples": sum(shard["examples"] for shard in manifest["shards"]),
         "positions": sum(shard["positions"] for shard in manifest["shards"]),
         "skipped_too_long": sum(shard["skipped"] for shard in manifest["shards"]),
+        "denied_by_policy": sum(shard["denied"] for shard in manifest["shards"]),
         "remote_calls_this_run": counter.remote_calls,
         "tokens_sent_this_run": counter.tokens_sent,
     }
@@ -469,3 +523,82 @@ def _finish_manifest(out: Path, manifest: dict[str, Any], scorer: ExpertScorer) 
     partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     partial.replace(out / MANIFEST_NAME)
     return manifest
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EgressSetup:
+    """Where scoring egress is governed: a policy.toml (policy + its audit log) or just an audit log."""
+
+    policy_file: Path | None = None
+    audit_log: Path | None = None
+
+
+def open_egress(setup: EgressSetup, *, tokenizer: Any, default_audit: Path) -> tuple[Any, Any]:
+    """The policy (None: send everything) and the audit log every scoring call is written to."""
+    from client.audit import AuditLog
+    from client.secrets import SecretStore
+
+    policy = None
+    audit_path = setup.audit_log or default_audit
+    if setup.policy_file is not None:
+        from client.policy import Policy
+        from client.settings import PolicySettings, load_settings
+
+        settings = load_settings(PolicySettings, setup.policy_file)
+        policy = Policy.from_settings(settings, tokenizer=tokenizer)
+        audit_path = setup.audit_log or settings.audit_log
+    audit = AuditLog(audit_path, key=SecretStore().get_or_create("audit-hmac"))
+    return policy, audit
+
+
+def gateway_endpoint(url: str, *, model: str, tokenizer: str, timeout_s: float = 300.0) -> Any:
+    """``client.expert.HttpExpert`` for ``url``, with the gateway token when one is configured."""
+    from client.errors import SecretMissingError
+    from client.expert import HttpExpert
+    from client.secrets import SecretStore
+
+    try:
+        token = SecretStore().get("gateway")
+    except SecretMissingError:
+        token = None  # a gateway without auth (local tests, a trusted network)
+    return HttpExpert(url, model=model, tokenizer=tokenizer, token=token, timeout_s=timeout_s,
+                      retries=2)
+
+
+def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, expert_model: str,
+                expert_gguf: Path | None = None, egress: EgressSetup | None = None,
+                n_ctx: int = 4096, n_threads: int = 2,
+                after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Open the base (and the gateway or an in-process expert) and collect into ``plan.out``."""
+    from client.base_model import LlamaModel
+
+    if (gateway_url is None) == (expert_gguf is None):
+        raise CollectError("give exactly one expert: a gateway URL or an expert GGUF (in-process)")
+    with LlamaModel(base_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads) as base:
+        expert_model_file = None
+        if gateway_url is not None:
+            endpoint = gateway_endpoint(gateway_url, model=expert_model, tokenizer=base.fingerprint)
+            info = {"url": gateway_url, "model": expert_model}
+        else:
+            assert expert_gguf is not None
+            expert_model_file = LlamaModel(expert_gguf, n_ctx=n_ctx, n_batch=512, n_threads=n_threads)
+            if expert_model_file.fingerprint != base.fingerprint:
+                raise CollectError("base and expert vocabularies differ; token-level scoring needs one")
+            endpoint = LocalScoring(expert_model_file, name=expert_model)
+            info = {"url": "in-process", "model": expert_model, "sha256": file_sha256(expert_gguf)}
+        try:
+            policy, audit = open_egress(egress or EgressSetup(), tokenizer=base,
+                                        default_audit=plan.out / "audit.jsonl")
+            scorer = AuditedScorer(endpoint, policy=policy, audit=audit,
+                                   detokenize=lambda ids: base.detokenize(ids).decode("utf-8", "replace"))
+            return collect(plan, base=base, base_path=base_path, scorer=scorer, expert_info=info,
+                           after_shard=after_shard)
+        finally:
+            if expert_model_file is not None:
+                expert_model_file.close()
+            close = getattr(endpoint, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,224 @@
+"""The whole training pipeline on the toy pair: collect -> fit -> calibrate -> export -> eval.
+
+``ensure_toy_head(toy_pair)`` returns a trained ``switch.onnx`` for the toy pair, built once per
+version of the inputs (toy pair, this code, seed) and cached under
+``$XDG_CACHE_HOME/tandem/toy-head/<hash>``; the demo and the tests call it. The expert is the toy
+expert served by the real gateway app under uvicorn on 127.0.0.1 (any free port), so collection
+uses the HTTP ``/v1/score`` path and decoding the HTTP ``/v1/continue`` path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from client.errors import TandemError
+
+CODE_FILES = ("collect.py", "train.py", "calibrate.py", "onnx_export.py", "evaluate.py", "pipeline.py")
+TOY_EXPERT_NAME = "toy-expert"
+TOY_TRAIN_LIMIT = 800
+TOY_SWEEP_LIMIT = 80
+TOY_RATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5)
+TOY_MAX_DEFERRAL = 0.25
+TARGETS = (
+    ("co_llm_exact", "Co-LLM exact match on the toy test corpus", ">=", 0.90),
+    ("base_exact", "base alone exact match", "<=", 0.30),
+    ("expert_exact", "expert alone exact match", "<=", 0.30),
+    ("co_llm_deferred", "share of answer tokens Co-LLM defers", "<=", 0.25),
+    ("random_gap", "Co-LLM minus random deferral at the same rate (points)", ">=", 0.40),
+    ("pipeline_s", "whole pipeline wall time on this machine (s)", "<=", 300.0),
+)
+
+
+class PipelineError(TandemError):
+    """The toy pipeline failed."""
+
+
+@contextlib.contextmanager
+def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: int = 2) -> Iterator[str]:
+    """The real gateway app for ``expert_gguf`` under uvicorn on 127.0.0.1; yields its URL."""
+    import uvicorn
+
+    from expert_gateway.app import create_app
+    from expert_gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(
+        server={"host": "127.0.0.1", "port": 0, "log_level": "warning", "max_body_bytes": 16 * 1024 * 1024},
+        auth={"enabled": False},
+        model={"name": name, "preset": "path", "path": expert_gguf},
+        llama_cpp={"n_threads": n_threads, "slots": 2},
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise PipelineError("the expert gateway did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def run_toy_pipeline(toy_pair: Any = None, *, out: Path | None = None, seed: int = 0,
+                     progress: bool = True) -> dict[str, Any]:
+    """Every step into ``out`` (default: the cache); returns the targets and where things are."""
+    if toy_pair is None:
+        from export.toy import ensure_toy_pair
+
+        toy_pair = ensure_toy_pair()
+    if out is None:
+        return json.loads((ensure_toy_head(toy_pair, seed=seed).parent / "result.json").read_text())
+    return _run(toy_pair, out, seed=seed, progress=progress)
+
+
+def _run(toy_pair: Any, out: Path, *, seed: int, progress: bool) -> dict[str, Any]:
+    from export.collect import CollectPlan, EgressSetup, run_collect
+    from export.evaluate import DecodingSetup, evaluate_command, run_calibration
+    from export.onnx_export import export_command
+    from export.train import FitConfig, fit_command
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with serve_gateway(Path(toy_pair.expert_gguf)) as url:
+        step = time.perf_counter()
+        for split, corpus, limit in (("train", toy_pair.train_jsonl, TOY_TRAIN_LIMIT),
+                                     ("validation", toy_pair.validation_jsonl, None)):
+            plan = CollectPlan(corpus=Path(corpus), out=out / "data" / split, limit=limit,
+                               prompt_style="plain", progress=progress)
+            run_collect(plan, base_path=Path(toy_pair.base_gguf), gateway_url=url,
+                        expert_model=TOY_EXPERT_NAME,
+                        egress=EgressSetup(audit_log=out / "audit" / "collect.jsonl"))
+        timings["collect_s"] = time.perf_counter() - step
+        step = time.perf_counter()
+        report = fit_command(out / "data" / "train", out / "head.pt", FitConfig(seed=seed),
+                             validation_dir=out / "data" / "validation", progress=progress)
+        timings["fit_s"] = time.perf_counter() - step
+        setup = DecodingSetup(base_gguf=Path(toy_pair.base_gguf), gateway_url=url,
+                              expert_model=TOY_EXPERT_NAME, prompt_style="plain",
+                              audit_log=out / "audit" / "decode.jsonl", max_tokens=48)
+        step = time.perf_counter()
+        run_calibration(out / "head.pt", out / "data" / "validation", out=out / "calibration.json",
+                        png=out / "calibration.png", rates=TOY_RATES, corpus=Path(toy_pair.validation_jsonl),
+                        setup=setup, rule="accuracy", max_deferral=TOY_MAX_DEFERRAL, limit=TOY_SWEEP_LIMIT,
+                        progress=progress)
+        timings["calibrate_s"] = time.perf_counter() - step
+        step = time.perf_counter()
+        exported = export_command(out / "head.pt", out / "switch.onnx",
+                                  calibration_path=out / "calibration.json")
+        timings["export_s"] = time.perf_counter() - step
+        step = time.perf_counter()
+        results = evaluate_command(Path(toy_pair.test_jsonl), out / "switch.onnx", setup=setup,
+                                   json_out=out / "eval.json", png=out / "eval.png", seed=seed,
+                                   progress=progress)
+        timings["eval_s"] = time.perf_counter() - step
+    timings["pipeline_s"] = time.perf_counter() - started
+    by_system = {result.system: result for result in results}
+    metrics = {
+        "co_llm_exact": by_system["co-llm"].exact_match,
+        "base_exact": by_system["base"].exact_match,
+        "expert_exact": by_system["expert"].exact_match,
+        "co_llm_deferred": by_system["co-llm"].deferred_fraction,
+        "random_gap": by_system["co-llm"].exact_match - by_system["random"].exact_match,
+        "pipeline_s": timings["pipeline_s"],
+    }
+    rows = targets_table(metrics)
+    result = {
+        "switch_onnx": str(out / "switch.onnx"),
+        "threshold": exported.threshold,
+        "parity_max_abs_diff": exported.parity_max_abs_diff,
+        "fit": {key: value for key, value in asdict(report).items() if key != "history"},
+        "timings": timings,
+        "eval": [asdict(result) for result in results],
+        "targets": rows,
+        "targets_met": all(row["met"] for row in rows),
+        "cpu_count": os.cpu_count(),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def targets_table(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for key, description, relation, bound in TARGETS:
+        value = metrics[key]
+        met = value >= bound if relation == ">=" else value <= bound
+        rows.append({"key": key, "description": description, "relation": relation, "bound": bound,
+                     "value": value, "met": met})
+    return rows
+
+
+def format_targets(result: dict[str, Any]) -> str:
+    lines = [f"{'target':58} {'value':>9} {'bound':>10}  met"]
+    for row in result["targets"]:
+        lines.append(f"{row['description']:58} {row['value']:9.3f} {row['relation']:>2} {row['bound']:7.2f}  "
+                     f"{'yes' if row['met'] else 'NO'}")
+    return "\n".join(lines)
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+def inputs_hash(toy_pair: Any, *, seed: int) -> str:
+    """What the cached head depends on: the toy pair's files, this code, the seed."""
+    digest = hashlib.sha256(f"seed={seed}".encode())
+    here = Path(__file__).parent
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    for path in (toy_pair.base_gguf, toy_pair.expert_gguf, toy_pair.train_jsonl,
+                 toy_pair.validation_jsonl, toy_pair.test_jsonl):
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(str(Path(toy_pair.base_gguf).resolve().parent).encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tandem" / "toy-head"
+
+
+def ensure_toy_head(toy_pair: Any, *, cache_dir: Path | None = None, seed: int = 0,
+                    progress: bool = False) -> Path:
+    """The toy pair's trained ``switch.onnx``, built on first use (one builder at a time)."""
+    parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / inputs_hash(toy_pair, seed=seed)
+    if (final / "result.json").exists():
+        return final / "switch.onnx"
+    with open(parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "result.json").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=parent))
+            try:
+                _run(toy_pair, staging, seed=seed, progress=progress)
+                result = json.loads((staging / "result.json").read_text())
+                result["switch_onnx"] = str(final / "switch.onnx")
+                (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+                os.rename(staging, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return final / "switch.onnx"
+
+
+def toy_head_result(switch_onnx: Path) -> dict[str, Any]:
+    """The result.json written beside a head made by ``ensure_toy_head``."""
+    result: dict[str, Any] = json.loads((switch_onnx.parent / "result.json").read_text())
+    return result
