@@ -2,8 +2,8 @@
 
 Retrieved passages enter the prompt as private segments, so the egress policy can keep them on
 the machine; the toy pair reads the plain format it was trained on, chat models their GGUF chat
-template. The decoder is a seam (``TokenSource``): the daemon and ``tandem ask`` wire the real
-CoDecoder in ``client/runtime.py``; tests pass fakes.
+template. The decoder is a seam (``TokenSource``): ``build_runtime`` wires the real CoDecoder for
+the daemon and ``tandem ask``; tests pass fakes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import SecretStr
 
 from client.documents import DocumentStore, Passage
+from client.errors import ConfigError
 from client.prompting import Segment, plain_prompt
+from client.settings import ClientSettings, PolicySettings
 
 Provenance = Literal["base", "expert", "fallback", "denied"]
 Role = Literal["system", "user", "assistant", "developer", "tool"]
@@ -319,10 +324,160 @@ def _split_marks(rendered: str, marks: Sequence[str], passages: Sequence[str]) -
     for mark, passage in zip(marks, passages, strict=True):
         before, found, rest = rest.partition(mark)
         if not found:
-            raise ValueError("the chat template dropped a document passage")
+            raise ConfigError("the base model's chat template dropped a document passage")
         if before:
             segments.append(Segment(before))
         segments.append(Segment(passage, private=True))
     if rest:
         segments.append(Segment(rest))
     return segments
+
+
+# -- wiring the real parts ------------------------------------------------------------------------
+
+class CoDecoderSource:
+    """Adapts ``client.decoding.CoDecoder`` to ``TokenSource`` and remembers each egress summary.
+
+    Control tokens (EOS, ``<|im_end|>``) carry no text and are not part of the answer.
+    """
+
+    def __init__(self, decoder: Any, *, audit_path: Path | None = None) -> None:
+        self.decoder = decoder
+        self.audit_path = audit_path
+        self._summaries: dict[str, EgressSummary] = {}
+        self._lock = threading.Lock()
+
+    def prompt_length(self, segments: Sequence[Segment]) -> int:
+        return int(self.decoder.prompt_length(segments))
+
+    def generate(self, segments: Sequence[Segment], *, request_id: str, max_tokens: int,
+                 temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
+        stream = self.decoder.stream(segments, request_id=request_id, max_tokens=max_tokens,
+                                     temperature=temperature, seed=seed)
+        while True:
+            try:
+                token = next(stream)
+            except StopIteration as done:
+                egress = done.value.egress
+                with self._lock:
+                    self._summaries[request_id] = EgressSummary(
+                        calls=egress.calls, tokens_sent=egress.tokens_sent,
+                        denials=egress.denials, failures=egress.failures,
+                        destinations=(self.decoder.expert.destination,) if egress.calls else ())
+                return
+            if token.text:
+                yield GeneratedToken(token.token_id, token.text, token.provenance,
+                                     token.deferral_probability)
+
+    def summary(self, request_id: str) -> EgressSummary:
+        """The decoder's count when it ran to the end, else the audit log's account."""
+        with self._lock:
+            known = self._summaries.pop(request_id, None)
+        if known is not None:
+            return known
+        if self.audit_path is None:
+            return EgressSummary()
+        return summarize_egress(audit_records(self.audit_path, request_id))
+
+
+class NeverDefer:
+    """A switch that always keeps the base: used when no head exists for the base model."""
+
+    threshold = 1.0
+
+    def score(self, hidden: Any) -> Any:
+        import numpy as np
+
+        return np.zeros(len(hidden), dtype=np.float32)
+
+
+def audit_records(audit_path: Path, request_id: str) -> list[dict[str, Any]]:
+    """The audit log's egress and outcome records of one request, for the egress panel."""
+    from client import audit
+
+    if not audit_path.exists():
+        return []
+    return audit.show(audit_path, request_id)
+
+
+def summarize_egress(records: Sequence[dict[str, Any]]) -> EgressSummary:
+    egress = [record for record in records if record.get("kind") == "egress"]
+    sent = [record for record in egress if record.get("sent")]
+    return EgressSummary(
+        calls=len(sent),
+        tokens_sent=sum(len(record.get("sent_tokens", [])) for record in sent),
+        denials=sum(1 for record in egress if not record.get("decision", {}).get("allowed")),
+        failures=sum(1 for record in records
+                     if record.get("kind") == "outcome" and record.get("error")),
+        destinations=tuple(sorted({str(record.get("destination", "")) for record in sent})),
+    )
+
+
+@dataclass
+class Runtime:
+    """The loaded parts behind the assistant; ``close`` releases them in reverse order."""
+
+    assistant: Assistant
+    documents: DocumentStore
+    model_name: str
+    audit_path: Path
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        while self.closers:
+            self.closers.pop()()
+
+
+def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
+                  base_path: Path, switch_path: Path | None, audit_key: SecretStr,
+                  gateway_token: SecretStr | None = None) -> Runtime:
+    """Load base, head, expert client, policy, audit log and document store once."""
+    from client.audit import AuditLog
+    from client.base_model import LlamaModel
+    from client.decoding import CoDecoder, DecodingOptions
+    from client.expert import HttpExpert
+    from client.policy import Policy
+    from client.switch import OnnxSwitch
+
+    closers: list[Callable[[], None]] = []
+    try:
+        base = LlamaModel(base_path, n_ctx=settings.base.n_ctx, n_batch=settings.base.n_batch,
+                          n_threads=settings.base.n_threads)
+        closers.append(base.close)
+        switch: Any = NeverDefer() if switch_path is None else OnnxSwitch.for_base(
+            switch_path, base, provider=settings.switch.provider)
+        expert = HttpExpert.from_settings(settings.expert, tokenizer=base.fingerprint,
+                                          token=gateway_token)
+        closers.append(expert.close)
+        policy = Policy.from_settings(policy_settings, tokenizer=base)
+        closers.append(policy.close)
+        audit = AuditLog(policy_settings.audit_log, key=audit_key,
+                         rotate_bytes=policy_settings.audit_rotate_bytes)
+        decoder = CoDecoder(base=base, switch=switch, expert=expert, policy=policy, audit=audit,
+                            options=DecodingOptions.from_settings(settings))
+        documents = DocumentStore(settings.daemon.data_dir / "documents.sqlite3",
+                                  max_bytes=settings.daemon.max_upload_bytes,
+                                  passage_chars=settings.daemon.passage_chars)
+        closers.append(documents.close)
+        source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log)
+        assistant = Assistant(decoder=source, documents=documents,
+                              prompt_builder=prompt_builder_for(base, settings.base.prompt_style),
+                              ledger=source, retrieve_passages=settings.daemon.retrieve_passages)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    name = f"tandem-{settings.base.preset}"
+    return Runtime(assistant, documents, name, policy_settings.audit_log, closers)
+
+
+def prompt_builder_for(base: Any, style: str) -> PromptBuilder:
+    """plain: the toy format; chat: the GGUF chat template; auto: chat when the GGUF has one."""
+    template = base.chat_template
+    if style == "chat" and template is None:
+        raise ConfigError("base.prompt_style is 'chat' but the base model has no chat template")
+    if style == "plain" or template is None:
+        return plain_prompt_builder
+    bos = base.detokenize([base.bos_id], special=True).decode("utf-8", errors="replace")
+    eos = base.detokenize([base.eos_id], special=True).decode("utf-8", errors="replace")
+    return ChatTemplatePrompt(template, bos_token=bos, eos_token=eos)

@@ -89,7 +89,11 @@ class DecodingSettings(_Section):
 class DaemonSettings(_Section):
     """The local HTTP service."""
 
-    host: str = Field(default="127.0.0.1", description="bind address; non-loopback needs api_key_env")
+    host: str = Field(
+        default="127.0.0.1",
+        description="bind address; any non-loopback address needs the daemon-api key "
+        "(`tandem keys set daemon-api` or TANDEM_DAEMON_API_KEY)",
+    )
     port: int = Field(default=8300, ge=0, le=65535, description="TCP port (0: any free port)")
     data_dir: Path = Field(default=Path(".tandem"), description="documents, usage counters, audit log")
     max_upload_bytes: int = Field(
@@ -97,6 +101,15 @@ class DaemonSettings(_Section):
     )
     retrieve_passages: int = Field(default=1, ge=0, le=16, description="passages put in the prompt")
     max_queue: int = Field(default=64, ge=1, le=10_000, description="requests waiting for the model")
+    max_queue_per_client: int = Field(
+        default=32, ge=1, le=10_000, description="requests one client may have waiting (429 beyond)"
+    )
+    passage_chars: int = Field(
+        default=600, ge=64, le=20_000, description="longest passage a document is chunked into"
+    )
+    policy_config: Path | None = Field(
+        default=None, description="policy.toml with egress policy and audit settings; default: built-in"
+    )
 
 
 class ClientSettings(BaseSettings):

@@ -220,9 +220,9 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
     server = ServerThread(create_app(services))
     url = server.start()
     try:
-        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as wrong:
-            with pytest.raises(openai.AuthenticationError):
-                wrong.models.list()
+        with (openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as wrong,
+              pytest.raises(openai.AuthenticationError)):
+            wrong.models.list()
         with openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0) as right:
             assert right.models.list().data[0].id == "tandem-fake"
         assert httpx.get(f"{url}/health").status_code == 200
