@@ -177,6 +177,8 @@ class CoDecoder:
 
     def encode(self, prompt: Sequence[Segment] | Sequence[int]) -> tuple[list[int], list[bool]]:
         """Token ids and private mask of a prompt given as segments or as token ids."""
+        if len(prompt) == 0:
+            raise ModelError("the prompt is empty")
         if all(isinstance(part, Segment) for part in prompt):
             tokens: list[int] = list(self.base.tokenize("", add_bos=True))
             mask = [False] * len(tokens)
@@ -214,7 +216,7 @@ class CoDecoder:
                                            if value is not None})
         tokens, mask = self.encode(prompt)
         if not tokens:
-            raise ModelError("the prompt is empty")
+            raise ModelError("the prompt has no tokens")
         if len(tokens) >= self.base.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(tokens)} tokens; the context "
                                        f"window holds {self.base.n_ctx}")
@@ -350,6 +352,7 @@ class CoDecoder:
         for index in range(1, len(span)):
             logits, position_score = output.logits[index - 1], float(scores[index - 1])
             if position_score > self._threshold_for(answer):
+                answer.count("deferred")
                 token = self._deferred_token(answer, logits, position_score, reply, index)
                 self._accept(answer, token, "expert", position_score)
                 if token != span[index]:

@@ -137,6 +137,8 @@ class InProcessExpert:
 
     def _logits_after(self, sequence: list[int]) -> np.ndarray:
         """Logits for the token after ``sequence``, reusing the KV cache where it agrees."""
+        if self.base.position() != len(self._cached):
+            self._cached = []  # someone else used the model since: trust nothing
         shared = 0
         for cached, wanted in zip(self._cached, sequence, strict=False):
             if cached != wanted:
