@@ -534,10 +534,15 @@ class EgressSetup:
 
     policy_file: Path | None = None
     audit_log: Path | None = None
+    audit_key: Any = None  # a pydantic SecretStr; None: the audit-hmac secret
 
 
 def open_egress(setup: EgressSetup, *, tokenizer: Any, default_audit: Path) -> tuple[Any, Any]:
-    """The policy (None: send everything) and the audit log every scoring call is written to."""
+    """The policy (None: send everything) and the audit log every expert call is written to.
+
+    The audit HMAC key comes from the keyring (created on first use) or TANDEM_AUDIT_HMAC_KEY;
+    ``setup.audit_key`` overrides both (the toy pipeline on loopback uses its own key).
+    """
     from client.audit import AuditLog
     from client.secrets import SecretStore
 
@@ -550,7 +555,8 @@ def open_egress(setup: EgressSetup, *, tokenizer: Any, default_audit: Path) -> t
         settings = load_settings(PolicySettings, setup.policy_file)
         policy = Policy.from_settings(settings, tokenizer=tokenizer)
         audit_path = setup.audit_log or settings.audit_log
-    audit = AuditLog(audit_path, key=SecretStore().get_or_create("audit-hmac"))
+    key = setup.audit_key or SecretStore().get_or_create("audit-hmac")
+    audit = AuditLog(audit_path, key=key)
     return policy, audit
 
 

@@ -102,6 +102,7 @@ class DecodingSetup:
     audit_log: Path | None = None
     max_tokens: int = 64
     lookahead: int = 8
+    audit_key: Any = None  # a pydantic SecretStr; None: the audit-hmac secret
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,8 @@ def open_models(setup: DecodingSetup, *, audit_default: Path) -> Iterator[Models
             expert = InProcessExpert(expert_model, model=setup.expert_model)
         else:
             raise EvaluationError("decoding needs an expert: a gateway URL or an expert GGUF")
-        policy, audit = open_egress(EgressSetup(setup.policy_file, setup.audit_log), tokenizer=base,
-                                    default_audit=audit_default)
+        egress = EgressSetup(setup.policy_file, setup.audit_log, setup.audit_key)
+        policy, audit = open_egress(egress, tokenizer=base, default_audit=audit_default)
         yield Models(base, expert, policy, audit,
                      resolve_style(base, setup.prompt_style))
     finally:

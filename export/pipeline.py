@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -96,6 +97,7 @@ def _run(toy_pair: Any, out: Path, *, seed: int, progress: bool) -> dict[str, An
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    key = pipeline_audit_key(out / "audit")
     timings: dict[str, float] = {}
     with serve_gateway(Path(toy_pair.expert_gguf)) as url:
         step = time.perf_counter()
@@ -105,7 +107,7 @@ def _run(toy_pair: Any, out: Path, *, seed: int, progress: bool) -> dict[str, An
                                prompt_style="plain", progress=progress)
             run_collect(plan, base_path=Path(toy_pair.base_gguf), gateway_url=url,
                         expert_model=TOY_EXPERT_NAME,
-                        egress=EgressSetup(audit_log=out / "audit" / "collect.jsonl"))
+                        egress=EgressSetup(audit_log=out / "audit" / "collect.jsonl", audit_key=key))
         timings["collect_s"] = time.perf_counter() - step
         step = time.perf_counter()
         report = fit_command(out / "data" / "train", out / "head.pt", FitConfig(seed=seed),
@@ -113,7 +115,7 @@ def _run(toy_pair: Any, out: Path, *, seed: int, progress: bool) -> dict[str, An
         timings["fit_s"] = time.perf_counter() - step
         setup = DecodingSetup(base_gguf=Path(toy_pair.base_gguf), gateway_url=url,
                               expert_model=TOY_EXPERT_NAME, prompt_style="plain",
-                              audit_log=out / "audit" / "decode.jsonl", max_tokens=48)
+                              audit_log=out / "audit" / "decode.jsonl", max_tokens=48, audit_key=key)
         step = time.perf_counter()
         run_calibration(out / "head.pt", out / "data" / "validation", out=out / "calibration.json",
                         png=out / "calibration.png", rates=TOY_RATES, corpus=Path(toy_pair.validation_jsonl),
@@ -153,6 +155,28 @@ def _run(toy_pair: Any, out: Path, *, seed: int, progress: bool) -> dict[str, An
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def pipeline_audit_key(audit_dir: Path) -> Any:
+    """The audit-hmac secret, or (no keyring, no variable) a key kept beside the toy's logs.
+
+    The toy pipeline talks to a gateway on loopback; its logs stay verifiable either way.
+    """
+    from pydantic import SecretStr
+
+    from client.errors import SecretMissingError
+    from client.secrets import SecretStore
+
+    try:
+        return SecretStore().get_or_create("audit-hmac")
+    except SecretMissingError:
+        audit_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = audit_dir / "hmac.key"
+        if not key_file.exists():
+            descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return SecretStr(key_file.read_text().strip())
 
 
 def targets_table(metrics: dict[str, float]) -> list[dict[str, Any]]:
