@@ -183,6 +183,7 @@ class LlamaModel:
 
     def is_end_of_generation(self, token_id: int) -> bool:
         """Whether the vocabulary marks ``token_id`` as ending a generation (EOS, <|im_end|>...)."""
+        self._require_open()
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token_id))
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
@@ -204,6 +205,7 @@ class LlamaModel:
 
     def token_bytes(self, token_id: int, *, special: bool = False) -> bytes:
         """The bytes of one token; control tokens are empty unless ``special``."""
+        self._require_open()
         if not 0 <= token_id < self.vocab_size:
             raise ModelError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
         if special:

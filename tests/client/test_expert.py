@@ -303,7 +303,7 @@ def test_a_slow_real_gateway_times_out(slow_gateway: str) -> None:
     expert = HttpExpert(slow_gateway, model="toy-expert", tokenizer=FINGERPRINT, timeout_s=0.2,
                         retries=1, sleep=lambda seconds: None)
     # Without the deadline the call would succeed after 1.5 s.
-    with pytest.raises(ExpertUnavailableError, match="did not answer within 0.2s"):
+    with pytest.raises(ExpertUnavailableError, match=r"did not answer within 0\.2s"):
         expert.continue_(session="wait-1500", held=0, tokens=[1], max_tokens=1)
     expert.close()
 
