@@ -1,0 +1,89 @@
+"""The web page in Debian's headless Chromium, driven by Playwright, against a real daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client.daemon import ServerThread, create_app
+from tests.client.daemon_fakes import FakeDecoder, fake_services
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="/usr/bin/chromium is missing: run `make browser` (apt-get install chromium)"),
+]
+
+
+def egress_records(request_id: str) -> list[dict[str, object]]:
+    """What an audit log holds for a call that sent a redacted prefix."""
+    return [
+        {"kind": "egress", "id": "e1", "request_id": request_id, "sent": True,
+         "destination": "http://127.0.0.1:8400", "decision": {"allowed": True, "reason": "ok"},
+         "sent_tokens": list(range(31)),
+         "sent_text": "Document: [private]\nQuestion: total?\nAnswer: 12+30="},
+        {"kind": "outcome", "egress_id": "e1", "request_id": request_id,
+         "received_tokens": [1, 2, 3], "accepted_tokens": 2, "latency_s": 0.012, "error": None},
+        {"kind": "egress", "id": "e2", "request_id": request_id, "sent": False,
+         "destination": "http://127.0.0.1:8400",
+         "decision": {"allowed": False, "reason": "cap:per_request_calls"}, "sent_tokens": []},
+    ]
+
+
+@pytest.fixture()
+def daemon_url(tmp_path: Path) -> Iterator[str]:
+    services = fake_services(tmp_path / "daemon", decoder=FakeDecoder(delay_s=0.01),
+                             egress_reader=egress_records)
+    server = ServerThread(create_app(services))
+    yield server.start()
+    server.stop()
+
+
+def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    document = tmp_path / "invoice.md"
+    document.write_text("# Invoice 4417\n\n12 crates of bolts and 30 crates of pears.\n")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(daemon_url)
+            expect(page.locator("#status")).to_contain_text("tandem-fake")
+            page.set_input_files("#file", str(document))
+            expect(page.locator("#doc-list li .name")).to_have_text(["invoice.md"])
+
+            page.fill("#question", "How many crates are on invoice 4417 in total?")
+            page.click("#send")
+            answer = page.locator(".msg.assistant").last
+            expect(answer.locator(".stats")).to_contain_text("expert")
+            expect(answer).to_contain_text("= HOW MANY CRATES ARE ON INVOICE 4417 IN TOTAL?")
+            expert = answer.locator(".tok.expert")
+            expect(expert).to_have_count(4)
+            assert expert.first.evaluate("e => getComputedStyle(e).backgroundColor") != \
+                answer.locator(".tok.base").first.evaluate("e => getComputedStyle(e).backgroundColor")
+            expect(answer.locator(".sources")).to_contain_text("invoice.md")
+
+            records = page.locator("#egress li.egress-record")
+            expect(records).to_have_count(2)
+            expect(records.first).to_contain_text("SENT")
+            expect(records.first.locator("code")).to_have_text(
+                "Document: [private]\nQuestion: total?\nAnswer: 12+30=")
+            expect(records.first).to_contain_text("accepted 2")
+            expect(records.nth(1)).to_contain_text("DENIED")
+            expect(records.nth(1)).to_contain_text("cap:per_request_calls")
+            page.screenshot(path=str(tmp_path / "tandem-page.png"), full_page=True)
+
+            page.locator("#doc-list li button").click()
+            expect(page.locator("#doc-list li .name")).to_have_count(0)
+        finally:
+            browser.close()
+    assert (tmp_path / "tandem-page.png").stat().st_size > 10_000
