@@ -323,3 +323,17 @@ def test_real_daemon_with_smollm2_chat_template(tmp_path: Path) -> None:
         assert whole.usage is not None and whole.usage.prompt_tokens > 20
     finally:
         server.stop()
+
+
+def test_the_shipped_client_toml_loads_and_states_the_defaults() -> None:
+    from client.cli_daemon import load_client_settings
+    from client.settings import ClientSettings, PolicySettings
+
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "client.toml"
+    settings, policy = load_client_settings(shipped)
+    defaults = ClientSettings()
+    assert settings.daemon.policy_config == Path("policy.toml")
+    for section in ("base", "switch", "expert", "decoding"):
+        assert getattr(settings, section) == getattr(defaults, section), section
+    assert settings.daemon.model_copy(update={"policy_config": None}) == defaults.daemon
+    assert isinstance(policy, PolicySettings)
