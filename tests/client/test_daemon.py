@@ -337,3 +337,78 @@ def test_the_shipped_client_toml_loads_and_states_the_defaults() -> None:
         assert getattr(settings, section) == getattr(defaults, section), section
     assert settings.daemon.model_copy(update={"policy_config": None}) == defaults.daemon
     assert isinstance(policy, PolicySettings)
+
+
+class AlwaysDefer:
+    threshold = 0.5
+
+    def score(self, hidden: object) -> object:
+        import numpy as np
+
+        return np.ones(len(hidden), dtype=np.float32)  # type: ignore[arg-type]
+
+
+def slow_gateway_app(delay_s: float) -> object:
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def slow_continue(request: object) -> JSONResponse:
+        await asyncio.sleep(delay_s)
+        return JSONResponse({"error": {"type": "unavailable", "message": "too late"}}, 503)
+
+    return Starlette(routes=[Route("/v1/continue", slow_continue, methods=["POST"])])
+
+
+@needs_smollm2
+def test_a_slow_expert_falls_back_within_its_deadline_and_blocks_nobody(tmp_path: Path) -> None:
+    """A gateway slower than the deadline: answers complete with fallback tokens, audited."""
+    from client.assistant import Assistant, CoDecoderSource, audit_records, plain_prompt_builder
+    from client.audit import AuditLog
+    from client.base_model import LlamaModel, smollm2_path
+    from client.daemon import DaemonServices
+    from client.decoding import CoDecoder, DecodingOptions
+    from client.expert import CircuitBreaker, HttpExpert
+    from client.policy import Policy
+    from client.settings import PolicySettings
+
+    gateway = ServerThread(slow_gateway_app(delay_s=2.0))
+    gateway_url = gateway.start()
+    base = LlamaModel(smollm2_path(), n_ctx=256)
+    policy_settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3",
+                                     audit_log=tmp_path / "audit" / "audit.jsonl")
+    policy = Policy.from_settings(policy_settings, tokenizer=base)
+    expert = HttpExpert(gateway_url, model="slow", tokenizer=base.fingerprint, timeout_s=0.3,
+                        retries=0, breaker=CircuitBreaker(failures=2, reset_s=600))
+    decoder = CoDecoder(base=base, switch=AlwaysDefer(), expert=expert, policy=policy,
+                        audit=AuditLog(policy_settings.audit_log, key=b"k" * 32),
+                        options=DecodingOptions(max_tokens=6))
+    source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log)
+    store = DocumentStore(tmp_path / "documents.sqlite3")
+    services = DaemonServices(
+        assistant=Assistant(decoder=source, documents=store, prompt_builder=plain_prompt_builder,
+                            ledger=source),
+        documents=store, model_name="slow",
+        egress_reader=lambda rid: audit_records(policy_settings.audit_log, rid),
+        on_close=[store.close, policy.close, expert.close, base.close])
+    server = ServerThread(create_app(services))
+    url = server.start()
+    try:
+        body = {"model": "slow", "max_tokens": 6,
+                "messages": [{"role": "user", "content": "Say hello."}]}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(
+                lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=20), range(2)))
+        assert [reply.status_code for reply in replies] == [200, 200]
+        first, second = (reply.json()["tandem"] for reply in replies)
+        assert {t["provenance"] for t in first["tokens"] + second["tokens"]} == {"fallback"}
+        assert first["egress"]["failures"] + second["egress"]["failures"] == 2  # then the breaker
+        records = [r for reply in replies
+                   for r in httpx.get(f"{url}/v1/egress/{reply.json()['id']}").json()["records"]]
+        errors = [r["error"] for r in records if r["kind"] == "outcome"]
+        assert len(errors) == 2 and all("ExpertUnavailableError" in e for e in errors)
+    finally:
+        server.stop()
+        gateway.stop()
