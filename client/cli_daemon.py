@@ -203,7 +203,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def answer_json(answer: Answer) -> dict[str, Any]:
-    from client.daemon import tandem_extra
+    from client.openai_api import tandem_extra
 
     return {"answer": answer.text, "finish_reason": answer.finish_reason, **tandem_extra(answer)}
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.assistant import (
@@ -42,6 +42,16 @@ from client.errors import (
 )
 from client.metrics import Metrics
 from client.model_worker import ClientQueueFullError, ModelWorker, QueueFullError
+from client.openai_api import (
+    ApiError,
+    ChatCompletionBody,
+    ChatShape,
+    CompletionBody,
+    CompletionShape,
+    GenerationBody,
+    TextDocumentBody,
+    error_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +75,6 @@ class DaemonServices:
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
 
-class ApiError(Exception):
-    """An error answered to the client as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.param = param
-        self.headers = headers or {}
-
-
 def error_for(exc: Exception) -> ApiError:
     """The single place where Tandem errors become HTTP statuses."""
     if isinstance(exc, ApiError):
@@ -98,76 +96,6 @@ def error_for(exc: Exception) -> ApiError:
     if isinstance(exc, TandemError):
         return ApiError(500, str(exc), error_type="server_error")
     return ApiError(500, "internal error; see the daemon's log", error_type="server_error")
-
-
-# -- OpenAI-compatible request bodies ---------------------------------------------------------
-
-class _Body(BaseModel):
-    # Unknown OpenAI fields (top_p, logit_bias, ...) are accepted and ignored, as other
-    # OpenAI-compatible servers do, so existing client code keeps working.
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str = Field(max_length=200_000)
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = Field(default=None)
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class TandemOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    retrieve: bool | None = Field(default=None, description="search the documents for passages")
-
-
-class _GenerationBody(_Body):
-    model: str | None = Field(default=None, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=8192)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    stop: str | list[str] | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only one choice is supported")
-    user: str | None = Field(default=None, max_length=256)
-    tandem: TandemOptions | None = None
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(len(stop) > 256 for stop in stops):
-            raise ApiError(400, "stop takes at most 4 sequences of at most 256 characters",
-                           param="stop")
-        return [stop for stop in stops if stop]
-
-
-class ChatCompletionBody(_GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
-
-
-class CompletionBody(_GenerationBody):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
-        description="the text to continue; a list may hold one prompt")
-    echo: bool = False
-
-
-class TextDocumentBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=256)
-    text: str
-    media_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
 
 
 # -- bridging the worker thread to async handlers ---------------------------------------------
@@ -223,7 +151,7 @@ class Daemon:
         run.cancelled = queued.cancelled
         return run
 
-    def question(self, body: _GenerationBody, *, messages: list[ChatTurn] | None = None,
+    def question(self, body: GenerationBody, *, messages: list[ChatTurn] | None = None,
                  prompt: str | None = None, max_tokens: int | None = None) -> Question:
         services = self.services
         retrieve = body.tandem.retrieve if body.tandem and body.tandem.retrieve is not None else (
@@ -237,33 +165,6 @@ class Daemon:
         )
 
 
-def tandem_extra(answer: Answer) -> dict[str, Any]:
-    """The ``tandem`` object of a reply: per-token provenance, passages and egress summary."""
-    return {
-        "request_id": answer.request_id,
-        "tokens": [_token_json(token) for token in answer.tokens],
-        "provenance": answer.provenance_counts,
-        "passages": [{"document_id": p.document_id, "document_name": p.document_name,
-                      "ordinal": p.ordinal} for p in answer.passages],
-        "egress": asdict(answer.egress),
-    }
-
-
-def _token_json(token: AnswerToken) -> dict[str, Any]:
-    return {"text": token.text, "provenance": token.provenance,
-            "deferral_probability": round(float(token.deferral_probability), 6)}
-
-
-def _usage(answer: Answer) -> dict[str, int]:
-    completion = len(answer.tokens)
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": answer.prompt_tokens + completion}
-
-
-def _finish(answer: Answer) -> str:
-    return "length" if answer.finish_reason == "length" else "stop"
-
-
 def _sse(payload: dict[str, Any] | str) -> bytes:
     import json
 
@@ -271,13 +172,8 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _error_json(error: ApiError) -> dict[str, Any]:
-    return {"error": {"message": str(error), "type": error.error_type, "param": error.param,
-                      "code": error.status}}
-
-
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(_error_json(error), status_code=error.status, headers=error.headers)
+    return JSONResponse(error_json(error), status_code=error.status, headers=error.headers)
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -390,7 +286,7 @@ def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
         return {"request_id": request_id, "records": records}
 
 
-def _client_key(request: Request, body: _GenerationBody) -> str:
+def _client_key(request: Request, body: GenerationBody) -> str:
     host = request.client.host if request.client else "local"
     return f"{host}:{body.user or ''}"
 
@@ -407,7 +303,7 @@ def _add_completion_routes(app: FastAPI, daemon: Daemon) -> None:
         question = daemon.question(body, messages=turns, max_tokens=body.max_completion_tokens)
         request_id = new_request_id("chatcmpl")
         run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
-        shape = _ChatShape(request_id, services.model_name)
+        shape = ChatShape(request_id, services.model_name)
         return await _respond(run, shape, body)
 
     @app.post("/v1/completions", response_model=None)
@@ -419,82 +315,12 @@ def _add_completion_routes(app: FastAPI, daemon: Daemon) -> None:
         question = daemon.question(body, prompt=prompt)
         request_id = new_request_id("cmpl")
         run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
-        shape = _CompletionShape(request_id, services.model_name, prompt if body.echo else "")
+        shape = CompletionShape(request_id, services.model_name, prompt if body.echo else "")
         return await _respond(run, shape, body)
 
 
-class _ChatShape:
-    """How chat completions look on the wire."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.request_id, self.model, self.created = request_id, model, int(time.time())
-
-    def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.request_id, "object": kind, "created": self.created,
-                "model": self.model, "choices": choices}
-
-    def whole(self, answer: Answer) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                  "logprobs": None, "finish_reason": _finish(answer)}
-        return {**self._envelope("chat.completion", [choice]), "usage": _usage(answer),
-                "tandem": tandem_extra(answer)}
-
-    def first_chunk(self) -> dict[str, Any] | None:
-        return self._envelope("chat.completion.chunk", [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-
-    def token_chunk(self, token: AnswerToken) -> dict[str, Any]:
-        return {**self._envelope("chat.completion.chunk", [
-            {"index": 0, "delta": {"content": token.text}, "finish_reason": None}]),
-            "tandem": {"tokens": [_token_json(token)]}}
-
-    def last_chunk(self, answer: Answer) -> dict[str, Any]:
-        extra = tandem_extra(answer)
-        del extra["tokens"]  # already sent, one chunk per token
-        return {**self._envelope("chat.completion.chunk", [
-            {"index": 0, "delta": {}, "finish_reason": _finish(answer)}]), "tandem": extra}
-
-    def usage_chunk(self, answer: Answer) -> dict[str, Any]:
-        return {**self._envelope("chat.completion.chunk", []), "usage": _usage(answer)}
-
-
-class _CompletionShape(_ChatShape):
-    """How text completions look on the wire."""
-
-    def __init__(self, request_id: str, model: str, echo: str) -> None:
-        super().__init__(request_id, model)
-        self.echo = echo
-
-    def whole(self, answer: Answer) -> dict[str, Any]:
-        choice = {"index": 0, "text": self.echo + answer.text, "logprobs": None,
-                  "finish_reason": _finish(answer)}
-        return {**self._envelope("text_completion", [choice]), "usage": _usage(answer),
-                "tandem": tandem_extra(answer)}
-
-    def first_chunk(self) -> dict[str, Any] | None:
-        if not self.echo:
-            return None
-        return self._envelope("text_completion", [
-            {"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}])
-
-    def token_chunk(self, token: AnswerToken) -> dict[str, Any]:
-        return {**self._envelope("text_completion", [
-            {"index": 0, "text": token.text, "logprobs": None, "finish_reason": None}]),
-            "tandem": {"tokens": [_token_json(token)]}}
-
-    def last_chunk(self, answer: Answer) -> dict[str, Any]:
-        extra = tandem_extra(answer)
-        del extra["tokens"]
-        return {**self._envelope("text_completion", [
-            {"index": 0, "text": "", "logprobs": None, "finish_reason": _finish(answer)}]),
-            "tandem": extra}
-
-    def usage_chunk(self, answer: Answer) -> dict[str, Any]:
-        return {**self._envelope("text_completion", []), "usage": _usage(answer)}
-
-
-async def _respond(run: AnswerRun, shape: _ChatShape,
-                   body: _GenerationBody) -> JSONResponse | StreamingResponse:
+async def _respond(run: AnswerRun, shape: ChatShape,
+                   body: GenerationBody) -> JSONResponse | StreamingResponse:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(run, shape, include_usage=include_usage),
@@ -509,7 +335,7 @@ async def _respond(run: AnswerRun, shape: _ChatShape,
     raise ApiError(500, "the answer ended without a result", error_type="server_error")
 
 
-async def _stream(run: AnswerRun, shape: _ChatShape, *, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(run: AnswerRun, shape: ChatShape, *, include_usage: bool) -> AsyncIterator[bytes]:
     first = shape.first_chunk()
     if first is not None:
         yield _sse(first)
@@ -522,7 +348,7 @@ async def _stream(run: AnswerRun, shape: _ChatShape, *, include_usage: bool) -> 
             if include_usage:
                 yield _sse(shape.usage_chunk(event))
     except Exception as exc:
-        yield _sse(_error_json(error_for(exc)))
+        yield _sse(error_json(error_for(exc)))
     finally:
         run.cancelled.set()
     yield _sse("[DONE]")
