@@ -412,3 +412,25 @@ def test_a_slow_expert_falls_back_within_its_deadline_and_blocks_nobody(tmp_path
     finally:
         server.stop()
         gateway.stop()
+
+
+def test_the_model_queue_takes_turns_between_clients() -> None:
+    from client.model_worker import ClientQueueFullError, FairQueue, Job, QueueFullError
+
+    queue = FairQueue(max_jobs=6, max_per_client=3)
+    for client, number in [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2), ("c", 1)]:
+        queue.put(Job(client, lambda number=number: None))
+    with pytest.raises(QueueFullError):
+        queue.put(Job("d", lambda: None))
+    order = []
+    while len(queue):
+        job = queue.take()
+        assert job is not None
+        order.append(job.client)
+    assert order == ["a", "b", "c", "a", "b", "a"]
+    for _ in range(3):
+        queue.put(Job("a", lambda: None))
+    with pytest.raises(ClientQueueFullError):
+        queue.put(Job("a", lambda: None))
+    queue.close()
+    assert [queue.take() is not None for _ in range(4)] == [True, True, True, False]
