@@ -425,7 +425,7 @@ def _shard_done(path: Path, run_key: str) -> bool:
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            return bool((handle.metadata() or {}).get("run_key") == run_key)
+            return bool(_shard_metadata(handle).get("run_key") == run_key)
     except Exception:  # a torn or foreign file: collect the shard again
         return False
 
@@ -491,7 +491,9 @@ def _write_shard(path: Path, arrays: dict[str, np.ndarray], run_key: str, counts
     from safetensors.numpy import save_file
 
     partial = path.with_suffix(".partial")
-    metadata = {"run_key": run_key, **{name: str(value) for name, value in counts.items()}}
+    # One metadata entry: safetensors keeps metadata in a hash map, so several keys would be
+    # written in a random order and identical shards would differ in bytes.
+    metadata = {"tandem": json.dumps({"run_key": run_key, **counts}, sort_keys=True)}
     save_file(arrays, str(partial), metadata=metadata)
     partial.replace(path)
 
@@ -502,10 +504,18 @@ def _shard_entry(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="numpy") as handle:
         gold = handle.get_tensor("gold")
         examples = len(np.unique(handle.get_tensor("example_index")))
-        metadata = handle.metadata() or {}
+        metadata = _shard_metadata(handle)
     return {"name": path.name, "sha256": file_sha256(path), "examples": examples,
-            "positions": int(gold.shape[0]), "skipped": int(metadata.get("skipped", "0")),
-            "denied": int(metadata.get("denied", "0"))}
+            "positions": int(gold.shape[0]), "skipped": int(metadata.get("skipped", 0)),
+            "denied": int(metadata.get("denied", 0))}
+
+
+def _shard_metadata(handle: Any) -> dict[str, Any]:
+    try:
+        metadata: dict[str, Any] = json.loads((handle.metadata() or {}).get("tandem", "{}"))
+    except ValueError:
+        return {}
+    return metadata
 
 
 def _finish_manifest(out: Path, manifest: dict[str, Any], scorer: ExpertScorer) -> dict[str, Any]:

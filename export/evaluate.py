@@ -152,6 +152,9 @@ def open_models(setup: DecodingSetup, *, audit_default: Path) -> Iterator[Models
         yield Models(base, expert, policy, audit,
                      resolve_style(base, setup.prompt_style))
     finally:
+        close = getattr(expert, "close", None) if "expert" in locals() else None
+        if close is not None:
+            close()
         if expert_model is not None:
             expert_model.close()
         base.close()
