@@ -80,7 +80,7 @@ def exportable_module(head: LoadedHead, *, output_weights: np.ndarray | None = N
             super().__init__()
             self.head = head.module
             if output_weights is not None:
-                self.register_buffer("output_weights", torch.from_numpy(output_weights))
+                self.register_buffer("output_weights", torch.from_numpy(output_weights.copy()))
             else:
                 self.output_weights = None
 
