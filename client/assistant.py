@@ -354,20 +354,25 @@ class CoDecoderSource:
                  temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
         stream = self.decoder.stream(segments, request_id=request_id, max_tokens=max_tokens,
                                      temperature=temperature, seed=seed)
-        while True:
-            try:
-                token = next(stream)
-            except StopIteration as done:
-                egress = done.value.egress
-                with self._lock:
-                    self._summaries[request_id] = EgressSummary(
-                        calls=egress.calls, tokens_sent=egress.tokens_sent,
-                        denials=egress.denials, failures=egress.failures,
-                        destinations=(self.decoder.expert.destination,) if egress.calls else ())
-                return
-            if token.text:
-                yield GeneratedToken(token.token_id, token.text, token.provenance,
-                                     token.deferral_probability)
+        try:
+            while True:
+                try:
+                    token = next(stream)
+                except StopIteration as done:
+                    self._remember(request_id, done.value.egress)
+                    return
+                if token.text:
+                    yield GeneratedToken(token.token_id, token.text, token.provenance,
+                                         token.deferral_probability)
+        finally:
+            stream.close()  # an answer cut short releases the decoder (and its lock) at once
+
+    def _remember(self, request_id: str, egress: Any) -> None:
+        destination = getattr(self.decoder.expert, "destination", "")
+        with self._lock:
+            self._summaries[request_id] = EgressSummary(
+                calls=egress.calls, tokens_sent=egress.tokens_sent, denials=egress.denials,
+                failures=egress.failures, destinations=(destination,) if egress.calls else ())
 
     def summary(self, request_id: str) -> EgressSummary:
         """The decoder's count when it ran to the end, else the audit log's account."""

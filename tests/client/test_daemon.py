@@ -317,6 +317,14 @@ def test_real_daemon_with_smollm2_chat_template(tmp_path: Path) -> None:
                 model="tandem-smollm2", stream=True,
                 messages=[{"role": "user", "content": "What is my cat called?"}])
             streamed_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            cut = client.chat.completions.create(  # stops early: the decoder must be released
+                model="tandem-smollm2", stop=["Whiskers"],
+                messages=[{"role": "user", "content": "What is my cat called?"}])
+            again = client.completions.create(model="tandem-smollm2", prompt="The capital of France is",
+                                              max_tokens=4)
+        assert "Whiskers" not in (cut.choices[0].message.content or "")
+        assert cut.choices[0].finish_reason == "stop"
+        assert again.usage is not None and again.usage.completion_tokens >= 1
         assert "Whiskers" in (whole.choices[0].message.content or "")
         assert streamed_text == whole.choices[0].message.content
         assert whole.model_extra["tandem"]["passages"][0]["document_name"] == "pets.md"
