@@ -140,7 +140,8 @@ class AuditLog:
             "sent_bytes": len(record.sent_text.encode()) if sent else 0,
         }
         if decision.dry_run:
-            body["dry_run_tokens"] = [int(token) for token in record.sent_tokens]
+            would_send = record.sent_tokens or decision.new_tokens
+            body["dry_run_tokens"] = [int(token) for token in would_send]
             body["dry_run_text"] = record.sent_text
         egress_id = self._append(body)
         with self._lock:

@@ -1,0 +1,306 @@
+"""What actually crosses the wire: a capturing TCP proxy between HttpExpert and a real gateway.
+
+The client decodes a slice of the toy corpus with the real toy pair (llama.cpp), the
+``redact_private`` policy and the audit log; every byte it sends to the gateway (uvicorn on
+127.0.0.1, real llama.cpp expert) passes through the proxy and is recorded. Then:
+- no piece of any private passage reaches the wire (the placeholder stands in for it), and
+- the calls on the wire are exactly the egress records the audit log says were sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from client.audit import AuditLog, read_records, verify
+from client.prompting import plain_prompt
+from client.settings import PolicySettings
+
+AUDIT_KEY = b"wire-test-audit-key-0123456789"
+EXAMPLES = 6
+MAX_TOKENS = 24
+
+
+class CapturingProxy:
+    """A TCP relay on 127.0.0.1 that keeps every byte each client connection sends upstream."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.sent: list[bytearray] = []  # one buffer per client connection
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self.port = self._listener.getsockname()[1]
+        self._start(self._accept_loop)
+
+    def _start(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            buffer = bytearray()
+            with self._lock:
+                self.sent.append(buffer)
+            self._start(self._pump, client, upstream, buffer)
+            self._start(self._pump, upstream, client, None)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if record is not None:
+                    with self._lock:
+                        record += data
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closing = True
+        self._listener.close()
+
+    def requests(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every HTTP request seen: (request line, JSON body or {})."""
+        with self._lock:
+            streams = [bytes(buffer) for buffer in self.sent]
+        found = []
+        for stream in streams:
+            while stream:
+                head, _, rest = stream.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {name.lower(): value.strip() for name, _, value in
+                           (line.partition(":") for line in lines[1:])}
+                assert "chunked" not in headers.get("transfer-encoding", "")
+                length = int(headers.get("content-length", "0"))
+                body, stream = rest[:length], rest[length:]
+                found.append((lines[0], json.loads(body) if body else {}))
+        return found
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[tuple[str, int]]:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@dataclass
+class Gateway:
+    address: tuple[str, int]
+    key: str
+    model: str
+
+
+@pytest.fixture(scope="module")
+def base(toy_pair: Any) -> Iterator[Any]:
+    from client.base_model import LlamaModel
+
+    model = LlamaModel(toy_pair.base_gguf, n_ctx=1024)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(toy_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    from expert_gateway.app import create_app
+    from expert_gateway.backends.llama_cpp import LlamaCppBackend
+    from expert_gateway.keys import KeyStore
+    from expert_gateway.settings import GatewaySettings
+
+    keys_file = tmp_path_factory.mktemp("gateway-keys") / "keys.json"
+    _, secret = KeyStore(keys_file).add("wire-test", requests_per_minute=100_000,
+                                         tokens_per_day=10**9)
+    backend = LlamaCppBackend.open(Path(toy_pair.expert_gguf), name="toy-expert", n_ctx=2048,
+                                   n_batch=256, n_threads=2, slots=2)
+    app = create_app(GatewaySettings(auth={"keys_file": keys_file}), backend=backend)
+    try:
+        with serve(app) as address:
+            yield Gateway(address, secret, "toy-expert")
+    finally:
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def switch(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A random linear head: defers at some positions and not others."""
+    from client.switch import BASE_FINGERPRINT_KEY, HIDDEN_SIZE_KEY, THRESHOLD_KEY, OnnxSwitch
+    from tests.client.test_switch import write_linear_head
+
+    weights = np.random.default_rng(11).normal(size=base.hidden_size).astype(np.float32)
+    weights *= 3.0 / np.sqrt(base.hidden_size)
+    path = write_linear_head(tmp_path_factory.mktemp("head") / "switch.onnx", weights, 0.0,
+                             metadata={HIDDEN_SIZE_KEY: str(base.hidden_size),
+                                       BASE_FINGERPRINT_KEY: base.fingerprint,
+                                       THRESHOLD_KEY: "0.5"})
+    return OnnxSwitch.for_base(Path(path), base)
+
+
+def corpus_slice(toy_pair: Any) -> list[dict[str, Any]]:
+    with open(toy_pair.test_jsonl) as lines:
+        return [json.loads(line) for _, line in zip(range(EXAMPLES), lines, strict=False)]
+
+
+@dataclass
+class Run:
+    proxy: CapturingProxy
+    audit_path: Path
+    answers: list[Any]
+
+
+def run_corpus(tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway,
+               **policy_settings: Any) -> Run:
+    from client.decoding import CoDecoder, DecodingOptions
+    from client.expert import HttpExpert
+    from client.policy import Policy
+
+    proxy = CapturingProxy(gateway.address)
+    settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3",
+                              audit_log=tmp_path / "audit.jsonl", **policy_settings)
+    policy = Policy.from_settings(settings, tokenizer=base)
+    audit = AuditLog(settings.audit_log, key=AUDIT_KEY)
+    expert = HttpExpert(f"http://127.0.0.1:{proxy.port}", model=gateway.model,
+                        tokenizer=base.fingerprint, token=SecretStr(gateway.key), retries=0,
+                        timeout_s=60)
+    decoder = CoDecoder(base=base, switch=switch, expert=expert, policy=policy, audit=audit,
+                        options=DecodingOptions(threshold=0.5, lookahead=4, max_tokens=MAX_TOKENS))
+    try:
+        answers = [decoder.generate(plain_prompt([line["passage"]], line["question"]),
+                                    request_id=f"wire-{index}")
+                   for index, line in enumerate(corpus_slice(toy_pair))]
+    finally:
+        expert.close()
+        proxy.close()
+        policy.close()
+    return Run(proxy, settings.audit_log, answers)
+
+
+def continue_calls(run: Run) -> list[dict[str, Any]]:
+    requests = run.proxy.requests()
+    assert all(line.startswith("POST /v1/continue ") for line, _ in requests), requests
+    return [body for _, body in requests]
+
+
+def test_no_private_text_reaches_the_wire_and_the_audit_log_matches_it(
+    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+) -> None:
+    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, mode="redact_private")
+    calls = continue_calls(run)
+    assert len(calls) >= EXAMPLES  # the head defers somewhere in every answer
+    assert any(token.provenance == "expert" for answer in run.answers for token in answer.tokens)
+
+    # Rebuild each expert session's sequence from the wire alone, as the gateway does.
+    sessions: dict[str, list[int]] = {}
+    for body in calls:
+        sessions[body["session"]] = sessions.get(body["session"], [])[:body["held"]] + body["tokens"]
+        wire_text = base.detokenize(sessions[body["session"]]).decode("utf-8", "replace")
+        for line in corpus_slice(toy_pair):
+            passage = line["passage"]
+            size = PolicySettings().taint_min_chars
+            leaked = [passage[i:i + size] for i in range(len(passage) - size + 1)
+                      if passage[i:i + size] in wire_text]
+            assert leaked == [], (leaked, wire_text)
+        assert wire_text.startswith("Document: [private]\nQuestion: ")
+
+    # The wire and the audit log agree call for call: session, held and the exact tokens.
+    verify(run.audit_path, key=AUDIT_KEY)
+    egress = [record for record in read_records(run.audit_path) if record["kind"] == "egress"]
+    sent = [record for record in egress if record["sent"]]
+    assert [(body["session"], body["held"], body["tokens"]) for body in calls] == [
+        (record["session"], record["held"], record["sent_tokens"]) for record in sent]
+    wire_tokens = {token for body in calls for token in body["tokens"]}
+    audit_tokens = {token for record in sent for token in record["sent_tokens"]}
+    assert wire_tokens == audit_tokens
+    for record in sent:
+        assert record["sent_text"] == base.detokenize(record["sent_tokens"]).decode("utf-8", "replace")
+    # Every sent call has an outcome record.
+    outcomes = {record["egress_id"] for record in read_records(run.audit_path)
+                if record["kind"] == "outcome"}
+    assert {record["id"] for record in sent} <= outcomes
+
+
+def test_the_private_passage_tokens_never_start_a_wire_sequence(
+    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+) -> None:
+    """Token level: the first call of each answer carries the prompt with the placeholder."""
+    from client.policy import Policy
+    from client.usage import UsageStore
+
+    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, mode="redact_private")
+    viewer = Policy(PolicySettings(), tokenizer=base, usage=UsageStore(tmp_path / "viewer.db"))
+    first_calls = {}
+    for body in continue_calls(run):
+        first_calls.setdefault(body["session"], body["tokens"])
+    prompts = []
+    for line in corpus_slice(toy_pair):
+        tokens = list(base.tokenize("", add_bos=True))
+        mask = [False] * len(tokens)
+        for segment in plain_prompt([line["passage"]], line["question"]):
+            ids = base.tokenize(segment.text, special=not segment.private)
+            tokens += ids
+            mask += [segment.private] * len(ids)
+        passage_ids = base.tokenize(line["passage"])
+        prompts.append((viewer.remote_view(tokens, mask), passage_ids))
+    assert len(first_calls) == EXAMPLES
+    for (view, passage_ids), first in zip(prompts, first_calls.values(), strict=True):
+        assert first[:len(view)] == view
+        assert not _contains(first, passage_ids)
+
+
+def _contains(sequence: list[int], part: list[int]) -> bool:
+    return any(sequence[i:i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
+
+
+def test_dry_run_sends_nothing_but_audits_every_decision(
+    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+) -> None:
+    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, dry_run=True)
+    assert run.proxy.requests() == []
+    egress = [record for record in read_records(run.audit_path) if record["kind"] == "egress"]
+    assert egress and all(not record["sent"] and record["decision"]["reason"] == "dry_run"
+                          for record in egress)
+    assert all(record["dry_run_tokens"] for record in egress)
+    denied = [token for answer in run.answers for token in answer.tokens
+              if token.provenance == "denied"]
+    assert len(denied) >= len(egress)
+    assert verify(run.audit_path, key=AUDIT_KEY).records == len(egress)
+
+
+def test_a_per_request_cap_stops_egress_on_the_wire(
+    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+) -> None:
+    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, per_request_calls=1)
+    calls = continue_calls(run)
+    assert len({body["session"] for body in calls}) == len(calls)  # one call per answer at most
+    reasons = {record["decision"]["reason"] for record in read_records(run.audit_path)
+               if record["kind"] == "egress"}
+    assert reasons == {"ok", "cap:per_request_calls"}
+
