@@ -99,7 +99,7 @@ class LlamaModel:
         self._seq_capacity = int(self._lib.llama_n_ctx_seq(self._context))
         self.bos_id = int(self._lib.llama_vocab_bos(self._vocab))
         self.eos_id = int(self._lib.llama_vocab_eos(self._vocab))
-        self._positions = [0] * n_seq_max
+        self._cached: list[list[int]] = [[] for _ in range(n_seq_max)]
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,7 +236,12 @@ class LlamaModel:
     def position(self, seq: int = 0) -> int:
         """How many tokens the KV cache of ``seq`` holds."""
         self._check_seq(seq)
-        return self._positions[seq]
+        return len(self._cached[seq])
+
+    def cached_tokens(self, seq: int = 0) -> list[int]:
+        """The tokens whose KV entries ``seq`` holds, in order (callers reuse shared prefixes)."""
+        self._check_seq(seq)
+        return list(self._cached[seq])
 
     def decode(self, tokens: Sequence[int], *, seq: int = 0, last_only: bool = False) -> DecodeOutput:
         """Append ``tokens`` after the current position of ``seq``; logits and hidden states.
@@ -268,7 +273,7 @@ class LlamaModel:
         bad = [int(token) for token in tokens if not 0 <= int(token) < self.vocab_size]
         if bad:
             raise ModelError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        needed = self._positions[seq] + len(tokens)
+        needed = len(self._cached[seq]) + len(tokens)
         if needed > self._seq_capacity:
             raise ContextOverflowError(
                 f"sequence of {needed} tokens does not fit the context window of "
@@ -278,7 +283,7 @@ class LlamaModel:
     def _decode_chunk(self, chunk: Sequence[int], seq: int, *, outputs: bool,
                       last_only: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
         batch = self._batch
-        first_position = self._positions[seq]
+        first_position = len(self._cached[seq])
         for index, token in enumerate(chunk):
             batch.token[index] = int(token)
             batch.pos[index] = first_position + index
@@ -296,7 +301,7 @@ class LlamaModel:
             # Failed or aborted ubatches may stay in memory; drop them to keep positions exact.
             self._remove_from(first_position, seq)
             raise ModelError(f"llama_decode failed with status {status}")
-        self._positions[seq] = first_position + len(chunk)
+        self._cached[seq].extend(int(token) for token in chunk)
         if not outputs:
             return [], []
         rows = [len(chunk) - 1] if last_only else list(range(len(chunk)))
@@ -318,10 +323,10 @@ class LlamaModel:
         with self._lock:
             self._require_open()
             self._check_seq(seq)
-            if not 0 <= to_position <= self._positions[seq]:
+            if not 0 <= to_position <= len(self._cached[seq]):
                 raise ModelError(
                     f"cannot roll back to {to_position}: sequence {seq} holds "
-                    f"{self._positions[seq]} tokens"
+                    f"{len(self._cached[seq])} tokens"
                 )
             self._remove_from(to_position, seq)
 
@@ -334,4 +339,4 @@ class LlamaModel:
         if not self._lib.llama_memory_seq_rm(memory, seq, to_position, -1):
             raise ModelError(f"llama.cpp could not remove KV entries of sequence {seq} "
                              f"from position {to_position}")
-        self._positions[seq] = to_position
+        del self._cached[seq][to_position:]

@@ -165,7 +165,6 @@ class CoDecoder:
         self.seq = seq
         self.threshold = self._resolve_threshold()
         self._lock = threading.Lock()
-        self._base_tokens: list[int] = []  # what the base's KV cache holds for `seq`
 
     def _resolve_threshold(self) -> float:
         if self.options.threshold is not None:
@@ -227,10 +226,7 @@ class CoDecoder:
 
     def _locked_run(self, answer: _Answer) -> Generator[GeneratedToken, None, DecodeResult]:
         with self._lock:
-            try:
-                return (yield from self._run(answer))
-            finally:
-                self._base_tokens = answer.tokens[:self.base.position(self.seq)]
+            return (yield from self._run(answer))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -252,9 +248,7 @@ class CoDecoder:
         return self._result(answer)
 
     def _prefill(self, prompt: list[int]) -> _Row:
-        shared = 0
-        if self.base.position(self.seq) == len(self._base_tokens):
-            shared = common_prefix_length(self._base_tokens, prompt)
+        shared = common_prefix_length(self.base.cached_tokens(self.seq), prompt)
         shared = min(shared, len(prompt) - 1)  # decode at least one token to get its outputs
         self.base.rollback(shared, seq=self.seq)
         output = self.base.decode(prompt[shared:], seq=self.seq, last_only=True)

@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 from pydantic import SecretStr, ValidationError
 
+from client.egress import common_prefix_length
 from client.errors import (
     CircuitOpenError,
     ConfigError,
@@ -91,7 +92,6 @@ class InProcessExpert:
     destination: str = "in-process"
     calls: list[ExpertCall] = field(default_factory=list)
     _sessions: dict[str, list[int]] = field(default_factory=dict)
-    _cached: list[int] = field(default_factory=list)  # what the KV cache of seq 0 holds
 
     def forget(self, session: str) -> None:
         """Drop a session, as a gateway does on eviction or restart."""
@@ -137,18 +137,10 @@ class InProcessExpert:
 
     def _logits_after(self, sequence: list[int]) -> np.ndarray:
         """Logits for the token after ``sequence``, reusing the KV cache where it agrees."""
-        if self.base.position() != len(self._cached):
-            self._cached = []  # someone else used the model since: trust nothing
-        shared = 0
-        for cached, wanted in zip(self._cached, sequence, strict=False):
-            if cached != wanted:
-                break
-            shared += 1
+        shared = common_prefix_length(self.base.cached_tokens(), sequence)
         shared = min(shared, len(sequence) - 1)  # always decode at least one token for logits
         self.base.rollback(shared)
-        self._cached = self._cached[:shared]
         output = self.base.decode(sequence[shared:], last_only=True)
-        self._cached = list(sequence)
         return np.asarray(output.logits[-1])
 
 

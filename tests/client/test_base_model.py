@@ -87,6 +87,7 @@ def test_rollback_gives_the_logits_of_a_fresh_context(base: LlamaModel, toy_pair
     base.decode(span)
     base.rollback(len(prompt) + 2)
     assert base.position() == len(prompt) + 2
+    assert base.cached_tokens() == prompt + span[:2]
     after_rollback = base.decode(base.tokenize("7")).logits[-1]
     with LlamaModel(toy_pair.base_gguf, n_ctx=128) as fresh:
         expected = fresh.decode(prompt + span[:2] + base.tokenize("7")).logits[-1]

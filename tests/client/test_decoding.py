@@ -56,6 +56,9 @@ class TinyLM:
     def position(self, seq: int = 0) -> int:
         return len(self.cache)
 
+    def cached_tokens(self, seq: int = 0) -> list[int]:
+        return list(self.cache)
+
     def rollback(self, to_position: int, *, seq: int = 0) -> None:
         assert 0 <= to_position <= len(self.cache)
         del self.cache[to_position:]
