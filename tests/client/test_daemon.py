@@ -442,3 +442,96 @@ def test_the_model_queue_takes_turns_between_clients() -> None:
         queue.put(Job("a", lambda: None))
     queue.close()
     assert [queue.take() is not None for _ in range(4)] == [True, True, True, False]
+
+
+# -- the toy pair end to end: trained head, real gateway, policy, audit -------------------------
+
+ToyDaemon = tuple[str, list[dict[str, str]], list[Path]]  # URL, demo questions, documents
+
+@pytest.fixture(scope="module")
+def toy_daemon(toy_pair: object,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToyDaemon]:
+    """The daemon on the toy pair with its trained head and a real gateway, documents ingested."""
+    from client.assistant import build_runtime
+    from client.cli_daemon import daemon_services
+    from client.settings import (
+        BaseModelSettings,
+        ClientSettings,
+        DaemonSettings,
+        ExpertSettings,
+        PolicySettings,
+        SwitchSettings,
+    )
+    from export.pipeline import ensure_toy_head, serve_gateway
+
+    root = tmp_path_factory.mktemp("toy-daemon")
+    head = ensure_toy_head(toy_pair)
+    with serve_gateway(toy_pair.expert_gguf) as gateway_url:  # type: ignore[attr-defined]
+        settings = ClientSettings(
+            base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf),  # type: ignore[attr-defined]
+            switch=SwitchSettings(path=head), expert=ExpertSettings(url=gateway_url),
+            daemon=DaemonSettings(data_dir=root))
+        policy = PolicySettings(usage_db=root / "usage.sqlite3", audit_log=root / "audit.jsonl")
+        runtime = build_runtime(settings, policy, base_path=toy_pair.base_gguf,  # type: ignore[attr-defined]
+                                switch_path=head, audit_key=SecretStr("toy-daemon-key"))
+        server = ServerThread(create_app(daemon_services(runtime, settings, api_key=None)))
+        url = server.start()
+        documents = sorted(Path(toy_pair.documents_dir).iterdir())  # type: ignore[attr-defined]
+        for path in documents:
+            httpx.post(f"{url}/v1/documents", files={"file": (path.name, path.read_bytes())})
+        questions = json.loads(Path(toy_pair.demo_questions_json).read_text())  # type: ignore[attr-defined]
+        try:
+            yield url, questions, documents
+        finally:
+            server.stop()
+
+
+@pytest.mark.slow
+def test_toy_answers_need_the_expert_and_keep_documents_private(
+        toy_daemon: ToyDaemon) -> None:
+    from client.cli_daemon import leaked_private_text
+
+    url, questions, documents = toy_daemon
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300) as client:
+        for demo in questions:
+            reply = client.chat.completions.create(
+                model="tandem-toy", messages=[{"role": "user", "content": demo["question"]}])
+            extra = reply.model_extra["tandem"]
+            assert demo["answer"].strip() in (reply.choices[0].message.content or ""), demo
+            assert extra["passages"][0]["document_name"] == demo["document"]
+            assert extra["provenance"]["expert"] >= 1 and extra["egress"]["calls"] >= 1
+            records = httpx.get(f"{url}/v1/egress/{reply.id}").json()["records"]
+            assert any(record.get("sent") for record in records)
+            assert leaked_private_text(records, documents, min_chars=12) == ""
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_toy_answers_are_all_correct(
+        toy_daemon: ToyDaemon) -> None:
+    url, questions, _ = toy_daemon
+    asked = [questions[index % len(questions)] for index in range(16)]
+
+    def ask(demo: dict[str, str]) -> str:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=600, json={
+            "model": "tandem-toy", "messages": [{"role": "user", "content": demo["question"]}]})
+        assert reply.status_code == 200, reply.text
+        return str(reply.json()["choices"][0]["message"]["content"])
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, asked))
+    for demo, answer in zip(asked, answers, strict=True):
+        assert demo["answer"].strip() in answer
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end(toy_pair: object, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+
+    code = main(["demo", "--no-wait", "--port", "0", "--data-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "check: answer is correct" in out and "answer is correct" in out
+    assert "check: no private document text left the machine: yes" in out
+    assert "what left the machine" in out and "sent:" in out
+    assert code == 0
+    assert (tmp_path / "demo" / "audit" / "audit.jsonl").exists()
