@@ -35,8 +35,9 @@ MAX_TOKENS = 24
 class CapturingProxy:
     """A TCP relay on 127.0.0.1 that keeps every byte each client connection sends upstream."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int], *, forward_requests: int | None = None) -> None:
         self.upstream = upstream
+        self.forward_requests = forward_requests  # then hold everything: a call that never returns
         self.sent: list[bytearray] = []  # one buffer per client connection
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -69,9 +70,18 @@ class CapturingProxy:
                 if record is not None:
                     with self._lock:
                         record += data
+                    if self._holding():
+                        continue
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def _holding(self) -> bool:
+        if self.forward_requests is None:
+            return False
+        with self._lock:
+            seen = sum(bytes(buffer).count(b"POST /v1/continue") for buffer in self.sent)
+        return seen > self.forward_requests
 
     def close(self) -> None:
         self._closing = True
@@ -83,13 +93,15 @@ class CapturingProxy:
             streams = [bytes(buffer) for buffer in self.sent]
         found = []
         for stream in streams:
-            while stream:
+            while b"\r\n\r\n" in stream:
                 head, _, rest = stream.partition(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 headers = {name.lower(): value.strip() for name, _, value in
                            (line.partition(":") for line in lines[1:])}
                 assert "chunked" not in headers.get("transfer-encoding", "")
                 length = int(headers.get("content-length", "0"))
+                if len(rest) < length:
+                    break  # a request still arriving
                 body, stream = rest[:length], rest[length:]
                 found.append((lines[0], json.loads(body) if body else {}))
         return found
@@ -150,18 +162,24 @@ def gateway(toy_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def switch(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def switch_path(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random linear head: defers at some positions and not others."""
-    from client.switch import BASE_FINGERPRINT_KEY, HIDDEN_SIZE_KEY, THRESHOLD_KEY, OnnxSwitch
+    from client.switch import BASE_FINGERPRINT_KEY, HIDDEN_SIZE_KEY, THRESHOLD_KEY
     from tests.client.test_switch import write_linear_head
 
     weights = np.random.default_rng(11).normal(size=base.hidden_size).astype(np.float32)
     weights *= 3.0 / np.sqrt(base.hidden_size)
-    path = write_linear_head(tmp_path_factory.mktemp("head") / "switch.onnx", weights, 0.0,
-                             metadata={HIDDEN_SIZE_KEY: str(base.hidden_size),
-                                       BASE_FINGERPRINT_KEY: base.fingerprint,
-                                       THRESHOLD_KEY: "0.5"})
-    return OnnxSwitch.for_base(Path(path), base)
+    return Path(write_linear_head(tmp_path_factory.mktemp("head") / "switch.onnx", weights, 0.0,
+                                  metadata={HIDDEN_SIZE_KEY: str(base.hidden_size),
+                                            BASE_FINGERPRINT_KEY: base.fingerprint,
+                                            THRESHOLD_KEY: "0.5"}))
+
+
+@pytest.fixture(scope="module")
+def switch(base: Any, switch_path: Path) -> Any:
+    from client.switch import OnnxSwitch
+
+    return OnnxSwitch.for_base(switch_path, base)
 
 
 def corpus_slice(toy_pair: Any) -> list[dict[str, Any]]:
@@ -304,3 +322,70 @@ def test_a_per_request_cap_stops_egress_on_the_wire(
                if record["kind"] == "egress"}
     assert reasons == {"ok", "cap:per_request_calls"}
 
+
+
+_CLIENT_SCRIPT = """
+import json, sys
+from pathlib import Path
+from pydantic import SecretStr
+from client.audit import AuditLog
+from client.base_model import LlamaModel
+from client.decoding import CoDecoder, DecodingOptions
+from client.expert import HttpExpert
+from client.policy import Policy
+from client.prompting import plain_prompt
+from client.settings import PolicySettings
+from client.switch import OnnxSwitch
+
+setup = json.loads(sys.argv[1])
+base = LlamaModel(setup["base"], n_ctx=1024)
+settings = PolicySettings(usage_db=Path(setup["dir"]) / "usage.sqlite3")
+decoder = CoDecoder(
+    base=base, switch=OnnxSwitch.for_base(Path(setup["switch"]), base),
+    expert=HttpExpert(setup["url"], model=setup["model"], tokenizer=base.fingerprint,
+                      token=SecretStr(setup["key"]), retries=0, timeout_s=600),
+    policy=Policy.from_settings(settings, tokenizer=base),
+    audit=AuditLog(Path(setup["audit"]), key=setup["audit_key"].encode()),
+    options=DecodingOptions(threshold=0.5, lookahead=4, max_tokens=setup["max_tokens"]))
+for index, line in enumerate(setup["lines"]):
+    decoder.generate(plain_prompt([line["passage"]], line["question"]), request_id=f"kill-{index}")
+"""
+
+
+def test_kill_9_mid_call_leaves_a_verifiable_log_ending_in_the_call_on_the_wire(
+    tmp_path: Path, toy_pair: Any, switch_path: Path, gateway: Gateway
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proxy = CapturingProxy(gateway.address, forward_requests=3)
+    audit_path = tmp_path / "audit.jsonl"
+    setup = {"base": str(toy_pair.base_gguf), "switch": str(switch_path), "dir": str(tmp_path),
+             "url": f"http://127.0.0.1:{proxy.port}", "model": gateway.model, "key": gateway.key,
+             "audit": str(audit_path), "audit_key": AUDIT_KEY.decode(),
+             "lines": corpus_slice(toy_pair), "max_tokens": MAX_TOKENS}
+    client = subprocess.Popen([sys.executable, "-c", _CLIENT_SCRIPT, json.dumps(setup)],
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while len(proxy.requests()) < 4:  # the fourth call is on the wire and never answered
+            assert client.poll() is None, "the client exited before its fourth call"
+            assert time.monotonic() < deadline, "the client made fewer than four calls"
+            time.sleep(0.05)
+        os.kill(client.pid, signal.SIGKILL)
+        client.wait(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(timeout=30)
+        proxy.close()
+    verify(audit_path, key=AUDIT_KEY)
+    records = list(read_records(audit_path))
+    last = records[-1]
+    assert last["kind"] == "egress" and last["sent"]
+    assert not any(record.get("egress_id") == last["id"] for record in records)
+    in_flight = proxy.requests()[3][1]
+    assert (last["session"], last["held"], last["sent_tokens"]) == (
+        in_flight["session"], in_flight["held"], in_flight["tokens"])
