@@ -129,10 +129,10 @@ def load_runtime(settings: ClientSettings, policy: PolicySettings) -> Runtime:
                          audit_key=audit_key(), gateway_token=gateway_token())
 
 
-def daemon_services(runtime: Runtime, settings: ClientSettings, *,
-                    api_key: SecretStr | None) -> Any:
+def daemon_services(runtime: Runtime, settings: ClientSettings, *, api_key: SecretStr | None,
+                    host: str = "127.0.0.1") -> Any:
     from client.assistant import audit_records
-    from client.daemon import DaemonServices
+    from client.daemon import LOOPBACK_HOSTS, DaemonServices
 
     daemon = settings.daemon
     return DaemonServices(
@@ -140,6 +140,7 @@ def daemon_services(runtime: Runtime, settings: ClientSettings, *,
         egress_reader=lambda request_id: audit_records(runtime.audit_path, request_id),
         api_key=api_key, max_upload_bytes=daemon.max_upload_bytes, max_queue=daemon.max_queue,
         max_queue_per_client=daemon.max_queue_per_client,
+        trusted_hosts=LOOPBACK_HOSTS if is_loopback(host) else None,
         default_max_tokens=settings.decoding.max_tokens,
         default_temperature=settings.decoding.temperature, on_close=[runtime.close])
 
@@ -178,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     port = settings.daemon.port if args.port is None else args.port
     api_key = api_key_for(host)  # before loading anything: refuse early
     runtime = load_runtime(settings, policy)
-    app = create_app(daemon_services(runtime, settings, api_key=api_key))
+    app = create_app(daemon_services(runtime, settings, api_key=api_key, host=host))
     print(f"tandem: serving {runtime.model_name} on http://{host}:{port}/", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

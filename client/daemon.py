@@ -56,6 +56,8 @@ from client.openai_api import (
 logger = logging.getLogger(__name__)
 
 EgressReader = Callable[[str], list[dict[str, Any]]]
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_MAX_JSON_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -70,6 +72,7 @@ class DaemonServices:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_queue: int = 64
     max_queue_per_client: int = 16
+    trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host header
     default_max_tokens: int = 128
     default_temperature: float = 0.0
     on_close: list[Callable[[], None]] = field(default_factory=list)
@@ -229,23 +232,49 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_middleware(app: FastAPI, daemon: Daemon) -> None:
-    api_key = daemon.services.api_key
+    services = daemon.services
 
     @app.middleware("http")
-    async def authenticate_and_count(request: Request, call_next: Any) -> Any:
+    async def guard_and_count(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
-        if api_key is not None and request.url.path.startswith(("/v1/", "/metrics")):
-            offered = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key.get_secret_value()}"
-            if not hmac.compare_digest(offered.encode(), expected.encode()):
-                return error_response(ApiError(
-                    401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                    error_type="authentication_error"))
-        response = await call_next(request)
+        refusal = _refusal(request, services)
+        response = error_response(refusal) if refusal else await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         daemon.metrics.record_request(path, response.status_code, time.perf_counter() - started)
         return response
+
+
+def _refusal(request: Request, services: DaemonServices) -> ApiError | None:
+    """Why a request is refused before routing: foreign Host or Origin, API key, body size."""
+    host = request.headers.get("host", "")
+    if services.trusted_hosts is not None and _hostname(host) not in services.trusted_hosts:
+        # A loopback daemon answers only to loopback names: this defeats DNS rebinding.
+        return ApiError(403, f"host {host!r} is not served here", error_type="forbidden")
+    origin = request.headers.get("origin")
+    if origin is not None and request.method not in ("GET", "HEAD", "OPTIONS") \
+            and origin.split("://", 1)[-1] != host:
+        # Web pages elsewhere may not upload, delete or ask on the user's behalf.
+        return ApiError(403, f"cross-origin request from {origin} refused", error_type="forbidden")
+    api_key = services.api_key
+    if api_key is not None and request.url.path.startswith(("/v1/", "/metrics")):
+        offered = request.headers.get("authorization", "")
+        expected = f"Bearer {api_key.get_secret_value()}"
+        if not hmac.compare_digest(offered.encode(), expected.encode()):
+            return ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                            error_type="authentication_error")
+    declared = request.headers.get("content-length", "")
+    if request.url.path.endswith("completions") and declared.isdigit() \
+            and int(declared) > _MAX_JSON_BYTES:
+        return ApiError(413, f"the request body is larger than {_MAX_JSON_BYTES} bytes",
+                        error_type="too_large")
+    return None
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if ":" in host else host
 
 
 def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:

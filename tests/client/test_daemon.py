@@ -535,3 +535,19 @@ def test_demo_command_end_to_end(toy_pair: object, tmp_path: Path,
     assert "what left the machine" in out and "sent:" in out
     assert code == 0
     assert (tmp_path / "demo" / "audit" / "audit.jsonl").exists()
+
+
+def test_foreign_hosts_and_cross_origin_writes_are_refused(daemon_url: str) -> None:
+    port = daemon_url.rsplit(":", 1)[1]
+    rebound = httpx.get(f"{daemon_url}/v1/documents", headers={"host": f"evil.example:{port}"})
+    assert rebound.status_code == 403 and "not served here" in rebound.json()["error"]["message"]
+    assert httpx.get(f"{daemon_url}/health", headers={"host": f"localhost:{port}"}).status_code == 200
+    forged = httpx.post(f"{daemon_url}/v1/documents", headers={"origin": "http://evil.example"},
+                        files={"file": ("x.txt", b"planted text")})
+    assert forged.status_code == 403 and "cross-origin" in forged.json()["error"]["message"]
+    same = httpx.post(f"{daemon_url}/v1/documents", headers={"origin": f"http://127.0.0.1:{port}"},
+                      files={"file": ("x.txt", b"fine text")})
+    assert same.status_code == 201
+    huge = httpx.post(f"{daemon_url}/v1/chat/completions", content=b" " * (9 * 1024 * 1024),
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413
