@@ -551,3 +551,13 @@ def test_foreign_hosts_and_cross_origin_writes_are_refused(daemon_url: str) -> N
     huge = httpx.post(f"{daemon_url}/v1/chat/completions", content=b" " * (9 * 1024 * 1024),
                       headers={"content-type": "application/json"})
     assert huge.status_code == 413
+
+
+def test_importing_the_daemon_loads_no_model_runtime() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys, client.daemon, client.cli_daemon, client.assistant; "
+             "print([m for m in ('torch', 'llama_cpp', 'onnxruntime', 'export') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
