@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -150,27 +151,26 @@ class Daemon:
             self.metrics.record_answer(answer)
             run.emit(answer)
 
-        queued = self.worker.submit(client, job)
-        run.cancelled = queued.cancelled
+        self.worker.submit(client, job, cancelled=run.cancelled)
         return run
 
     def question(self, body: GenerationBody, *, messages: list[ChatTurn] | None = None,
                  prompt: str | None = None, max_tokens: int | None = None) -> Question:
+        """The question a request asks; chats search the documents by default, raw prompts not."""
         services = self.services
-        retrieve = body.tandem.retrieve if body.tandem and body.tandem.retrieve is not None else (
-            prompt is None)
+        retrieve = prompt is None
+        if body.tandem is not None and body.tandem.retrieve is not None:
+            retrieve = body.tandem.retrieve
+        temperature = body.temperature
         return Question(
             messages=messages or [], prompt=prompt,
             max_tokens=max_tokens or body.max_tokens or services.default_max_tokens,
-            temperature=services.default_temperature if body.temperature is None
-            else body.temperature,
+            temperature=services.default_temperature if temperature is None else temperature,
             seed=body.seed, stop=body.stops(), retrieve=retrieve,
         )
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
-    import json
-
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 

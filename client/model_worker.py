@@ -107,9 +107,13 @@ class ModelWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, client: str, run: Callable[[], None]) -> Job:
-        """Queue ``run`` for ``client``; raises QueueFullError at once when there is no room."""
-        job = Job(client=client, run=run)
+    def submit(self, client: str, run: Callable[[], None], *,
+               cancelled: threading.Event | None = None) -> Job:
+        """Queue ``run`` for ``client``; raises QueueFullError at once when there is no room.
+
+        A job whose ``cancelled`` event is set before its turn is skipped.
+        """
+        job = Job(client=client, run=run, cancelled=cancelled or threading.Event())
         self.queue.put(job)
         return job
 
