@@ -39,6 +39,7 @@ from client.errors import AuditError, AuditVerifyError
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
 _TAIL_CHUNK = 64 * 1024
+_REMEMBERED_CALLS = 4096
 _REQUIRED = ("v", "seq", "id", "kind", "time", "key_id", "prev", "hmac")
 
 
@@ -145,6 +146,8 @@ class AuditLog:
             body["dry_run_text"] = record.sent_text
         egress_id = self._append(body)
         with self._lock:
+            if len(self._requests) >= _REMEMBERED_CALLS:  # calls whose outcome never came
+                del self._requests[next(iter(self._requests))]
             self._requests[egress_id] = record.request_id
         return egress_id
 

@@ -42,6 +42,7 @@ class CapturingProxy:
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
         self._closing = False
         self.port = self._listener.getsockname()[1]
         self._start(self._accept_loop)
@@ -60,6 +61,7 @@ class CapturingProxy:
             upstream = socket.create_connection(self.upstream)
             buffer = bytearray()
             with self._lock:
+                self._sockets += [client, upstream]
                 self.sent.append(buffer)
             self._start(self._pump, client, upstream, buffer)
             self._start(self._pump, upstream, client, None)
@@ -86,6 +88,14 @@ class CapturingProxy:
     def close(self) -> None:
         self._closing = True
         self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for connection in sockets:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def requests(self) -> list[tuple[str, dict[str, Any]]]:
         """Every HTTP request seen: (request line, JSON body or {})."""
