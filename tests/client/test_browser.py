@@ -9,12 +9,16 @@ import pytest
 
 from client.daemon import ServerThread, create_app
 from tests.client.daemon_fakes import FakeDecoder, fake_services
+from tests.client import test_daemon
+from tests.client.test_daemon import ToyDaemon
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
+
+toy_daemon = test_daemon.toy_daemon  # the toy stack fixture, shared with the daemon tests
 
 pytestmark = [
     pytest.mark.browser,
@@ -87,3 +91,33 @@ def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) 
         finally:
             browser.close()
     assert (tmp_path / "tandem-page.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_real_toy_answer_in_the_browser(toy_daemon: ToyDaemon, tmp_path: Path) -> None:
+    """The toy pair behind the page: the expert's digits are highlighted, the panel is the audit log."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, questions, documents = toy_daemon
+    demo = questions[0]
+    document = next(path for path in documents if path.name == demo["document"])
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url)
+            page.set_input_files("#file", str(document))
+            expect(page.locator("#doc-list li .name", has_text=document.name).first).to_be_visible()
+            page.fill("#question", demo["question"])
+            page.click("#send")
+            answer = page.locator(".msg.assistant").last
+            expect(answer.locator(".stats")).to_be_visible(timeout=300_000)
+            expect(answer).to_contain_text(demo["answer"].strip())
+            assert answer.locator(".tok.expert").count() >= 1
+            records = page.locator("#egress li.egress-record")
+            expect(records.first).to_contain_text("SENT")
+            sent_text = " ".join(records.locator("code").all_inner_texts())
+            assert document.read_text().strip() not in sent_text
+            page.screenshot(path=str(tmp_path / "tandem-toy-page.png"), full_page=True)
+        finally:
+            browser.close()
