@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from client.daemon import ServerThread, create_app
-from tests.client.daemon_fakes import FakeDecoder, fake_services
 from tests.client import test_daemon
+from tests.client.daemon_fakes import FakeDecoder, fake_services
 from tests.client.test_daemon import ToyDaemon
 
 CHROMIUM = Path("/usr/bin/chromium")
