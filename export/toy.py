@@ -1,0 +1,307 @@
+"""The deterministic toy base/expert pair: tiny llama models trained with torch, written as GGUF.
+
+- base: trained on the whole document/question/answer format, but the result after ``=`` in its
+  training answers is a random number of plausible length. It stands for a small model that
+  reads the passage, copies the operands and writes the sentence, but cannot add.
+- expert: trained only on ``a+b=c`` after unrelated prefixes (random characters and words,
+  ``[private]``, fragments of other expressions, or nothing). It adds well anywhere in a long
+  prefix but never saw the answer format.
+
+``ensure_toy_pair()`` builds once per version of this code and caches the result under
+``$XDG_CACHE_HOME/tandem/toy/<code hash>``; concurrent callers wait on a file lock, and the build
+happens in a temporary directory renamed into place, so nobody sees half a pair.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from export import toy_data
+from export.gguf_writer import (
+    LlamaHyperparameters,
+    Vocabulary,
+    default_vocabulary,
+    vocabulary_from_gguf,
+    write_llama_gguf,
+)
+
+CODE_FILES = ("toy.py", "toy_model.py", "toy_data.py", "gguf_writer.py", "toy_eval.py")
+DIGITS = "0123456789"
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    """Model sizes, training lengths and corpus sizes; tests shrink them for speed."""
+
+    width: int = 64
+    blocks: int = 2
+    heads: int = 4
+    ffn: int = 192
+    context_length: int = 512
+    base_steps: int = 600
+    expert_steps: int = 1200
+    base_batch: int = 32
+    expert_batch: int = 12
+    expert_sequence_length: int = 256
+    learning_rate: float = 5e-3
+    train_examples: int = 2000
+    validation_examples: int = 300
+    test_examples: int = 300
+    eval_examples: int = 300
+    llama_cpp_check: bool = True
+
+    def hparams(self) -> LlamaHyperparameters:
+        return LlamaHyperparameters(
+            context_length=self.context_length, embedding_length=self.width,
+            block_count=self.blocks, feed_forward_length=self.ffn, head_count=self.heads,
+            head_count_kv=self.heads,
+        )
+
+
+@dataclass(frozen=True)
+class ToyPair:
+    """Paths of a built pair and its report (the targets table and build facts)."""
+
+    root: Path
+    base_gguf: Path
+    expert_gguf: Path
+    train_jsonl: Path
+    validation_jsonl: Path
+    test_jsonl: Path
+    documents_dir: Path
+    demo_questions_json: Path
+    report: dict[str, Any] = field(compare=False)
+
+    @classmethod
+    def at(cls, root: Path) -> ToyPair:
+        report = json.loads((root / "report.json").read_text(encoding="utf-8"))
+        return cls(
+            root=root, base_gguf=root / "base.gguf", expert_gguf=root / "expert.gguf",
+            train_jsonl=root / "train.jsonl", validation_jsonl=root / "validation.jsonl",
+            test_jsonl=root / "test.jsonl", documents_dir=root / "documents",
+            demo_questions_json=root / "demo_questions.json", report=report,
+        )
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """The default vocabulary: a token per byte, id == byte value."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class LlamaCppTokenizer:
+    """Tokenize with llama.cpp itself, for a vocabulary taken from another GGUF."""
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp
+
+        self._llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    head_length: int  # answer tokens up to and including "="; the rest is result, ".", EOS
+
+
+def encode_prompt(tokenizer: Tokenizer, passage: str, question: str) -> list[int]:
+    """Each prompt segment tokenized on its own and concatenated, as the client does."""
+    from client.prompting import plain_prompt
+
+    return [tok for seg in plain_prompt([passage], question) for tok in tokenizer.encode(seg.text)]
+
+
+def tokenize_example(
+    tokenizer: Tokenizer, vocabulary: Vocabulary, example: toy_data.Example, answer: str
+) -> TokenizedExample:
+    head, tail = answer[: answer.rindex("=") + 1], answer[answer.rindex("=") + 1 :]
+    head_ids = tokenizer.encode(head)
+    prompt_ids = [vocabulary.bos_id, *encode_prompt(tokenizer, example.passage, example.question)]
+    answer_ids = [*head_ids, *tokenizer.encode(tail), vocabulary.eos_id]
+    return TokenizedExample(prompt_ids, answer_ids, len(head_ids))
+
+
+def base_batches(
+    tokenizer: Tokenizer, vocabulary: Vocabulary, examples: Sequence[toy_data.Example],
+    batch_size: int, seed: int,
+) -> Any:
+    """Batches of full examples with random results; loss mostly on the answer."""
+    rng = random.Random(f"base-batches-{seed}")
+    encoded = [
+        tokenize_example(tokenizer, vocabulary, ex, toy_data.base_training_answer(ex, rng))
+        for ex in examples
+    ]
+
+    def make_batch(step: int) -> tuple[list[list[int]], list[list[float]]]:
+        ids, weights = [], []
+        for item in (rng.choice(encoded) for _ in range(batch_size)):
+            # A fresh random result each time a line is reused: the value is never learnable.
+            tail = [*tokenizer.encode(str(rng.randint(20, 198)) + "."), vocabulary.eos_id]
+            answer_ids = item.answer_ids[: item.head_length] + tail
+            ids.append(item.prompt_ids + answer_ids)
+            weights.append([0.1] * (len(item.prompt_ids) - 1) + [1.0] * len(answer_ids))
+        return ids, weights
+
+    return make_batch
+
+
+def expert_batches(
+    tokenizer: Tokenizer, vocabulary: Vocabulary, pairs: Sequence[tuple[int, int]],
+    batch_size: int, sequence_length: int, seed: int,
+) -> Any:
+    """Packed rows of unrelated prefixes and expressions; loss on results and what ends them."""
+    rng = random.Random(f"expert-batches-{seed}")
+
+    def make_row() -> tuple[list[int], list[float]]:
+        ids, target_weights = [vocabulary.bos_id], [0.0]
+        while len(ids) < sequence_length:
+            max_chars = rng.choice((0, 0, 6, 12, 24, 40, 80, 150))
+            prefix = tokenizer.encode(toy_data.junk_prefix(rng, pairs, max_chars))
+            a, b = rng.choice(pairs)
+            question = tokenizer.encode(f"{a}+{b}=")
+            result = tokenizer.encode(str(a + b) + rng.choice(toy_data.EXPRESSION_ENDINGS[:-1]))
+            ids += prefix + question + result
+            target_weights += [0.0] * (len(prefix) + len(question)) + [1.0] * len(result)
+        return ids[:sequence_length], target_weights[1:sequence_length]
+
+    def make_batch(step: int) -> tuple[list[list[int]], list[list[float]]]:
+        rows = [make_row() for _ in range(batch_size)]
+        return [row[0] for row in rows], [row[1] for row in rows]
+
+    return make_batch
+
+
+def code_hash() -> str:
+    """Hash of the toy build's code and the versions that shape its bytes."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    digest.update((here.parent / "client" / "prompting.py").read_bytes())
+    for package in ("torch", "gguf", "numpy"):
+        try:
+            digest.update(f"{package}={importlib.metadata.version(package)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{package}=missing".encode())
+    return digest.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tandem" / "toy"
+
+
+def ensure_toy_pair(cache_dir: Path | None = None) -> ToyPair:
+    """The cached default pair, built on first use (one builder at a time across processes)."""
+    root_parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root_parent.mkdir(parents=True, exist_ok=True)
+    final = root_parent / code_hash()
+    if (final / "report.json").exists():
+        return ToyPair.at(final)
+    with open(root_parent / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "report.json").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=root_parent))
+            try:
+                build_toy_pair(staging)
+                os.rename(staging, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return ToyPair.at(final)
+
+
+def build_toy_pair(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    vocab_from: Path | None = None,
+    options: ToyOptions | None = None,
+    **overrides: Any,
+) -> ToyPair:
+    """Write corpora, documents, both GGUFs and report.json into ``out_dir``."""
+    from export import toy_eval, toy_model
+
+    started = time.monotonic()
+    options = replace(options or ToyOptions(), **overrides)
+    torch = toy_model.import_torch()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocabulary = vocabulary_from_gguf(vocab_from) if vocab_from else default_vocabulary()
+    tokenizer: Tokenizer = LlamaCppTokenizer(vocab_from) if vocab_from else ByteTokenizer()
+    train_pairs, held_out_pairs = toy_data.operand_split(seed)
+    corpus_rng = random.Random(f"corpus-{seed}")
+    splits = {
+        "train": toy_data.make_examples(corpus_rng, train_pairs, options.train_examples),
+        "validation": toy_data.make_examples(corpus_rng, held_out_pairs, options.validation_examples),
+        "test": toy_data.make_examples(corpus_rng, held_out_pairs, options.test_examples),
+    }
+    for split, examples in splits.items():
+        toy_data.write_jsonl(out_dir / f"{split}.jsonl", examples)
+    questions = toy_data.write_sample_documents(out_dir / "documents")
+    (out_dir / "demo_questions.json").write_text(json.dumps(questions, indent=2) + "\n")
+
+    hparams = options.hparams()
+    timings = {}
+    models = {}
+    for role, steps, make_batch in (
+        ("base", options.base_steps,
+         base_batches(tokenizer, vocabulary, splits["train"], options.base_batch, seed)),
+        ("expert", options.expert_steps,
+         expert_batches(tokenizer, vocabulary, train_pairs, options.expert_batch,
+                        options.expert_sequence_length, seed)),
+    ):
+        role_started = time.monotonic()
+        torch.manual_seed(seed)
+        parameters = toy_model.init_parameters(hparams, vocabulary.size, seed + (role == "expert"))
+        schedule = toy_model.TrainingSchedule(
+            steps=steps, batch_size=options.base_batch, learning_rate=options.learning_rate
+        )
+        losses = toy_model.train(parameters, hparams, schedule, make_batch, pad_id=vocabulary.eos_id)
+        models[role] = parameters
+        write_llama_gguf(
+            out_dir / f"{role}.gguf", hparams=hparams, tensors=toy_model.to_numpy(parameters),
+            vocabulary=vocabulary, name=f"tandem-toy-{role}",
+        )
+        timings[f"{role}_train_s"] = round(time.monotonic() - role_started, 1)
+        timings[f"{role}_final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)
+
+    eval_started = time.monotonic()
+    metrics = toy_eval.evaluate_pair(
+        models["base"], models["expert"], hparams, tokenizer=tokenizer, vocabulary=vocabulary,
+        test=splits["test"][: options.eval_examples], held_out_pairs=held_out_pairs, seed=seed,
+    )
+    if options.llama_cpp_check:
+        metrics["llama_cpp_greedy_match"] = toy_eval.llama_cpp_spot_check(
+            out_dir, models, hparams, tokenizer=tokenizer, vocabulary=vocabulary,
+            examples=splits["test"][:2],
+        )
+    timings["eval_s"] = round(time.monotonic() - eval_started, 1)
+    timings["build_s"] = round(time.monotonic() - started, 1)
+    report = {
+        "seed": seed, "vocab_from": str(vocab_from) if vocab_from else None,
+        "options": asdict(options), "vocab_size": vocabulary.size, "metrics": metrics,
+        "timings": timings, "targets": toy_eval.targets_table(metrics, timings["build_s"]),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return ToyPair.at(out_dir)
