@@ -94,6 +94,7 @@ def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_real_toy_answer_in_the_browser(toy_daemon: ToyDaemon, tmp_path: Path) -> None:
     """The toy pair behind the page: the expert's digits are highlighted, the panel is the audit log."""
     from playwright.sync_api import expect, sync_playwright

@@ -487,6 +487,7 @@ def toy_daemon(toy_pair: object,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first use may build the toy pair and train its head
 def test_toy_answers_need_the_expert_and_keep_documents_private(
         toy_daemon: ToyDaemon) -> None:
     from client.cli_daemon import leaked_private_text
@@ -506,6 +507,7 @@ def test_toy_answers_need_the_expert_and_keep_documents_private(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_sixteen_concurrent_toy_answers_are_all_correct(
         toy_daemon: ToyDaemon) -> None:
     url, questions, _ = toy_daemon
@@ -524,6 +526,7 @@ def test_sixteen_concurrent_toy_answers_are_all_correct(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_command_end_to_end(toy_pair: object, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     from client.cli import main
