@@ -5,8 +5,9 @@
 1. Hidden tokens: private spans (unless mode is ``full``); public text that repeats
    ``taint_min_chars`` characters of a private span (the answer copying a passage); public text
    that repeats ``sensitive_min_chars`` letters or digits of a deny-pattern match inside a private
-   span. The last rule is what stops an IBAN being copied digit by digit: each piece is hidden
-   long before the whole number exists, so no prefix of it reaches the wire either.
+   span. The last rule is what stops an IBAN being copied digit by digit: every piece of
+   ``sensitive_min_chars`` is hidden long before the whole number exists, so at most
+   ``sensitive_min_chars - 1`` of its characters can ever reach the wire.
 2. In ``window`` mode only the last ``window_tokens`` local tokens count; the window start moves
    in steps of a quarter window so the gateway can reuse its cache between steps.
 3. Each run of hidden tokens becomes the placeholder's tokens.
