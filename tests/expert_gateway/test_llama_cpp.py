@@ -34,6 +34,15 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+def _direct_logits(backend: LlamaCppBackend, tokens: list[int]) -> np.ndarray:
+    """Logits of a plain forward pass on the scoring sequence, leaving it empty."""
+    backend._model.reset(seq=0)
+    logits = backend._model.decode(tokens, seq=0).logits
+    backend._model.reset(seq=0)
+    backend._cached[0] = []
+    return logits
+
+
 def test_models_lists_the_expert(real_gateway: Gateway, llama_backend: LlamaCppBackend) -> None:
     with real_gateway.client() as client:
         models = client.get("/v1/models").json()
@@ -83,7 +92,7 @@ def test_session_reuse_prefills_only_new_tokens_and_matches_a_fresh_call(
 def test_eight_concurrent_sessions_equal_sequential(real_gateway: Gateway,
                                                     llama_backend: LlamaCppBackend) -> None:
     info = llama_backend.info
-    bodies = [_body(info, session=f"c{index}", tokens=_prompt(info, index + 1), max_tokens=3)
+    bodies = [_body(info, session=f"c{index}", tokens=_prompt(info, index + 1), max_tokens=2)
               for index in range(8)]
     with real_gateway.client() as client:
         sequential = [client.post("/v1/continue", json=body).json()["tokens"] for body in bodies]
@@ -108,18 +117,14 @@ def test_sampling_uses_the_positional_uniform(llama_backend: LlamaCppBackend) ->
     prompt = _prompt(llama_backend.info, 9)
     token = llama_backend.continue_("pos", prompt, options=ContinueOptions(
         max_tokens=1, temperature=0.8, seed=3)).tokens[0]
-    logits = llama_backend._model.decode(prompt, seq=0).logits[-1]
-    llama_backend._model.reset(seq=0)
-    llama_backend._cached[0] = []
+    logits = _direct_logits(llama_backend, prompt)[-1]
     assert token == sample_from_logits(logits, temperature=0.8, seed=3, position=len(prompt))
 
 
 def test_score_matches_a_direct_forward_pass(llama_backend: LlamaCppBackend) -> None:
     tokens = _prompt(llama_backend.info, 2) + _prompt(llama_backend.info, 3)
     result = llama_backend.score([ScoreSequence(tokens=tokens, start=3)])[0]
-    logits = llama_backend._model.decode(tokens[:-1], seq=0).logits
-    llama_backend._model.reset(seq=0)
-    llama_backend._cached[0] = []
+    logits = _direct_logits(llama_backend, tokens[:-1])
     expected = log_softmax(logits.astype(np.float64))[np.arange(2, len(tokens) - 1), tokens[3:]]
     np.testing.assert_allclose(result.logprobs, expected, atol=1e-4)
     assert result.argmax == [int(value) for value in logits[2:].argmax(axis=-1)]
