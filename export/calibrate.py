@@ -61,7 +61,7 @@ class SweepPoint:
 
     threshold: float
     target_rate: float | None
-    accuracy: float
+    accuracy: float | None  # None: chosen by quantile alone, no decoding measured it
     deferred_fraction: float
     remote_calls: int
     tokens_sent: int
@@ -93,7 +93,7 @@ def pick(points: Sequence[SweepPoint], *, rule: PickRule = "accuracy",
     allowed = [p for p in points if max_deferral is None or p.deferred_fraction <= max_deferral + 1e-12]
     if not allowed:
         raise CalibrationError(f"no swept threshold defers at most {max_deferral:.1%} of tokens")
-    return min(allowed, key=lambda p: (-p.accuracy, p.deferred_fraction, -p.threshold))
+    return min(allowed, key=lambda p: (-(p.accuracy or 0.0), p.deferred_fraction, -p.threshold))
 
 
 def plot(points: Sequence[SweepPoint], png: Path, *, base_accuracy: float | None,
@@ -106,7 +106,7 @@ def plot(points: Sequence[SweepPoint], png: Path, *, base_accuracy: float | None
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     xs = [100 * p.deferred_fraction for p in points]
-    axes.plot(xs, [100 * p.accuracy for p in points], marker="o", label="Co-LLM")
+    axes.plot(xs, [100 * (p.accuracy or 0.0) for p in points], marker="o", label="Co-LLM")
     if base_accuracy is not None:
         axes.axhline(100 * base_accuracy, color="tab:red", linestyle="--", label="base only")
     if expert_accuracy is not None:
@@ -145,6 +145,7 @@ def format_sweep(points: Sequence[SweepPoint]) -> str:
     lines = [f"{'threshold':>10} {'target':>7} {'deferred':>9} {'accuracy':>9} {'calls':>6} {'sent':>7}"]
     for p in points:
         target = "-" if p.target_rate is None else f"{p.target_rate:.2f}"
-        lines.append(f"{p.threshold:10.4f} {target:>7} {p.deferred_fraction:9.1%} {p.accuracy:9.1%} "
+        accuracy = "-" if p.accuracy is None else f"{p.accuracy:.1%}"
+        lines.append(f"{p.threshold:10.4f} {target:>7} {p.deferred_fraction:9.1%} {accuracy:>9} "
                      f"{p.remote_calls:6d} {p.tokens_sent:7d}")
     return "\n".join(lines)

@@ -313,7 +313,7 @@ def run_calibration(head_path: Path, data_dir: Path, *, out: Path, png: Path | N
     elif max_deferral is not None:
         threshold = quantile_threshold(scores, max_deferral)
         share = float(np.mean(scores > threshold))
-        chosen = SweepPoint(threshold, max_deferral, float("nan"), share, 0, 0, 0.0)
+        chosen = SweepPoint(threshold, max_deferral, None, share, 0, 0, 0.0)
     table = calibration_table(quantiles=quantiles, points=points, chosen=chosen, rule=rule,
                               max_deferral=max_deferral, base_accuracy=base_accuracy,
                               expert_accuracy=expert_accuracy, validation_positions=len(scores))
