@@ -605,6 +605,7 @@ def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, 
                 raise CollectError("base and expert vocabularies differ; token-level scoring needs one")
             endpoint = LocalScoring(expert_model_file, name=expert_model)
             info = {"url": "in-process", "model": expert_model, "sha256": file_sha256(expert_gguf)}
+        policy = None
         try:
             policy, audit = open_egress(egress or EgressSetup(), tokenizer=base,
                                         default_audit=plan.out / "audit.jsonl")
@@ -613,8 +614,9 @@ def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, 
             return collect(plan, base=base, base_path=base_path, scorer=scorer, expert_info=info,
                            after_shard=after_shard)
         finally:
-            if expert_model_file is not None:
-                expert_model_file.close()
+            for closable in (policy, expert_model_file):
+                if closable is not None:
+                    closable.close()
             close = getattr(endpoint, "close", None)
             if close is not None:
                 close()

@@ -152,6 +152,8 @@ def open_models(setup: DecodingSetup, *, audit_default: Path) -> Iterator[Models
         yield Models(base, expert, policy, audit,
                      resolve_style(base, setup.prompt_style))
     finally:
+        if "policy" in locals() and policy is not None:
+            policy.close()
         close = getattr(expert, "close", None) if "expert" in locals() else None
         if close is not None:
             close()

@@ -179,3 +179,24 @@ def test_collection_through_the_real_gateway(toy_pair: Any, tmp_path: Path) -> N
     np.testing.assert_allclose(a.expert_logprob, b.expert_logprob, atol=1e-3)
     audit_lines = (tmp_path / "remote" / "audit.jsonl").read_text().splitlines()
     assert sum(json.loads(line)["kind"] == "egress" for line in audit_lines) == 6
+
+
+def test_scoring_egress_follows_the_policy_file(toy_pair: Any, tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(f'mode = "redact_private"\nusage_db = "{tmp_path / "usage.sqlite3"}"\n'
+                           f'audit_log = "{tmp_path / "audit" / "audit.jsonl"}"\n')
+    plan = CollectPlan(corpus=Path(toy_pair.train_jsonl), out=tmp_path / "data", limit=4, shard_size=4,
+                       progress=False)
+    manifest = run_collect(plan, base_path=Path(toy_pair.base_gguf), gateway_url=None,
+                           expert_gguf=Path(toy_pair.expert_gguf), expert_model="toy-expert",
+                           egress=EgressSetup(policy_file=policy_file), n_ctx=512)
+    records = [json.loads(line) for line in (tmp_path / "audit" / "audit.jsonl").read_text().splitlines()]
+    egress = [record for record in records if record["kind"] == "egress"]
+    assert len(egress) == 4
+    lines = Path(toy_pair.train_jsonl).read_text().splitlines()[:4]
+    passages = [json.loads(line)["passage"] for line in lines]
+    for record, passage in zip(egress, passages, strict=True):
+        assert passage not in record["sent_text"]
+        if record["decision"]["allowed"]:
+            assert "[private]" in record["sent_text"]
+    assert manifest["counts"]["examples"] + manifest["counts"]["denied_by_policy"] == 4
