@@ -199,6 +199,8 @@ def _ask(args: argparse.Namespace) -> int:
         print(json.dumps(answer_json(answer), indent=2))
     else:
         print(render_answer(answer, color=sys.stdout.isatty()))
+        if answer.passages:
+            print("sources: " + ", ".join(p.document_name for p in answer.passages))
         print(egress_line(answer))
     return 0
 
