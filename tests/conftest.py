@@ -10,6 +10,10 @@ import keyring
 import keyring.backend
 import pytest
 
+# llama.cpp's OpenMP threads spin while they wait; on a busy machine a 0.1 ms toy decode step
+# then takes ~0.5 s. libgomp reads this when llama.cpp is first loaded, which is after conftest.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 class MemoryKeyring(keyring.backend.KeyringBackend):
     """A keyring that lives in a dict, so tests never touch the developer's real one."""
