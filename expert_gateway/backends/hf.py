@@ -1,0 +1,337 @@
+"""The transformers backend: one GPU, continuous batching of concurrent sessions' decode steps.
+
+A scheduler thread owns the model. Request threads enqueue jobs and wait. Each loop the
+scheduler prefills newly arrived sessions one by one (only past the longest common prefix with
+the session's own KV cache), then runs ONE batched forward step for every session still
+generating: the per-session caches are left-padded into a batch, with an attention mask over
+the padding and explicit position ids, so each row computes exactly what it would alone. A
+session's cache stays on the GPU between calls until the gateway evicts the session.
+
+torch and transformers are imported when the backend is opened, never at module import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expert_gateway.backends.base import (
+    ContinueOptions,
+    Continuation,
+    common_prefix_length,
+    score_rows,
+    token_logprob,
+)
+from expert_gateway.errors import BackendError
+from expert_gateway.protocol import (
+    ModelInfo,
+    ScoreResult,
+    ScoreSequence,
+    TokenLogprob,
+    sample_from_logits,
+)
+
+INSTALL_HINT = "the hf backend needs torch and transformers: pip install 'tandem[train]' transformers"
+FINGERPRINT_FILE = "tandem-fingerprint.txt"
+
+
+def _import_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise BackendError(INSTALL_HINT) from exc
+    return torch, transformers
+
+
+@dataclass
+class _SessionCache:
+    tokens: list[int]
+    layers: list[tuple[Any, Any]]  # per layer (keys, values), each [1, heads, len, dim]
+
+
+@dataclass
+class _Job:
+    session_id: str
+    sequence: list[int]
+    options: ContinueOptions
+    future: Future[Continuation] = field(default_factory=Future)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    reused: int = 0
+
+
+@dataclass
+class _ScoreJob:
+    sequences: Sequence[ScoreSequence]
+    future: Future[list[ScoreResult]] = field(default_factory=Future)
+
+
+class HfBackend:
+    """ExpertBackend over a transformers causal LM with a continuous-batching scheduler."""
+
+    def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
+                 eos_ids: frozenset[int], max_batch: int, max_context: int) -> None:
+        self._torch, _ = _import_torch()
+        self._model = model
+        self._device = next(model.parameters()).device
+        self._eos_ids = eos_ids
+        # transformers 5.x renamed `past_key_values` to `cache` (input and output).
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.max_batch = max_batch
+        self.max_concurrency = max_batch
+        self.info = ModelInfo(name=name, vocab_size=vocab_size, tokenizer=fingerprint,
+                              max_context=max_context)
+        self._caches: dict[str, _SessionCache] = {}
+        self._caches_lock = threading.Lock()
+        self._inbox: queue.Queue[_Job | _ScoreJob | None] = queue.Queue()
+        self.steps: list[int] = []  # batch size of every batched decode step (for tests, metrics)
+        self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
+             max_context: int) -> HfBackend:
+        torch, transformers = _import_torch()
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=getattr(torch, dtype)).to(device).eval()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise BackendError(f"cannot load a transformers model from {path}: {exc}") from exc
+        eos = model.config.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        return cls(model, name=name, fingerprint=vocabulary_fingerprint(path),
+                   vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
+                   max_context=max_context)
+
+    # -- the ExpertBackend surface (called from request threads) -----------------------------
+
+    def continue_(self, session_id: str, sequence: Sequence[int], *,
+                  options: ContinueOptions) -> Continuation:
+        job = _Job(session_id, list(sequence), options)
+        self._inbox.put(job)
+        return job.future.result()
+
+    def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
+        job = _ScoreJob(sequences)
+        self._inbox.put(job)
+        return job.future.result()
+
+    def forget(self, session_id: str) -> None:
+        with self._caches_lock:
+            self._caches.pop(session_id, None)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the scheduler -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        active: list[_Job] = []
+        while True:
+            arrivals = self._drain(block=not active)
+            if arrivals is None:
+                for job in active:
+                    job.future.set_exception(BackendError("the backend is closing"))
+                return
+            for arrival in arrivals:
+                self._guard(arrival, lambda item=arrival: self._admit(item, active))
+            if active:
+                batch = active[:self.max_batch]
+                try:
+                    self._decode_step(batch)
+                except Exception as exc:
+                    for job in batch:
+                        self.forget(job.session_id)
+                        job.future.set_exception(BackendError(f"decode step failed: {exc}"))
+                    active = active[len(batch):]
+                    continue
+                for job in [job for job in batch if self._finished(job)]:
+                    active.remove(job)
+                    self._finish(job)
+
+    def _drain(self, *, block: bool) -> list[_Job | _ScoreJob] | None:
+        items: list[_Job | _ScoreJob] = []
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    return None
+                items.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return items
+
+    def _guard(self, item: _Job | _ScoreJob, work: Any) -> None:
+        try:
+            work()
+        except Exception as exc:
+            if isinstance(item, _Job):
+                self.forget(item.session_id)
+            item.future.set_exception(exc if isinstance(exc, BackendError)
+                                      else BackendError(f"transformers failed: {exc}"))
+
+    def _admit(self, item: _Job | _ScoreJob, active: list[_Job]) -> None:
+        if isinstance(item, _ScoreJob):
+            item.future.set_result([self._score_one(entry) for entry in item.sequences])
+            return
+        logits = self._prefill(item)
+        self._take(item, logits)
+        if self._finished(item):
+            self._finish(item)
+        else:
+            active.append(item)
+
+    def _prefill(self, job: _Job) -> np.ndarray:
+        torch = self._torch
+        with self._caches_lock:
+            cache = self._caches.get(job.session_id) or _SessionCache([], [])
+        reused = min(common_prefix_length(cache.tokens, job.sequence), len(job.sequence) - 1)
+        layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
+        new = job.sequence[reused:]
+        with torch.inference_mode():
+            output = self._model(
+                input_ids=torch.tensor([new], device=self._device),
+                attention_mask=torch.ones(1, len(job.sequence), dtype=torch.long, device=self._device),
+                position_ids=torch.arange(reused, len(job.sequence), device=self._device)[None],
+                use_cache=True,
+                **{self._cache_argument: self._cache_object(layers) if reused else None},
+            )
+        job.reused = reused
+        self._store(job.session_id, job.sequence, self._layers_of(self._returned_cache(output)))
+        return output.logits[0, -1].float().cpu().numpy()
+
+    def _decode_step(self, batch: list[_Job]) -> None:
+        """Feed each job's last sampled token in ONE forward pass over left-padded caches."""
+        torch = self._torch
+        with self._caches_lock:
+            caches = [self._caches[job.session_id] for job in batch]
+        lengths = [len(cache.tokens) for cache in caches]
+        longest = max(lengths)
+        padded = []
+        for layer in range(len(caches[0].layers)):
+            keys = [self._left_pad(cache.layers[layer][0], longest) for cache in caches]
+            values = [self._left_pad(cache.layers[layer][1], longest) for cache in caches]
+            padded.append((torch.cat(keys), torch.cat(values)))
+        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long, device=self._device)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length:] = 1
+        with torch.inference_mode():
+            output = self._model(
+                input_ids=torch.tensor([[job.tokens[-1]] for job in batch], device=self._device),
+                attention_mask=mask,
+                position_ids=torch.tensor([[length] for length in lengths], device=self._device),
+                use_cache=True, **{self._cache_argument: self._cache_object(padded)},
+            )
+        self.steps.append(len(batch))
+        new_layers = self._layers_of(self._returned_cache(output))
+        logits = output.logits[:, -1].float().cpu().numpy()
+        for row, (job, cache, length) in enumerate(zip(batch, caches, lengths, strict=True)):
+            layers = [(keys[row:row + 1, :, longest - length:], values[row:row + 1, :, longest - length:])
+                      for keys, values in new_layers]
+            self._store(job.session_id, [*cache.tokens, job.tokens[-1]], layers)
+            self._take(job, logits[row])
+
+    def _take(self, job: _Job, logits: np.ndarray) -> None:
+        options = job.options
+        token = sample_from_logits(logits, temperature=options.temperature, seed=options.seed,
+                                   position=len(job.sequence) + len(job.tokens))
+        job.tokens.append(token)
+        if options.want_logprobs:
+            job.logprobs.append(token_logprob(logits, token, top=options.top_logprobs))
+
+    def _finished(self, job: _Job) -> bool:
+        return len(job.tokens) >= job.options.max_tokens or job.tokens[-1] in self._eos_ids
+
+    def _finish(self, job: _Job) -> None:
+        job.future.set_result(Continuation(
+            tokens=job.tokens, logprobs=job.logprobs if job.options.want_logprobs else None,
+            reused_tokens=job.reused, prefilled_tokens=len(job.sequence) - job.reused))
+
+    def _score_one(self, item: ScoreSequence) -> ScoreResult:
+        if item.start >= len(item.tokens):
+            return ScoreResult(logprobs=[], argmax=[])
+        torch = self._torch
+        with torch.inference_mode():
+            output = self._model(input_ids=torch.tensor([item.tokens[:-1]], device=self._device))
+        rows = output.logits[0, item.start - 1:].float().cpu().numpy()
+        return score_rows(rows, item.tokens[item.start:])
+
+    # -- cache plumbing ----------------------------------------------------------------------
+
+    def _store(self, session_id: str, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
+        with self._caches_lock:
+            self._caches[session_id] = _SessionCache(list(tokens), layers)
+
+    def _left_pad(self, tensor: Any, length: int) -> Any:
+        missing = length - tensor.shape[2]
+        if missing == 0:
+            return tensor
+        pad = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
+        return self._torch.cat([pad, tensor], dim=2)
+
+    def _cache_object(self, layers: list[tuple[Any, Any]]) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
+        return cache
+
+    def _returned_cache(self, output: Any) -> Any:
+        return getattr(output, self._cache_argument)
+
+    @staticmethod
+    def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def vocabulary_fingerprint(path: Path) -> str:
+    """The vocabulary fingerprint of a model folder (same definition as client.base_model).
+
+    ``tandem-fingerprint.txt`` in the folder wins (e.g. copied from the GGUF the base uses);
+    else it is computed from the folder's tokenizer, decoding GPT-2 byte-level token strings.
+    """
+    pinned = Path(path) / FINGERPRINT_FILE
+    if pinned.is_file():
+        return pinned.read_text(encoding="utf-8").strip()
+    import hashlib
+
+    _, transformers = _import_torch()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"no tokenizer in {path} and no {FINGERPRINT_FILE}: {exc}") from exc
+    byte_decoder = {char: byte for byte, char in _bytes_to_unicode().items()}
+    digest = hashlib.sha256()
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.convert_ids_to_tokens(token_id)
+        piece = (bytes(byte_decoder[char] for char in text) if all(char in byte_decoder for char in text)
+                 else text.encode("utf-8"))
+        digest.update(token_id.to_bytes(4, "little") + len(piece).to_bytes(4, "little") + piece)
+    return digest.hexdigest()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
