@@ -246,7 +246,7 @@ class LlamaModel:
     def decode(self, tokens: Sequence[int], *, seq: int = 0, last_only: bool = False) -> DecodeOutput:
         """Append ``tokens`` after the current position of ``seq``; logits and hidden states.
 
-        Rows are one per token (or only the last with ``last_only``, for long prefills).
+        Rows are one per token, or only the last with ``last_only`` (fewer copies for prefills).
         """
         with self._lock:
             self._require_open()
@@ -289,8 +289,8 @@ class LlamaModel:
             batch.pos[index] = first_position + index
             batch.n_seq_id[index] = 1
             batch.seq_id[index][0] = seq
-            is_last = index == len(chunk) - 1
-            batch.logits[index] = outputs and (is_last or not last_only)
+            # Pooling NONE with embeddings makes llama.cpp output every position anyway.
+            batch.logits[index] = True
         batch.n_tokens = len(chunk)
         status = self._lib.llama_decode(self._context, batch)
         if status == 1:

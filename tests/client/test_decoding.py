@@ -498,7 +498,53 @@ def toy_prompts(toy_pair: Any) -> list[str]:
         return [json.loads(line)["prompt"] for _, line in zip(range(8), lines, strict=False)]
 
 
-@settings(max_examples=6, deadline=None,
+# llama.cpp's CPU kernels round differently for different batch sizes (logits move by ~1e-3),
+# so a token whose top two candidates are closer than that may come out either way. On the toy
+# pair the three paths must agree token for token up to such a numerical tie, if any.
+NUMERICAL_NOISE = 2e-3
+
+
+def fragile_draw(logits: np.ndarray, *, options: DecodingOptions, position: int) -> bool:
+    """Whether logit noise of NUMERICAL_NOISE can change the token drawn at ``position``."""
+    def draw(values: np.ndarray) -> int:
+        return sample_from_logits(values, temperature=options.temperature, seed=options.seed,
+                                  position=position)
+
+    chosen = draw(logits)
+    rng = np.random.default_rng(0)
+    return any(draw(logits + rng.uniform(-NUMERICAL_NOISE, NUMERICAL_NOISE, logits.shape))
+               != chosen for _ in range(64))
+
+
+def numerical_tie_at(index: int, reference: list[tuple[int, str]], *, base: Any, expert_model: Any,
+                     switch: Any, prompt: list[int], options: DecodingOptions,
+                     threshold: float) -> bool:
+    prefix = prompt + [token for token, _ in reference[:index]]
+    base.reset()
+    output = base.decode(prefix)
+    score = float(switch.score(output.hidden[-1:])[0])
+    limit = options.warmup_threshold if index < options.warmup_tokens else threshold
+    if abs(score - limit) < NUMERICAL_NOISE:
+        return True
+    logits = output.logits[-1]
+    if score > limit:
+        expert_model.reset()
+        logits = expert_model.decode(prefix).logits[-1]
+    return fragile_draw(np.asarray(logits, dtype=np.float64), options=options,
+                        position=len(prefix))
+
+
+def assert_same_up_to_a_tie(ours: list[tuple[int, str]], theirs: list[tuple[int, str]],
+                            **context: Any) -> None:
+    for index, (mine, other) in enumerate(zip(ours, theirs, strict=False)):
+        if mine != other:
+            assert numerical_tie_at(index, theirs, **context), (
+                f"diverged at token {index}: {mine} != {other} with no numerical tie")
+            return
+    assert len(ours) == len(theirs)
+
+
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(prompt_index=st.integers(0, 7), threshold=st.floats(0.2, 0.8), lookahead=st.integers(1, 8),
        temperature=st.sampled_from([0.0, 0.7]), seed=st.integers(0, 2**32))
@@ -514,10 +560,26 @@ def test_toy_pair_spans_equal_single_calls_and_the_reference(
         decoder = CoDecoder(base=base, switch=toy_switch, expert=InProcessExpert(expert_model),
                             options=replace_options(options, lookahead=span))
         results.append([(token.token_id, token.provenance)
-                        for token in decoder.generate(prompt).tokens])
+                         for token in decoder.generate(prompt).tokens])
     reference = reference_decode(base, expert_model, toy_switch, prompt, options=options,
                                  threshold=threshold)
-    assert results[0] == results[1] == reference
+    context = {"base": base, "expert_model": expert_model, "switch": toy_switch,
+               "prompt": prompt, "options": options, "threshold": threshold}
+    assert_same_up_to_a_tie(results[0], results[1], **context)
+    assert_same_up_to_a_tie(results[0], reference, **context)
+
+
+def test_the_tie_check_refuses_a_real_difference(
+        toy_pair: Any, toy_models: tuple[Any, Any], toy_switch: Any) -> None:
+    base, expert_model = toy_models
+    prompt = base.tokenize(toy_prompts(toy_pair)[0], add_bos=True)
+    options = DecodingOptions(threshold=0.5, max_tokens=6)
+    reference = reference_decode(base, expert_model, toy_switch, prompt, options=options,
+                                 threshold=0.5)
+    wrong = [((token + 1) % base.vocab_size, provenance) for token, provenance in reference]
+    with pytest.raises(AssertionError, match="no numerical tie"):
+        assert_same_up_to_a_tie(wrong, reference, base=base, expert_model=expert_model,
+                                switch=toy_switch, prompt=prompt, options=options, threshold=0.5)
 
 
 def test_toy_pair_extremes_are_the_base_alone_and_the_expert_alone(
