@@ -154,13 +154,16 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=None, help="override the threshold")
     parser.add_argument("--repeats", type=int, default=60, help="timing repeats")
     parser.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 timing")
+    parser.add_argument("--toy-dir", type=Path, default=None,
+                        help="an already built toy pair (default: ensure_toy_pair())")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = parser.parse_args()
 
-    from export.toy import ensure_toy_pair
+    from export.toy import ToyPair, ensure_toy_pair
 
-    toy = ensure_toy_pair()
-    base = LlamaModel(toy.base_gguf, n_ctx=512)
-    expert_model = LlamaModel(toy.expert_gguf, n_ctx=512)
+    toy = ToyPair.at(args.toy_dir) if args.toy_dir else ensure_toy_pair()
+    base = LlamaModel(toy.base_gguf, n_ctx=512, n_threads=args.threads)
+    expert_model = LlamaModel(toy.expert_gguf, n_ctx=512, n_threads=args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-decoding-"))
     if args.head is None:
         weights, bias = fit_head(base, expert_model,
@@ -174,7 +177,7 @@ def main() -> int:
 
     rows: dict[str, Any] = {"toy": head_cost(base, switch, args.repeats)}
     if not args.no_smollm2:
-        with LlamaModel(smollm2_path(), n_ctx=256) as smollm2:
+        with LlamaModel(smollm2_path(), n_ctx=256, n_threads=args.threads) as smollm2:
             random_head = write_head(workdir / "smollm2.onnx",
                                      np.random.default_rng(1).normal(size=smollm2.hidden_size),
                                      0.0, fingerprint=smollm2.fingerprint, threshold=0.5)
@@ -200,6 +203,7 @@ def main() -> int:
                   for example, result in zip(examples, runs["lookahead_8"], strict=True))
     report = {
         "bench": "decoding", "examples": len(examples), "threshold": threshold,
+        "threads": args.threads,
         "head": str(head_path if args.head else "fitted-weak-supervision"),
         "head_cost": rows, "egress": totals, "identical_outputs": identical,
         "answers_correct": correct,
