@@ -1,0 +1,207 @@
+"""Benchmark the expert gateway over real HTTP (uvicorn on 127.0.0.1).
+
+1. /v1/continue latency at a 100-token and a 2000-token prefix within one session (each call
+   adds one token; only it is prefilled: target ratio <= 1.3), and without sessions (every call
+   resends the whole prefix with held = 0), for contrast.
+2. Throughput with 1, 4 and 16 concurrent sessions.
+
+    python bench/bench_gateway.py                       # llama_cpp backend, toy expert or SmolLM2
+    python bench/bench_gateway.py --backend hf          # tiny random Llama on CUDA (or CPU)
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from expert_gateway.app import create_app  # noqa: E402
+from expert_gateway.backends.base import ExpertBackend  # noqa: E402
+from expert_gateway.settings import GatewaySettings  # noqa: E402
+
+
+@contextlib.contextmanager
+def served(backend: ExpertBackend) -> Iterator[httpx.Client]:
+    settings = GatewaySettings(auth={"enabled": False, "keys_file": Path(tempfile.mkdtemp()) / "k.json"},
+                               sessions={"max_sessions": 1024})
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend), host="127.0.0.1",
+                                           port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    limits = httpx.Limits(max_connections=64)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as client:
+        yield client
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _tokens(count: int, vocab_size: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [int(token) for token in rng.integers(3, min(vocab_size, 5000), size=count)]
+
+
+def _post(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/continue", json=body)
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: int,
+            sessions: bool) -> float:
+    """Median seconds of a one-token extension at about ``prefix`` tokens."""
+    base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": 1}
+    sequence = _tokens(prefix, info["vocab_size"], seed=prefix)
+    session = f"lat-{prefix}-{sessions}"
+    held = _post(client, {**base, "session": session, "held": 0, "tokens": sequence})["held"]
+    if sessions:  # one untimed extension: warm caches and code paths
+        held = _post(client, {**base, "session": session, "held": held, "tokens": sequence[:1]})["held"]
+    else:
+        _post(client, {**base, "session": f"{session}-warm", "held": 0, "tokens": sequence})
+    timings = []
+    for index in range(calls):
+        new = _tokens(1, info["vocab_size"], seed=1000 + index)
+        started = time.perf_counter()
+        if sessions:
+            held = _post(client, {**base, "session": session, "held": held, "tokens": new})["held"]
+        else:
+            sequence = sequence + new
+            _post(client, {**base, "session": f"{session}-{index}", "held": 0, "tokens": sequence})
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, calls: int,
+               max_tokens: int) -> dict[str, float]:
+    base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": max_tokens}
+
+    def one_session(index: int) -> int:
+        held = _post(client, {**base, "session": f"tp{sessions}-{index}", "held": 0,
+                              "tokens": _tokens(32, info["vocab_size"], seed=index)})["held"]
+        produced = 0
+        for call in range(calls):
+            reply = _post(client, {**base, "session": f"tp{sessions}-{index}", "held": held,
+                                   "tokens": _tokens(1, info["vocab_size"], seed=call)})
+            held, produced = reply["held"], produced + len(reply["tokens"])
+        return produced
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
+        produced = sum(pool.map(one_session, range(sessions)))
+    elapsed = time.perf_counter() - started
+    return {"sessions": sessions, "requests_per_s": sessions * (calls + 1) / elapsed,
+            "tokens_per_s": produced / elapsed, "seconds": elapsed}
+
+
+def llama_cpp_backends(model: Path | None, threads: int) -> tuple[ExpertBackend, ExpertBackend, str]:
+    from expert_gateway.backends.llama_cpp import LlamaCppBackend
+
+    path, label = _default_model() if model is None else (model, model.name)
+    long_context = LlamaCppBackend.open(path, name="bench", n_ctx=3 * 2560, n_batch=512,
+                                        n_threads=threads, slots=2)
+    many_sessions = LlamaCppBackend.open(path, name="bench", n_ctx=17 * 256, n_batch=256,
+                                         n_threads=threads, slots=16)
+    return long_context, many_sessions, label
+
+
+def _default_model() -> tuple[Path, str]:
+    with contextlib.suppress(ImportError):
+        from export.toy import ToyPair, code_hash, default_cache_dir
+
+        root = default_cache_dir() / code_hash()
+        if (root / "report.json").exists():
+            return Path(ToyPair.at(root).expert_gguf), "toy expert"
+    from client.base_model import smollm2_path
+
+    return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
+
+
+def hf_backend(hidden: int, layers: int) -> tuple[ExpertBackend, str]:
+    import torch
+    import transformers
+
+    from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 3,
+                                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=max(1, hidden // 256),
+                                      max_position_embeddings=4096)
+    folder = Path(tempfile.mkdtemp())
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (folder / FINGERPRINT_FILE).write_text("ab" * 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    backend = HfBackend.open(folder, name="bench", device=device,
+                             dtype="bfloat16" if device == "cuda" else "float32", max_batch=64,
+                             max_context=4096)
+    return backend, f"random Llama {layers}x{hidden} on {name}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["llama_cpp", "hf"], default="llama_cpp")
+    parser.add_argument("--model", type=Path, help="GGUF for llama_cpp (default: toy expert or SmolLM2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=8, help="timed calls per measurement")
+    parser.add_argument("--hidden", type=int, default=1024, help="hf: hidden size of the random model")
+    parser.add_argument("--layers", type=int, default=8, help="hf: layers of the random model")
+    parser.add_argument("--concurrency", default="1,4,16")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {"backend": args.backend}
+    if args.backend == "llama_cpp":
+        long_context, many, label = llama_cpp_backends(args.model, args.threads)
+    else:
+        long_context, label = hf_backend(args.hidden, args.layers)
+        many = long_context
+    results["model"] = label
+    rows = []
+    with served(long_context) as client:
+        info = client.get("/v1/models").json()[0]
+        for sessions in (True, False):
+            short = latency(client, info, prefix=100, calls=args.calls, sessions=sessions)
+            long = latency(client, info, prefix=2000, calls=args.calls, sessions=sessions)
+            key = "with_sessions" if sessions else "without_sessions"
+            results[key] = {"p100_ms": short * 1e3, "p2000_ms": long * 1e3, "ratio": long / short}
+            rows.append((f"latency {key.replace('_', ' ')}", f"{short * 1e3:.1f} ms @100",
+                         f"{long * 1e3:.1f} ms @2000", f"ratio {long / short:.2f}"))
+    if many is not long_context:
+        long_context.close()
+    with served(many) as client:
+        info = client.get("/v1/models").json()[0]
+        results["throughput"] = []
+        for sessions in (int(value) for value in args.concurrency.split(",")):
+            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=4)
+            results["throughput"].append(measured)
+            rows.append((f"throughput {sessions} sessions", f"{measured['requests_per_s']:.1f} req/s",
+                         f"{measured['tokens_per_s']:.1f} tok/s", f"{measured['seconds']:.1f} s"))
+    many.close()
+    print(f"model: {label}")
+    for row in rows:
+        print(f"{row[0]:<32} {row[1]:>16} {row[2]:>18} {row[3]:>14}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
