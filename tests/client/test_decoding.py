@@ -604,3 +604,36 @@ def test_toy_pair_extremes_are_the_base_alone_and_the_expert_alone(
     expert_alone = InProcessExpert(expert_model).continue_(session="alone", held=0, tokens=prompt,
                                                            max_tokens=16).tokens
     assert decode(0.0) == expert_alone
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_real_gateway_gives_the_answers_of_the_in_process_expert(
+        toy_pair: Any, toy_models: tuple[Any, Any], toy_switch: Any,
+        tmp_path: Path, temperature: float) -> None:
+    """CoDecoder -> HttpExpert -> uvicorn -> gateway -> llama.cpp samples like InProcessExpert."""
+    from client.expert import HttpExpert
+    from expert_gateway.app import create_app
+    from expert_gateway.backends.llama_cpp import LlamaCppBackend
+    from expert_gateway.settings import GatewaySettings
+    from tests.expert_gateway.conftest import serve
+
+    base, expert_model = toy_models
+    prompt = base.tokenize(toy_prompts(toy_pair)[1], add_bos=True)
+    options = DecodingOptions(threshold=0.5, lookahead=4, temperature=temperature, seed=3,
+                              max_tokens=12)
+    local = CoDecoder(base=base, switch=toy_switch, expert=InProcessExpert(expert_model),
+                      options=options).generate(prompt)
+    backend = LlamaCppBackend.open(toy_pair.expert_gguf, name="toy-expert", n_ctx=1024,
+                                   n_batch=256, n_threads=1, slots=2)
+    settings = GatewaySettings(auth={"enabled": False, "keys_file": tmp_path / "keys.json"})
+    with serve(create_app(settings, backend=backend)) as url:
+        expert = HttpExpert(url, model="toy-expert", tokenizer=base.fingerprint, timeout_s=30.0)
+        remote = CoDecoder(base=base, switch=toy_switch, expert=expert,
+                           options=options).generate(prompt)
+        expert.close()
+    pairs = [[(token.token_id, token.provenance) for token in result.tokens]
+             for result in (remote, local)]
+    assert_same_up_to_a_tie(pairs[0], pairs[1], base=base, expert_model=expert_model,
+                            switch=toy_switch, prompt=prompt, options=options, threshold=0.5)
+    assert remote.egress.calls == local.egress.calls > 0
+    assert remote.egress.failures == 0

@@ -201,3 +201,12 @@ def test_an_onnxruntime_failure_while_scoring_is_a_switch_error(tmp_path: Path) 
     with pytest.raises(SwitchError, match="failed on a batch of 2") as caught:
         switch.score(np.zeros((2, 4), dtype=np.float32))
     assert caught.value.__cause__ is not None
+
+
+def test_cuda_when_asked_and_cpu_when_no_device_can_run_it(tmp_path: Path) -> None:
+    # onnxruntime-gpu lists CUDA even without a usable device and then falls back to the CPU;
+    # either way the head must load and score.
+    path = write_linear_head(tmp_path / "head.onnx", np.ones(4, dtype=np.float32), 0.0)
+    switch = OnnxSwitch(path, hidden_size=4, base_fingerprint=FINGERPRINT, provider="cuda")
+    assert switch.provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    np.testing.assert_allclose(switch.score(np.zeros((2, 4), dtype=np.float32)), [0.5, 0.5])
