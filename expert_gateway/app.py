@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException
@@ -97,6 +97,7 @@ def create_app(settings: GatewaySettings, backend: ExpertBackend | None = None) 
     for error_class in (GatewayError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(error_class, handle_exception)
     _add_routes(app, state)
+    app.add_middleware(_Auth, authenticator=state.authenticator)
     app.add_middleware(_BodyLimit, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(_RequestMetrics, metrics=state.metrics)
     return app
@@ -126,23 +127,16 @@ def _build_state(settings: GatewaySettings, backend: ExpertBackend | None) -> Ga
 
 
 def _add_routes(app: FastAPI, state: GatewayState) -> None:
-    async def caller(authorization: str | None = Header(default=None)) -> ApiKey | None:
-        if state.authenticator is None:
-            return None
-        key = state.authenticator.authenticate(authorization)
-        state.authenticator.admit(key)
-        return key
-
     @app.post("/v1/continue", response_model=ContinueReply, responses=ERROR_RESPONSES)
-    async def continue_(request: ContinueRequest, key: ApiKey | None = Depends(caller)) -> ContinueReply:
-        return await _continue(state, request, key)
+    async def continue_(request: ContinueRequest, http: Request) -> ContinueReply:
+        return await _continue(state, request, _caller(http))
 
     @app.post("/v1/score", response_model=ScoreReply, responses=ERROR_RESPONSES)
-    async def score(request: ScoreRequest, key: ApiKey | None = Depends(caller)) -> ScoreReply:
-        return await _score(state, request, key)
+    async def score(request: ScoreRequest, http: Request) -> ScoreReply:
+        return await _score(state, request, _caller(http))
 
     @app.get("/v1/models", response_model=list[ModelInfo], responses=ERROR_RESPONSES)
-    async def models(key: ApiKey | None = Depends(caller)) -> list[ModelInfo]:
+    async def models() -> list[ModelInfo]:
         return [state.ready_backend().info]
 
     @app.get("/health")
@@ -154,6 +148,12 @@ def _add_routes(app: FastAPI, state: GatewayState) -> None:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _caller(http: Request) -> ApiKey | None:
+    """The key the auth middleware admitted (None when auth is off)."""
+    key = http.scope.get("state", {}).get("api_key")
+    return key if isinstance(key, ApiKey) else None
 
 
 def _check_model(info: ModelInfo, model: str, tokenizer: str) -> None:
@@ -267,6 +267,28 @@ class _BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class _Auth:
+    """Bearer key and request quota for /v1/*, checked before the body is even read."""
+
+    def __init__(self, app: ASGIApp, *, authenticator: Authenticator | None) -> None:
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.authenticator is None or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers", [])).get(b"authorization")
+        try:
+            key = self.authenticator.authenticate(header.decode("latin-1") if header else None)
+            self.authenticator.admit(key)
+        except GatewayError as exc:
+            await response_for(exc)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
 
 
 class _RequestMetrics:
