@@ -71,8 +71,12 @@ def base_features(logits: np.ndarray) -> np.ndarray:
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
     probs = np.exp(log_probs)
     entropy = -(probs * log_probs).sum(axis=-1)
-    top_two = np.sort(probs, axis=-1)[:, -2:] if probs.shape[1] > 1 else np.pad(probs, ((0, 0), (1, 0)))
-    return np.stack([entropy, top_two[:, 1] - top_two[:, 0]], axis=-1).astype(np.float32)
+    if probs.shape[1] > 1:
+        top_two = np.partition(probs, probs.shape[1] - 2, axis=-1)[:, -2:]
+    else:
+        top_two = np.pad(probs, ((0, 0), (1, 0)))
+    margin = top_two.max(axis=-1) - top_two.min(axis=-1)
+    return np.stack([entropy, margin], axis=-1).astype(np.float32)
 
 
 def load_collected(directory: Path) -> CollectedData:
