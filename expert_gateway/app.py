@@ -168,7 +168,8 @@ def _check_model(info: ModelInfo, model: str, tokenizer: str) -> None:
 
 def _check_tokens(info: ModelInfo, tokens: list[int]) -> None:
     if tokens and max(tokens) >= info.vocab_size:
-        raise InvalidRequestError(f"token id {max(tokens)} is outside the vocabulary (size {info.vocab_size})")
+        raise InvalidRequestError(
+            f"token id {max(tokens)} is outside the vocabulary (size {info.vocab_size})")
 
 
 async def _run_backend(state: GatewayState, route: str, work: Callable[[], Any]) -> Any:

@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from client.settings import load_settings
 
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,7 +86,9 @@ class SessionSettings(_Section):
     memory_budget_tokens: int = Field(
         default=2_000_000, ge=1024, le=10**10, description="tokens held over all sessions (LRU above)"
     )
-    idle_ttl_s: float = Field(default=600.0, gt=0, le=7 * 86400, description="forget a session idle this long")
+    idle_ttl_s: float = Field(
+        default=600.0, gt=0, le=7 * 86400, description="forget a session idle this long"
+    )
 
 
 class ModelSettings(_Section):
@@ -119,7 +122,8 @@ class LlamaCppSettings(_Section):
     n_batch: int = Field(default=512, ge=8, le=8192, description="llama.cpp batch size")
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads")
     slots: int = Field(
-        default=4, ge=1, le=63, description="sessions whose KV cache stays resident (each gets n_ctx/(slots+1))"
+        default=4, ge=1, le=63,
+        description="sessions whose KV cache stays resident (each gets n_ctx / (slots + 1))",
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from expert_gateway.backends.base import ContinueOptions, Continuation, ExpertBackend
+from expert_gateway.backends.base import Continuation, ContinueOptions, ExpertBackend
 from expert_gateway.errors import BackendError
 from expert_gateway.settings import GatewaySettings
 
@@ -68,4 +68,4 @@ def build_backend(settings: GatewaySettings) -> ExpertBackend:
     return BACKENDS[settings.model.backend](settings)
 
 
-__all__ = ["BACKENDS", "ContinueOptions", "Continuation", "ExpertBackend", "build_backend", "model_path"]
+__all__ = ["BACKENDS", "Continuation", "ContinueOptions", "ExpertBackend", "build_backend", "model_path"]

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from expert_gateway.backends.base import (
-    ContinueOptions,
     Continuation,
+    ContinueOptions,
     common_prefix_length,
     score_rows,
     token_logprob,
@@ -145,7 +145,7 @@ class HfBackend:
                     job.future.set_exception(BackendError("the backend is closing"))
                 return
             for arrival in arrivals:
-                self._guard(arrival, lambda item=arrival: self._admit(item, active))
+                self._guard(arrival, active)
             if active:
                 batch = active[:self.max_batch]
                 try:
@@ -172,9 +172,10 @@ class HfBackend:
         except queue.Empty:
             return items
 
-    def _guard(self, item: _Job | _ScoreJob, work: Any) -> None:
+    def _guard(self, item: _Job | _ScoreJob, active: list[_Job]) -> None:
+        """Admit one arrival; its failure fails only its own future."""
         try:
-            work()
+            self._admit(item, active)
         except Exception as exc:
             if isinstance(item, _Job):
                 self.forget(item.session_id)
@@ -326,7 +327,8 @@ def vocabulary_fingerprint(path: Path) -> str:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     table = {byte: chr(byte) for byte in printable}
     extra = 0
     for byte in range(256):

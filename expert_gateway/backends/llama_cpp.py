@@ -9,6 +9,7 @@ not thread-safe, and the gateway gives this backend a concurrency of one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -19,8 +20,8 @@ import numpy as np
 from client.base_model import LlamaModel
 from client.errors import TandemError
 from expert_gateway.backends.base import (
-    ContinueOptions,
     Continuation,
+    ContinueOptions,
     common_prefix_length,
     generate,
     score_rows,
@@ -136,8 +137,6 @@ class LlamaCppBackend:
 
     def _drop(self, seq: int) -> None:
         """After a failure the KV content is unknown: start that sequence afresh."""
-        try:
+        with contextlib.suppress(TandemError):
             self._model.reset(seq=seq)
-        except TandemError:
-            pass
         self._cached[seq] = []

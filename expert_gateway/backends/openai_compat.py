@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 from client.errors import TandemError
-from expert_gateway.backends.base import ContinueOptions, Continuation
+from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
 from expert_gateway.protocol import (
     ModelInfo,
@@ -92,7 +92,8 @@ class OpenAICompatBackend:
         tokens = [token for token, _, _ in steps]
         logprobs = None
         if options.want_logprobs:
-            logprobs = [TokenLogprob(token=token, logprob=logprob, top=_best(alternatives, options.top_logprobs))
+            logprobs = [TokenLogprob(token=token, logprob=logprob,
+                                     top=_best(alternatives, options.top_logprobs))
                         for token, logprob, alternatives in steps]
         return Continuation(tokens=tokens, logprobs=logprobs, reused_tokens=cached,
                             prefilled_tokens=len(sequence) - cached)

@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from expert_gateway.app import create_app
-from expert_gateway.backends.base import ContinueOptions, Continuation, common_prefix_length, generate
+from expert_gateway.backends.base import Continuation, ContinueOptions, common_prefix_length, generate
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
 from expert_gateway.keys import KeyStore
 from expert_gateway.protocol import ModelInfo, ScoreResult, ScoreSequence

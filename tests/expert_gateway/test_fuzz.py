@@ -1,6 +1,7 @@
 """Fuzz every operation of the gateway's OpenAPI schema over a real uvicorn: never a 5xx, no hang.
 
-Valid and invalid (negative) cases alike. Two runs: one with a valid key (requests reach validation, sessions and the backend) and one
+Valid and invalid (negative) cases alike. Two runs: one with a valid key (requests reach
+validation, sessions and the backend) and one
 without (everything must be a clean 401). The fake backend keeps each call cheap; examples are
 bounded so the whole module runs in well under a minute.
 """
@@ -12,8 +13,8 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 
 from expert_gateway.app import create_app
 from expert_gateway.keys import KeyStore

@@ -110,7 +110,8 @@ def test_concurrent_http_sessions_are_batched_and_equal_sequential(
     settings = gateway_settings(tmp_path_factory.mktemp("hf") / "keys.json", auth={"enabled": False})
     bodies = [{"session": f"h{index}", "model": "tiny", "held": 0, "tokens": _prompt(10 + index),
                "max_tokens": 8, "tokenizer": FINGERPRINT} for index in range(8)]
-    with serve(create_app(settings, backend=hf_backend)) as url, httpx.Client(base_url=url, timeout=120) as client:
+    app = create_app(settings, backend=hf_backend)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         sequential = [client.post("/v1/continue", json=body).json()["tokens"] for body in bodies]
         hf_backend.steps.clear()
         restarted = [{**body, "session": f"p{index}"} for index, body in enumerate(bodies)]
