@@ -91,21 +91,28 @@ def model_paths(settings: ClientSettings) -> tuple[Path, Path | None]:
     return settings.base.path or toy.base_gguf, _toy_head(toy)
 
 
-def _toy_pair() -> Any:
+def _export_module(name: str) -> Any:
+    """A module of the offline ``export`` package, which the client itself never needs.
+
+    Imported by name: only the toy preset and the demo use it, and it needs the train extra.
+    """
+    import importlib
+
     try:
-        from export.toy import ensure_toy_pair
+        return importlib.import_module(f"export.{name}")
     except ImportError as exc:
         raise ConfigError("the toy pair needs the export package and the train extra "
-                          "(pip install 'tandem[train]'), or set base.path") from exc
+                          "(pip install 'tandem[train]'); or set base.path and switch.path") from exc
+
+
+def _toy_pair() -> Any:
     print("tandem: preparing the toy model pair (built once, then cached)...", file=sys.stderr)
-    return ensure_toy_pair()
+    return _export_module("toy").ensure_toy_pair()
 
 
 def _toy_head(toy: Any) -> Path:
-    from export.pipeline import ensure_toy_head
-
     print("tandem: preparing the trained switch head (built once, then cached)...", file=sys.stderr)
-    return Path(ensure_toy_head(toy, progress=True))
+    return Path(_export_module("pipeline").ensure_toy_head(toy, progress=True))
 
 
 def audit_key() -> SecretStr:
@@ -235,8 +242,7 @@ def egress_line(answer: Answer) -> str:
 # -- the demo ------------------------------------------------------------------------------------
 
 def _demo(args: argparse.Namespace) -> int:
-    from export.pipeline import serve_gateway
-
+    serve_gateway = _export_module("pipeline").serve_gateway
     toy = _toy_pair()
     head = _toy_head(toy)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="tandem-demo-"))
