@@ -219,15 +219,21 @@ def answer_json(answer: Answer) -> dict[str, Any]:
 
 
 def render_answer(answer: Answer, *, color: bool) -> str:
-    """The answer with expert tokens marked: colours on a terminal, brackets otherwise."""
-    parts = []
+    """The answer with expert tokens marked: colours on a terminal, ``[expert:...]`` otherwise."""
+    runs: list[tuple[str, str]] = []  # (provenance, text), neighbours of one provenance joined
     for token in answer.tokens:
-        if token.provenance == "base":
-            parts.append(token.text)
-        elif color:
-            parts.append(f"{_STYLES[token.provenance]}{token.text}{_RESET}")
+        if runs and runs[-1][0] == token.provenance:
+            runs[-1] = (token.provenance, runs[-1][1] + token.text)
         else:
-            parts.append(f"[{token.provenance}:{token.text}]")
+            runs.append((token.provenance, token.text))
+    parts = []
+    for provenance, text in runs:
+        if provenance == "base":
+            parts.append(text)
+        elif color:
+            parts.append(f"{_STYLES[provenance]}{text}{_RESET}")
+        else:
+            parts.append(f"[{provenance}:{text}]")
     return "".join(parts)
 
 
@@ -347,7 +353,8 @@ def _report(body: dict[str, Any], records: list[dict[str, Any]], demo: dict[str,
     summary = summarize_egress(records)
     print(f"  total: {summary.calls} calls, {summary.tokens_sent} tokens")
     correct = demo["answer"].strip() in text
-    leaked = leaked_private_text(records, documents, min_chars=policy.taint_min_chars)
+    leaked = leaked_private_text(records, documents, min_chars=policy.taint_min_chars,
+                                 public=demo["question"])
     print(f"\ncheck: answer is correct ({demo['answer'].strip()!r}): {'yes' if correct else 'NO'}")
     print(f"check: no private document text left the machine: "
           f"{'yes' if not leaked else 'NO: ' + repr(leaked)}")
@@ -359,14 +366,16 @@ def _as_answer(text: str, tokens: list[Any]) -> Answer:
 
 
 def leaked_private_text(records: list[dict[str, Any]], documents: list[Path], *,
-                        min_chars: int) -> str:
-    """A piece of a document (``min_chars`` or longer) found in sent text, or ''."""
+                        min_chars: int, public: str = "") -> str:
+    """A piece of a document (``min_chars`` long) found in sent text, or ''.
+
+    Pieces the user typed too (``public``, the question) are theirs to send, not leaks.
+    """
     sent = [str(record.get("sent_text", "")) for record in records if record.get("sent")]
     for path in documents:
         private = " ".join(path.read_text("utf-8").split())
         for start in range(0, max(1, len(private) - min_chars + 1)):
             piece = private[start:start + min_chars]
-            if any(piece in text for text in sent):
+            if piece not in public and any(piece in text for text in sent):
                 return piece
     return ""
-

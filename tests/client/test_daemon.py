@@ -503,7 +503,8 @@ def test_toy_answers_need_the_expert_and_keep_documents_private(
             assert extra["provenance"]["expert"] >= 1 and extra["egress"]["calls"] >= 1
             records = httpx.get(f"{url}/v1/egress/{reply.id}").json()["records"]
             assert any(record.get("sent") for record in records)
-            assert leaked_private_text(records, documents, min_chars=12) == ""
+            assert leaked_private_text(records, documents, min_chars=12,
+                                       public=demo["question"]) == ""
 
 
 @pytest.mark.slow
@@ -564,3 +565,22 @@ def test_importing_the_daemon_loads_no_model_runtime() -> None:
              "print([m for m in ('torch', 'llama_cpp', 'onnxruntime', 'export') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_demo_rendering_and_leak_check(tmp_path: Path) -> None:
+    from client.assistant import Answer, AnswerToken
+    from client.cli_daemon import leaked_private_text, render_answer
+
+    tokens = [AnswerToken(0, " total: 37+48=", "base", 0.1), AnswerToken(1, "8", "expert", 0.9),
+              AnswerToken(2, "5", "expert", 0.8), AnswerToken(3, ".", "fallback", 0.7)]
+    answer = Answer("r", " total: 37+48=85.", tokens, [], "stop", 3)
+    assert render_answer(answer, color=False) == " total: 37+48=[expert:85][fallback:.]"
+    assert "\x1b[1;34m85\x1b[0m" in render_answer(answer, color=True)
+
+    document = tmp_path / "invoice.txt"
+    document.write_text("Invoice 4417 from Harbor Supply: 37 crates.\n")
+    question = "How many crates are on invoice 4417?"
+    clean = [{"sent": True, "sent_text": "Document: [private]\nQuestion: " + question}]
+    assert leaked_private_text(clean, [document], min_chars=12, public=question) == ""
+    leaky = [{"sent": True, "sent_text": "Harbor Supply: 37"}, {"sent": False, "sent_text": "x"}]
+    assert leaked_private_text(leaky, [document], min_chars=12, public=question) == "Harbor Suppl"
