@@ -119,3 +119,21 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a head")
     with pytest.raises(TrainingError, match="not a head"):
         load_head(tmp_path / "junk.pt")
+
+
+def test_cli_fit_reports_bad_data_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+
+    assert main(["train", "fit", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "h.pt")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("tandem: error: no manifest.json") and error.count("\n") == 1
+
+
+def test_cli_eval_names_a_missing_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+
+    code = main(["eval", "--corpus", str(tmp_path / "none.jsonl"), "--switch", str(tmp_path / "s.onnx"),
+                 "--json", str(tmp_path / "out.json"), "--base", str(tmp_path / "base.gguf"),
+                 "--expert-gguf", str(tmp_path / "expert.gguf")])
+    assert code == 1
+    assert "not found" in capsys.readouterr().err
