@@ -62,7 +62,8 @@ class CollectedData:
         return int(self.hidden.shape[1])
 
     def select(self, mask: np.ndarray) -> CollectedData:
-        return CollectedData(*(getattr(self, name)[mask] for name in ARRAY_NAMES), manifest=self.manifest)
+        arrays = {name: getattr(self, name)[mask] for name in ARRAY_NAMES}
+        return CollectedData(**arrays, manifest=self.manifest)
 
 
 def base_features(logits: np.ndarray) -> np.ndarray:
@@ -167,9 +168,11 @@ def file_sha256(path: Path) -> str:
 
 
 class Tokenizing(Protocol):
-    chat_template: str | None
     bos_id: int
     eos_id: int
+
+    @property
+    def chat_template(self) -> str | None: ...
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]: ...
 

@@ -75,7 +75,7 @@ def exportable_module(head: LoadedHead, *, output_weights: np.ndarray | None = N
     """The head with its sigmoid (and, for mlp, its feature computation) as one torch module."""
     torch = import_torch()
 
-    class ExportedHead(torch.nn.Module):  # type: ignore[misc, name-defined]
+    class ExportedHead(torch.nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.head = head.module

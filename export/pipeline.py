@@ -52,13 +52,19 @@ def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: 
     import uvicorn
 
     from expert_gateway.app import create_app
-    from expert_gateway.settings import GatewaySettings
+    from expert_gateway.settings import (
+        AuthSettings,
+        GatewaySettings,
+        LlamaCppSettings,
+        ModelSettings,
+        ServerSettings,
+    )
 
     settings = GatewaySettings(
-        server={"host": "127.0.0.1", "port": 0, "log_level": "warning", "max_body_bytes": 16 * 1024 * 1024},
-        auth={"enabled": False},
-        model={"name": name, "preset": "path", "path": expert_gguf},
-        llama_cpp={"n_threads": n_threads, "slots": 2},
+        server=ServerSettings(host="127.0.0.1", port=0, log_level="warning", max_body_bytes=16 * 1024 * 1024),
+        auth=AuthSettings(enabled=False),
+        model=ModelSettings(name=name, preset="path", path=expert_gguf),
+        llama_cpp=LlamaCppSettings(n_threads=n_threads, slots=2),
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
                                            log_level="warning", lifespan="on"))

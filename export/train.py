@@ -101,7 +101,7 @@ def build_head(head_type: HeadType, hidden_size: int, *, mlp_width: int = 64) ->
     torch = import_torch()
     nn = torch.nn
 
-    class SwitchHead(nn.Module):  # type: ignore[misc, name-defined]
+    class SwitchHead(nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.head_type = head_type
@@ -113,7 +113,7 @@ def build_head(head_type: HeadType, hidden_size: int, *, mlp_width: int = 64) ->
             else:
                 self.body = nn.Sequential(nn.Linear(width, mlp_width), nn.GELU(), nn.Linear(mlp_width, 1))
 
-        def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        def forward(self, hidden: Any, features: Any = None) -> Any:
             inputs = hidden if features is None else torch.cat([hidden, features], dim=-1)
             return self.body((inputs - self.input_mean) / self.input_scale).squeeze(-1)
 
