@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from client.errors import TandemError
@@ -30,13 +31,16 @@ def run_build(args: argparse.Namespace) -> int:
 
     if args.vocab_from is not None and not args.vocab_from.is_file():
         raise ToyBuildError(f"--vocab-from: no such file: {args.vocab_from}")
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     if args.out is None and args.vocab_from is None and args.seed == 0:
-        pair = ensure_toy_pair()
+        pair = ensure_toy_pair(progress=progress)
     else:
         out = args.out or Path("toy-out")
         if out.exists() and any(out.iterdir()):
             raise ToyBuildError(f"--out {out} exists and is not empty; choose another directory")
-        pair = build_toy_pair(out, seed=args.seed, vocab_from=args.vocab_from)
+        pair = build_toy_pair(out, seed=args.seed, vocab_from=args.vocab_from, progress=progress)
     print(f"toy pair in {pair.root}")
     print(format_targets(pair.report["targets"]))
     print(f"build time: {pair.report['timings']['build_s']} s")

@@ -188,3 +188,34 @@ def write_llama_gguf(
         raise GGUFWriteError(f"cannot write {path}: {exc}") from exc
     finally:
         writer.close()
+
+
+def read_llama_gguf(path: Path) -> tuple[LlamaHyperparameters, dict[str, np.ndarray]]:
+    """Hyperparameters and F32 tensors of a GGUF this module wrote (for checks and tests)."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as exc:
+        raise GGUFWriteError(f"cannot read {path}: {exc}") from exc
+
+    def value(key: str) -> Any:
+        if key not in reader.fields:
+            raise GGUFWriteError(f"{path} has no {key}")
+        return reader.fields[key].contents()
+
+    hparams = LlamaHyperparameters(
+        context_length=int(value("llama.context_length")),
+        embedding_length=int(value("llama.embedding_length")),
+        block_count=int(value("llama.block_count")),
+        feed_forward_length=int(value("llama.feed_forward_length")),
+        head_count=int(value("llama.attention.head_count")),
+        head_count_kv=int(value("llama.attention.head_count_kv")),
+        rope_freq_base=float(value("llama.rope.freq_base")),
+        rms_norm_eps=float(value("llama.attention.layer_norm_rms_epsilon")),
+    )
+    tensors = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise GGUFWriteError(f"{path}: tensor {tensor.name} is not F32")
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        tensors[tensor.name] = np.array(tensor.data, dtype=np.float32).reshape(shape)
+    return hparams, tensors

@@ -23,7 +23,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,12 +50,14 @@ class ToyOptions:
     heads: int = 4
     ffn: int = 192
     context_length: int = 512
-    base_steps: int = 600
-    expert_steps: int = 1200
+    base_cycle_steps: int = 600
+    expert_cycle_steps: int = 1200
+    max_cycles: int = 3
     base_batch: int = 32
     expert_batch: int = 12
     expert_sequence_length: int = 256
     learning_rate: float = 5e-3
+    prompt_weight: float = 0.1
     train_examples: int = 2000
     validation_examples: int = 300
     test_examples: int = 300
@@ -93,6 +95,9 @@ class ToyPair:
             test_jsonl=root / "test.jsonl", documents_dir=root / "documents",
             demo_questions_json=root / "demo_questions.json", report=report,
         )
+
+
+Progress = Callable[[str], None]
 
 
 class Tokenizer(Protocol):
@@ -144,7 +149,7 @@ def tokenize_example(
 
 def base_batches(
     tokenizer: Tokenizer, vocabulary: Vocabulary, examples: Sequence[toy_data.Example],
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, prompt_weight: float,
 ) -> Any:
     """Batches of full examples with random results; loss mostly on the answer."""
     rng = random.Random(f"base-batches-{seed}")
@@ -160,7 +165,7 @@ def base_batches(
             tail = [*tokenizer.encode(str(rng.randint(20, 198)) + "."), vocabulary.eos_id]
             answer_ids = item.answer_ids[: item.head_length] + tail
             ids.append(item.prompt_ids + answer_ids)
-            weights.append([0.1] * (len(item.prompt_ids) - 1) + [1.0] * len(answer_ids))
+            weights.append([prompt_weight] * (len(item.prompt_ids) - 1) + [1.0] * len(answer_ids))
         return ids, weights
 
     return make_batch
@@ -176,7 +181,7 @@ def expert_batches(
     def make_row() -> tuple[list[int], list[float]]:
         ids, target_weights = [vocabulary.bos_id], [0.0]
         while len(ids) < sequence_length:
-            max_chars = rng.choice((0, 0, 6, 12, 24, 40, 80, 150))
+            max_chars = rng.choice((0, 0, 0, 4, 8, 16, 30, 60, 150))
             prefix = tokenizer.encode(toy_data.junk_prefix(rng, pairs, max_chars))
             a, b = rng.choice(pairs)
             question = tokenizer.encode(f"{a}+{b}=")
@@ -212,7 +217,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "tandem" / "toy"
 
 
-def ensure_toy_pair(cache_dir: Path | None = None) -> ToyPair:
+def ensure_toy_pair(cache_dir: Path | None = None, *, progress: Progress | None = None) -> ToyPair:
     """The cached default pair, built on first use (one builder at a time across processes)."""
     root_parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root_parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +227,11 @@ def ensure_toy_pair(cache_dir: Path | None = None) -> ToyPair:
     with open(root_parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "report.json").exists():
+            for stale in root_parent.glob(f"{final.name}.building-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder; we hold the lock
             staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=root_parent))
             try:
-                build_toy_pair(staging)
+                build_toy_pair(staging, progress=progress)
                 os.rename(staging, final)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -237,6 +244,7 @@ def build_toy_pair(
     seed: int = 0,
     vocab_from: Path | None = None,
     options: ToyOptions | None = None,
+    progress: Progress | None = None,
     **overrides: Any,
 ) -> ToyPair:
     """Write corpora, documents, both GGUFs and report.json into ``out_dir``."""
@@ -249,12 +257,12 @@ def build_toy_pair(
     out_dir.mkdir(parents=True, exist_ok=True)
     vocabulary = vocabulary_from_gguf(vocab_from) if vocab_from else default_vocabulary()
     tokenizer: Tokenizer = LlamaCppTokenizer(vocab_from) if vocab_from else ByteTokenizer()
-    train_pairs, held_out_pairs = toy_data.operand_split(seed)
+    pairs = toy_data.operand_split(seed)
     corpus_rng = random.Random(f"corpus-{seed}")
     splits = {
-        "train": toy_data.make_examples(corpus_rng, train_pairs, options.train_examples),
-        "validation": toy_data.make_examples(corpus_rng, held_out_pairs, options.validation_examples),
-        "test": toy_data.make_examples(corpus_rng, held_out_pairs, options.test_examples),
+        "train": toy_data.make_examples(corpus_rng, pairs.train, options.train_examples),
+        "validation": toy_data.make_examples(corpus_rng, pairs.validation, options.validation_examples),
+        "test": toy_data.make_examples(corpus_rng, pairs.test, options.test_examples),
     }
     for split, examples in splits.items():
         toy_data.write_jsonl(out_dir / f"{split}.jsonl", examples)
@@ -262,34 +270,51 @@ def build_toy_pair(
     (out_dir / "demo_questions.json").write_text(json.dumps(questions, indent=2) + "\n")
 
     hparams = options.hparams()
-    timings = {}
+    timings: dict[str, Any] = {}
     models = {}
-    for role, steps, make_batch in (
-        ("base", options.base_steps,
-         base_batches(tokenizer, vocabulary, splits["train"], options.base_batch, seed)),
-        ("expert", options.expert_steps,
-         expert_batches(tokenizer, vocabulary, train_pairs, options.expert_batch,
+    checks = toy_eval.ValidationChecks(
+        hparams, tokenizer=tokenizer, vocabulary=vocabulary, validation=splits["validation"],
+        validation_pairs=pairs.validation, seed=seed,
+    )
+    def _check(role: str, parameters: Any) -> bool:
+        passed = checks.passed(role, parameters)
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress(f"{role}: end of a training cycle, validation {'passed' if passed else 'not yet'}"
+                     f" ({elapsed:.0f} s)")
+        return passed
+
+    for role, cycle_steps, make_batch in (
+        ("base", options.base_cycle_steps,
+         base_batches(tokenizer, vocabulary, splits["train"], options.base_batch, seed,
+                      options.prompt_weight)),
+        ("expert", options.expert_cycle_steps,
+         expert_batches(tokenizer, vocabulary, pairs.train, options.expert_batch,
                         options.expert_sequence_length, seed)),
     ):
         role_started = time.monotonic()
         torch.manual_seed(seed)
         parameters = toy_model.init_parameters(hparams, vocabulary.size, seed + (role == "expert"))
         schedule = toy_model.TrainingSchedule(
-            steps=steps, batch_size=options.base_batch, learning_rate=options.learning_rate
+            cycle_steps=cycle_steps, max_cycles=options.max_cycles, learning_rate=options.learning_rate
         )
-        losses = toy_model.train(parameters, hparams, schedule, make_batch, pad_id=vocabulary.eos_id)
+        losses = toy_model.train(
+            parameters, hparams, schedule, make_batch, pad_id=vocabulary.eos_id,
+            good_enough=lambda parameters=parameters, role=role: _check(role, parameters),
+        )
         models[role] = parameters
         write_llama_gguf(
             out_dir / f"{role}.gguf", hparams=hparams, tensors=toy_model.to_numpy(parameters),
             vocabulary=vocabulary, name=f"tandem-toy-{role}",
         )
         timings[f"{role}_train_s"] = round(time.monotonic() - role_started, 1)
+        timings[f"{role}_steps"] = len(losses)
         timings[f"{role}_final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)
 
     eval_started = time.monotonic()
     metrics = toy_eval.evaluate_pair(
         models["base"], models["expert"], hparams, tokenizer=tokenizer, vocabulary=vocabulary,
-        test=splits["test"][: options.eval_examples], held_out_pairs=held_out_pairs, seed=seed,
+        test=splits["test"][: options.eval_examples], held_out_pairs=pairs.test, seed=seed,
     )
     if options.llama_cpp_check:
         metrics["llama_cpp_greedy_match"] = toy_eval.llama_cpp_spot_check(

@@ -22,7 +22,7 @@ from pathlib import Path
 from client.prompting import plain_prompt
 
 OPERAND_RANGE = range(10, 100)
-HELD_OUT_FRACTION = 0.15
+HELD_OUT_FRACTION = 0.1
 REDACTED_PLACEHOLDER = "[private]"
 
 DOC_KINDS = ("invoice", "order", "shipment", "receipt", "delivery", "manifest")
@@ -89,12 +89,24 @@ def remote_view(question: str) -> str:
     return prompt_text(REDACTED_PLACEHOLDER, question)
 
 
-def operand_split(seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Operand pairs for training and held out; held-out pairs never appear in training."""
+@dataclass(frozen=True)
+class OperandSplit:
+    """Operand pairs for training, validation (early stopping) and test; the sets are disjoint."""
+
+    train: list[tuple[int, int]]
+    validation: list[tuple[int, int]]
+    test: list[tuple[int, int]]
+
+
+def operand_split(seed: int) -> OperandSplit:
     pairs = [(a, b) for a in OPERAND_RANGE for b in OPERAND_RANGE]
     random.Random(f"pairs-{seed}").shuffle(pairs)
     held_out_count = int(len(pairs) * HELD_OUT_FRACTION)
-    return pairs[held_out_count:], pairs[:held_out_count]
+    return OperandSplit(
+        train=pairs[2 * held_out_count :],
+        validation=pairs[held_out_count : 2 * held_out_count],
+        test=pairs[:held_out_count],
+    )
 
 
 def make_example(rng: random.Random, a: int, b: int) -> Example:

@@ -132,6 +132,32 @@ def evaluate_pair(
     return {key: round(value, 4) if isinstance(value, float) else value for key, value in metrics.items()}
 
 
+class ValidationChecks:
+    """The early-stopping checks: exact scores on validation data, never on the test split."""
+
+    def __init__(
+        self, hparams: LlamaHyperparameters, *, tokenizer: Tokenizer, vocabulary: Vocabulary,
+        validation: Sequence[toy_data.Example], validation_pairs: Sequence[tuple[int, int]],
+        seed: int, size: int = 60, threshold: float = 0.985,
+    ) -> None:
+        rng = random.Random(f"validation-{seed}")
+        self._common = {"hparams": hparams, "tokenizer": tokenizer, "vocabulary": vocabulary}
+        self._examples = list(validation[:size])
+        pairs = [rng.choice(validation_pairs) for _ in range(2 * size)]
+        pairs += [(int(x), int(y)) for x, y in (ex.expression.split("+") for ex in self._examples)]
+        junk = [toy_data.junk_prefix(rng, validation_pairs, rng.choice((24, 60, 150))) for _ in range(size)]
+        heads = [ex.prompt + ex.answer[: ex.answer.rindex("=") - len(ex.expression)] for ex in self._examples]
+        self._pairs, self._prefixes = pairs, [""] * size + junk + heads
+        self._threshold = threshold
+
+    def passed(self, role: str, parameters: dict[str, torch.Tensor]) -> bool:
+        if role == "base":
+            scores = answer_scores(parameters, **self._common, test=self._examples)
+            return sum(score[1] for score in scores) / len(scores) >= self._threshold
+        exact = expression_exact(parameters, **self._common, prefixes=self._prefixes, pairs=self._pairs)
+        return exact >= self._threshold
+
+
 def llama_cpp_greedy(path: Path, prompt_ids: Sequence[int], *, max_tokens: int, stop_id: int) -> list[int]:
     """Greedy continuation under llama.cpp, argmax over its own logits (F32 KV cache)."""
     import llama_cpp

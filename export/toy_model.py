@@ -8,6 +8,7 @@ written as they are. torch is imported inside functions: this module is importab
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,9 @@ from export.gguf_writer import LlamaHyperparameters, tensor_shapes
 if TYPE_CHECKING:
     import torch
 
-TORCH_THREADS = 2
+# One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other and a
+# training step gets ten times slower; one thread is also the simplest path to same-bytes builds.
+TORCH_THREADS = 1
 
 
 class TorchMissingError(TandemError):
@@ -42,11 +45,23 @@ def import_torch() -> Any:
 
 @dataclass(frozen=True)
 class TrainingSchedule:
-    steps: int
-    batch_size: int
+    """Cosine cycles with warm restarts; training stops after the first cycle that passes.
+
+    Tiny models learn copying and addition in a sudden transition whose step varies with the
+    seed; annealing helps them settle, and a restart gives a late seed another chance.
+    """
+
+    cycle_steps: int
+    max_cycles: int
     learning_rate: float
     warmup_steps: int = 30
     weight_decay: float = 0.01
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step % self.cycle_steps) / self.cycle_steps
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def init_parameters(hparams: LlamaHyperparameters, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -134,26 +149,22 @@ def train(
     make_batch: BatchFn,
     *,
     pad_id: int,
+    good_enough: Callable[[], bool] | None = None,
 ) -> list[float]:
-    """AdamW with warmup and cosine decay; ``make_batch(step)`` gives ids and per-target weights.
+    """AdamW; ``make_batch(step)`` gives ids and per-target weights; returns the losses.
 
     ``weights[i][t]`` weighs the loss of predicting ``ids[i][t + 1]`` from the prefix up to t.
+    ``good_enough`` runs at the end of each cycle; it is deterministic, so the same seed still
+    stops at the same step.
     """
     torch = import_torch()
     optimizer = torch.optim.AdamW(
         parameters.values(), lr=schedule.learning_rate, weight_decay=schedule.weight_decay,
         betas=(0.9, 0.98),
     )
-
-    def learning_rate_factor(step: int) -> float:
-        if step < schedule.warmup_steps:
-            return (step + 1) / schedule.warmup_steps
-        progress = (step - schedule.warmup_steps) / max(1, schedule.steps - schedule.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + float(np.cos(np.pi * progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
     losses = []
-    for step in range(schedule.steps):
+    for step in range(schedule.cycle_steps * schedule.max_cycles):
         ids, weights = make_batch(step)
         tokens = pad_batch(ids, pad_id)
         weight = pad_batch_weights(weights, tokens.shape[1] - 1)
@@ -168,6 +179,8 @@ def train(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        if (step + 1) % schedule.cycle_steps == 0 and (good_enough is None or good_enough()):
+            break
     return losses
 
 
