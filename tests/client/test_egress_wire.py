@@ -1,21 +1,25 @@
 """What actually crosses the wire: a capturing TCP proxy between HttpExpert and a real gateway.
 
-The client decodes a slice of the toy corpus with the real toy pair (llama.cpp), the
-``redact_private`` policy and the audit log; every byte it sends to the gateway (uvicorn on
-127.0.0.1, real llama.cpp expert) passes through the proxy and is recorded. Then:
+The client decodes a slice of the toy corpus with real models under llama.cpp (the toy pair,
+and SmolLM2-135M as base and expert), the ``redact_private`` policy and the audit log; every
+byte it sends to the gateway (uvicorn on 127.0.0.1, real llama.cpp expert) passes through the
+proxy and is recorded. Then:
 - no piece of any private passage reaches the wire (the placeholder stands in for it), and
-- the calls on the wire are exactly the egress records the audit log says were sent.
+- the calls on the wire are exactly the egress records the audit log says were sent;
+and a client killed with SIGKILL while a call is on the wire leaves a log that verifies and ends
+with that call's egress record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,11 @@ from client.audit import AuditLog, read_records, verify
 from client.prompting import plain_prompt
 from client.settings import PolicySettings
 
+pytestmark = pytest.mark.slow
+
 AUDIT_KEY = b"wire-test-audit-key-0123456789"
-EXAMPLES = 6
-MAX_TOKENS = 24
+EXAMPLES = 5
+MAX_TOKENS = 20
 
 
 class CapturingProxy:
@@ -142,17 +148,44 @@ class Gateway:
     model: str
 
 
+@dataclass(frozen=True)
+class Stack:
+    """The models and the corpus slice one run of these tests uses."""
+
+    name: str
+    base_gguf: Path
+    expert_gguf: Path
+    lines: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module", params=["toy", "smollm2"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The toy pair on its test corpus; and SmolLM2 as base and expert, whose real BPE
+    vocabulary (multi-character tokens) checks the redaction on token boundaries too."""
+    if request.param == "toy":
+        toy = request.getfixturevalue("toy_pair")
+        with open(toy.test_jsonl) as corpus:
+            lines = [json.loads(line) for _, line in zip(range(EXAMPLES), corpus, strict=False)]
+        return Stack("toy", Path(toy.base_gguf), Path(toy.expert_gguf), lines)
+    from client.base_model import smollm2_path
+    from export.toy_data import make_example
+
+    rng = random.Random(5)
+    examples = [make_example(rng, rng.randint(10, 99), rng.randint(10, 99)) for _ in range(EXAMPLES)]
+    return Stack("smollm2", smollm2_path(), smollm2_path(), [asdict(item) for item in examples])
+
+
 @pytest.fixture(scope="module")
-def base(toy_pair: Any) -> Iterator[Any]:
+def base(stack: Stack) -> Iterator[Any]:
     from client.base_model import LlamaModel
 
-    model = LlamaModel(toy_pair.base_gguf, n_ctx=1024)
+    model = LlamaModel(stack.base_gguf, n_ctx=1024)
     yield model
     model.close()
 
 
 @pytest.fixture(scope="module")
-def gateway(toy_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     from expert_gateway.app import create_app
     from expert_gateway.backends.llama_cpp import LlamaCppBackend
     from expert_gateway.keys import KeyStore
@@ -161,12 +194,12 @@ def gateway(toy_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     keys_file = tmp_path_factory.mktemp("gateway-keys") / "keys.json"
     _, secret = KeyStore(keys_file).add("wire-test", requests_per_minute=100_000,
                                          tokens_per_day=10**9)
-    backend = LlamaCppBackend.open(Path(toy_pair.expert_gguf), name="toy-expert", n_ctx=2048,
+    backend = LlamaCppBackend.open(stack.expert_gguf, name="expert", n_ctx=2048,
                                    n_batch=256, n_threads=2, slots=2)
     app = create_app(GatewaySettings(auth={"keys_file": keys_file}), backend=backend)
     try:
         with serve(app) as address:
-            yield Gateway(address, secret, "toy-expert")
+            yield Gateway(address, secret, "expert")
     finally:
         backend.close()
 
@@ -192,11 +225,6 @@ def switch(base: Any, switch_path: Path) -> Any:
     return OnnxSwitch.for_base(switch_path, base)
 
 
-def corpus_slice(toy_pair: Any) -> list[dict[str, Any]]:
-    with open(toy_pair.test_jsonl) as lines:
-        return [json.loads(line) for _, line in zip(range(EXAMPLES), lines, strict=False)]
-
-
 @dataclass
 class Run:
     proxy: CapturingProxy
@@ -204,8 +232,8 @@ class Run:
     answers: list[Any]
 
 
-def run_corpus(tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway,
-               **policy_settings: Any) -> Run:
+def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway, *,
+               examples: int = EXAMPLES, **policy_settings: Any) -> Run:
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from client.policy import Policy
@@ -223,7 +251,7 @@ def run_corpus(tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: G
     try:
         answers = [decoder.generate(plain_prompt([line["passage"]], line["question"]),
                                     request_id=f"wire-{index}")
-                   for index, line in enumerate(corpus_slice(toy_pair))]
+                   for index, line in enumerate(stack.lines[:examples])]
     finally:
         expert.close()
         proxy.close()
@@ -238,9 +266,9 @@ def continue_calls(run: Run) -> list[dict[str, Any]]:
 
 
 def test_no_private_text_reaches_the_wire_and_the_audit_log_matches_it(
-    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+    tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
 ) -> None:
-    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, mode="redact_private")
+    run = run_corpus(tmp_path, stack, base, switch, gateway, mode="redact_private")
     calls = continue_calls(run)
     assert len(calls) >= EXAMPLES  # the head defers somewhere in every answer
     assert any(token.provenance == "expert" for answer in run.answers for token in answer.tokens)
@@ -250,7 +278,7 @@ def test_no_private_text_reaches_the_wire_and_the_audit_log_matches_it(
     for body in calls:
         sessions[body["session"]] = sessions.get(body["session"], [])[:body["held"]] + body["tokens"]
         wire_text = base.detokenize(sessions[body["session"]]).decode("utf-8", "replace")
-        for line in corpus_slice(toy_pair):
+        for line in stack.lines:
             passage = line["passage"]
             size = PolicySettings().taint_min_chars
             leaked = [passage[i:i + size] for i in range(len(passage) - size + 1)
@@ -276,19 +304,19 @@ def test_no_private_text_reaches_the_wire_and_the_audit_log_matches_it(
 
 
 def test_the_private_passage_tokens_never_start_a_wire_sequence(
-    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+    tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
 ) -> None:
     """Token level: the first call of each answer carries the prompt with the placeholder."""
     from client.policy import Policy
     from client.usage import UsageStore
 
-    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, mode="redact_private")
+    run = run_corpus(tmp_path, stack, base, switch, gateway, mode="redact_private")
     viewer = Policy(PolicySettings(), tokenizer=base, usage=UsageStore(tmp_path / "viewer.db"))
     first_calls = {}
     for body in continue_calls(run):
         first_calls.setdefault(body["session"], body["tokens"])
     prompts = []
-    for line in corpus_slice(toy_pair):
+    for line in stack.lines:
         tokens = list(base.tokenize("", add_bos=True))
         mask = [False] * len(tokens)
         for segment in plain_prompt([line["passage"]], line["question"]):
@@ -308,9 +336,9 @@ def _contains(sequence: list[int], part: list[int]) -> bool:
 
 
 def test_dry_run_sends_nothing_but_audits_every_decision(
-    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+    tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
 ) -> None:
-    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, dry_run=True)
+    run = run_corpus(tmp_path, stack, base, switch, gateway, examples=2, dry_run=True)
     assert run.proxy.requests() == []
     egress = [record for record in read_records(run.audit_path) if record["kind"] == "egress"]
     assert egress and all(not record["sent"] and record["decision"]["reason"] == "dry_run"
@@ -323,9 +351,10 @@ def test_dry_run_sends_nothing_but_audits_every_decision(
 
 
 def test_a_per_request_cap_stops_egress_on_the_wire(
-    tmp_path: Path, toy_pair: Any, base: Any, switch: Any, gateway: Gateway
+    tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
 ) -> None:
-    run = run_corpus(tmp_path, toy_pair, base, switch, gateway, per_request_calls=1)
+    run = run_corpus(tmp_path, stack, base, switch, gateway, examples=2,
+                     per_request_calls=1)
     calls = continue_calls(run)
     assert len({body["session"] for body in calls}) == len(calls)  # one call per answer at most
     reasons = {record["decision"]["reason"] for record in read_records(run.audit_path)
@@ -363,7 +392,7 @@ for index, line in enumerate(setup["lines"]):
 
 
 def test_kill_9_mid_call_leaves_a_verifiable_log_ending_in_the_call_on_the_wire(
-    tmp_path: Path, toy_pair: Any, switch_path: Path, gateway: Gateway
+    tmp_path: Path, stack: Stack, switch_path: Path, gateway: Gateway
 ) -> None:
     import os
     import signal
@@ -372,10 +401,10 @@ def test_kill_9_mid_call_leaves_a_verifiable_log_ending_in_the_call_on_the_wire(
 
     proxy = CapturingProxy(gateway.address, forward_requests=3)
     audit_path = tmp_path / "audit.jsonl"
-    setup = {"base": str(toy_pair.base_gguf), "switch": str(switch_path), "dir": str(tmp_path),
+    setup = {"base": str(stack.base_gguf), "switch": str(switch_path), "dir": str(tmp_path),
              "url": f"http://127.0.0.1:{proxy.port}", "model": gateway.model, "key": gateway.key,
              "audit": str(audit_path), "audit_key": AUDIT_KEY.decode(),
-             "lines": corpus_slice(toy_pair), "max_tokens": MAX_TOKENS}
+             "lines": stack.lines, "max_tokens": MAX_TOKENS}
     client = subprocess.Popen([sys.executable, "-c", _CLIENT_SCRIPT, json.dumps(setup)],
                               cwd=Path(__file__).resolve().parents[2])
     try:
