@@ -254,7 +254,7 @@ def _demo(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="tandem-demo-"))
     with serve_gateway(toy.expert_gguf) as gateway_url:
         settings = ClientSettings(
-            base=BaseModelSettings(preset="toy", path=toy.base_gguf),
+            base=BaseModelSettings(preset="toy", path=toy.base_gguf, n_ctx=512),  # its training context
             switch=SwitchSettings(path=head),
             expert=ExpertSettings(url=gateway_url, model="toy-expert"),
             daemon=DaemonSettings(data_dir=data_dir, port=args.port),

@@ -468,7 +468,7 @@ def toy_daemon(toy_pair: object,
     head = ensure_toy_head(toy_pair)
     with serve_gateway(toy_pair.expert_gguf) as gateway_url:  # type: ignore[attr-defined]
         settings = ClientSettings(
-            base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf),  # type: ignore[attr-defined]
+            base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf, n_ctx=512),  # type: ignore[attr-defined]
             switch=SwitchSettings(path=head), expert=ExpertSettings(url=gateway_url),
             daemon=DaemonSettings(data_dir=root))
         policy = PolicySettings(usage_db=root / "usage.sqlite3", audit_log=root / "audit.jsonl")
