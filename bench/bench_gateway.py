@@ -32,9 +32,9 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from expert_gateway.app import create_app  # noqa: E402
-from expert_gateway.backends.base import ExpertBackend  # noqa: E402
-from expert_gateway.settings import GatewaySettings  # noqa: E402
+from expert_gateway.app import create_app
+from expert_gateway.backends.base import ExpertBackend
+from expert_gateway.settings import GatewaySettings
 
 
 @contextlib.contextmanager
@@ -75,8 +75,6 @@ def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: i
     held = _post(client, {**base, "session": session, "held": 0, "tokens": sequence})["held"]
     if sessions:  # one untimed extension: warm caches and code paths
         held = _post(client, {**base, "session": session, "held": held, "tokens": sequence[:1]})["held"]
-    else:
-        _post(client, {**base, "session": f"{session}-warm", "held": 0, "tokens": sequence})
     timings = []
     for index in range(calls):
         new = _tokens(1, info["vocab_size"], seed=1000 + index)
@@ -84,8 +82,9 @@ def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: i
         if sessions:
             held = _post(client, {**base, "session": session, "held": held, "tokens": new})["held"]
         else:
-            sequence = sequence + new
-            _post(client, {**base, "session": f"{session}-{index}", "held": 0, "tokens": sequence})
+            # A fresh prefix each call: no cache (session or slot content) can serve any of it.
+            fresh = _tokens(prefix, info["vocab_size"], seed=prefix * 1000 + index)
+            _post(client, {**base, "session": f"{session}-{index}", "held": 0, "tokens": fresh})
         timings.append(time.perf_counter() - started)
     return statistics.median(timings)
 

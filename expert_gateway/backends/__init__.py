@@ -6,6 +6,7 @@ module when called, so importing this package loads neither llama.cpp nor torch.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +25,12 @@ def model_path(settings: GatewaySettings) -> Path:
         from client.base_model import smollm2_path
 
         return smollm2_path()
+    # Imported by name: the gateway depends on export/ only at run time, for the toy preset.
     try:
-        from export.toy import ensure_toy_pair
+        toy = importlib.import_module("export.toy")
     except ImportError as exc:
         raise BackendError(f"the toy expert needs the export package: {exc}") from exc
-    return Path(ensure_toy_pair().expert_gguf)
+    return Path(toy.ensure_toy_pair().expert_gguf)
 
 
 def _llama_cpp(settings: GatewaySettings) -> ExpertBackend:
