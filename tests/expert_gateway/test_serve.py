@@ -26,7 +26,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _serving(config: Path, port: int, *, scheme: str, verify: bool | ssl.SSLContext) -> Iterator[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "gateway", "serve", "--config", str(config), "--port", str(port)],
+        [sys.executable, "-m", "client.cli", "gateway", "serve", "--config", str(config),
+         "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     url = f"{scheme}://127.0.0.1:{port}"
