@@ -195,3 +195,15 @@ def test_auth_can_be_off_only_on_loopback(tmp_path: Path) -> None:
         assert httpx.get(url + "/v1/models").status_code == 200
     with pytest.raises(ValueError, match="loopback"):
         GatewaySettings(auth={"enabled": False}, server={"host": "0.0.0.0"})
+
+
+def test_a_full_queue_is_503_and_the_gateway_recovers(tmp_path: Path) -> None:
+    slow = FakeBackend(delay_s=0.5, max_concurrency=1)
+    settings = gateway_settings(tmp_path / "keys.json", auth={"enabled": False}, server={"max_queue": 1})
+    bodies = [_continue_body(session=f"queue-{index}") for index in range(3)]
+    with serve(create_app(settings, backend=slow)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            statuses = sorted(pool.map(lambda body: client.post("/v1/continue", json=body).status_code,
+                                       bodies))
+        assert statuses[0] == 200 and statuses[-1] == 503
+        assert client.post("/v1/continue", json=bodies[0]).status_code == 200
