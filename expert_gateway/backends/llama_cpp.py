@@ -130,10 +130,20 @@ class LlamaCppBackend:
         reused = min(common_prefix_length(self._cached[SCORE_SEQ], tokens), start - 1)
         self._model.rollback(reused, seq=SCORE_SEQ)
         self._cached[SCORE_SEQ] = list(tokens[:reused])
-        output = self._model.decode(list(tokens[reused:-1]), seq=SCORE_SEQ)
-        self._cached[SCORE_SEQ] = list(tokens[:-1])
-        rows = output.logits[start - 1 - reused:]
-        return score_rows(rows, tokens[start:])
+        logprobs: list[float] = []
+        argmax: list[int] = []
+        # Chunk by chunk, so a long sequence never holds [length, vocab] logits at once.
+        for chunk_start in range(reused, len(tokens) - 1, self._model.n_batch):
+            chunk = list(tokens[chunk_start:min(chunk_start + self._model.n_batch, len(tokens) - 1)])
+            rows = self._model.decode(chunk, seq=SCORE_SEQ).logits
+            self._cached[SCORE_SEQ].extend(chunk)
+            first = max(start - 1 - chunk_start, 0)
+            if first < len(chunk):
+                targets = tokens[chunk_start + first + 1:chunk_start + len(chunk) + 1]
+                scored = score_rows(rows[first:], targets)
+                logprobs += scored.logprobs
+                argmax += scored.argmax
+        return ScoreResult(logprobs=logprobs, argmax=argmax)
 
     def _drop(self, seq: int) -> None:
         """After a failure the KV content is unknown: start that sequence afresh."""

@@ -151,3 +151,14 @@ def test_more_sessions_than_slots_still_reuse_their_history(real_gateway: Gatewa
         fresh = client.post("/v1/continue", json=_body(
             info, session="slot0-fresh", tokens=_prompt(info, 20) + replies[0]["tokens"])).json()
     assert again["tokens"] == fresh["tokens"]
+
+
+@pytest.mark.parametrize("start", [1, 255, 256, 299])
+def test_long_scores_are_chunked_and_exact(llama_backend: LlamaCppBackend, start: int) -> None:
+    vocab = llama_backend.info.vocab_size
+    tokens = [(index * 13) % (vocab - 3) + 3 for index in range(300)]  # longer than n_batch = 256
+    result = llama_backend.score([ScoreSequence(tokens=tokens, start=start)])[0]
+    logits = _direct_logits(llama_backend, tokens[:-1])
+    expected = log_softmax(logits.astype(np.float64))[np.arange(start - 1, len(tokens) - 1), tokens[start:]]
+    np.testing.assert_allclose(result.logprobs, expected, atol=1e-3)
+    assert result.argmax == [int(value) for value in logits[start - 1:].argmax(axis=-1)]
