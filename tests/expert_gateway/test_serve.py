@@ -25,10 +25,11 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _serving(config: Path, port: int, *, scheme: str, verify: bool | ssl.SSLContext) -> Iterator[str]:
+    log = (config.parent / "gateway.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "gateway", "serve", "--config", str(config),
          "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"{scheme}://127.0.0.1:{port}"
     try:
@@ -39,8 +40,10 @@ def _serving(config: Path, port: int, *, scheme: str, verify: bool | ssl.SSLCont
                     break
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                _, errors = process.communicate()
-                pytest.fail(f"gateway did not start: {errors.decode()[-2000:]}")
+                process.communicate()
+                log.close()
+                errors = (config.parent / "gateway.log").read_text(errors="replace")
+                pytest.fail(f"gateway did not start: {errors[-2000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -50,6 +53,7 @@ def _serving(config: Path, port: int, *, scheme: str, verify: bool | ssl.SSLCont
         if process.poll() is None:
             process.kill()
             process.communicate()
+        log.close()
 
 
 def _config(tmp_path: Path, expert_gguf: Path, extra: str = "") -> Path:
@@ -62,12 +66,23 @@ def _config(tmp_path: Path, expert_gguf: Path, extra: str = "") -> Path:
     return config
 
 
-def test_serve_from_a_config_file_with_auth(tmp_path: Path, expert_gguf: Path) -> None:
+def test_serve_from_a_config_file_with_auth_and_a_content_free_log(tmp_path: Path,
+                                                                    expert_gguf: Path) -> None:
     _, secret = KeyStore(tmp_path / "keys.json").add("cli")
-    with _serving(_config(tmp_path, expert_gguf), _free_port(), scheme="http", verify=True) as url:
+    headers = {"Authorization": f"Bearer {secret}"}
+    with _serving(_config(tmp_path, expert_gguf, '[server]\nlog_level = "debug"\n'), _free_port(),
+                  scheme="http", verify=True) as url:
         assert httpx.get(url + "/v1/models").status_code == 401
-        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}).json()
-    assert models[0]["name"] == "toy-expert"
+        models = httpx.get(url + "/v1/models", headers=headers).json()
+        info = models[0]
+        reply = httpx.post(url + "/v1/continue", headers=headers, timeout=60, json={
+            "session": "log", "model": info["name"], "held": 0, "tokens": [101, 102, 103, 104],
+            "max_tokens": 2, "tokenizer": info["tokenizer"]})
+        assert reply.status_code == 200
+    assert info["name"] == "toy-expert"
+    log = (tmp_path / "gateway.log").read_text(errors="replace")
+    assert "POST /v1/continue" in log  # the access log is on, at debug level even
+    assert secret not in log and "101, 102" not in log and "[101,102" not in log
 
 
 def test_serve_over_tls(tmp_path: Path, expert_gguf: Path) -> None:
