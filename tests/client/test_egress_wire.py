@@ -36,6 +36,7 @@ pytestmark = pytest.mark.slow
 AUDIT_KEY = b"wire-test-audit-key-0123456789"
 EXAMPLES = 5
 MAX_TOKENS = 20
+THRESHOLD = 0.35
 
 
 class CapturingProxy:
@@ -93,6 +94,8 @@ class CapturingProxy:
 
     def close(self) -> None:
         self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self._listener.close()
         with self._lock:
             sockets = list(self._sockets)
@@ -233,7 +236,8 @@ class Run:
 
 
 def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway, *,
-               examples: int = EXAMPLES, **policy_settings: Any) -> Run:
+               examples: int = EXAMPLES, lookahead: int = 4, threshold: float = THRESHOLD,
+               **policy_settings: Any) -> Run:
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from client.policy import Policy
@@ -247,7 +251,8 @@ def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Ga
                         tokenizer=base.fingerprint, token=SecretStr(gateway.key), retries=0,
                         timeout_s=60)
     decoder = CoDecoder(base=base, switch=switch, expert=expert, policy=policy, audit=audit,
-                        options=DecodingOptions(threshold=0.5, lookahead=4, max_tokens=MAX_TOKENS))
+                        options=DecodingOptions(threshold=threshold, lookahead=lookahead,
+                                                max_tokens=MAX_TOKENS))
     try:
         answers = [decoder.generate(plain_prompt([line["passage"]], line["question"]),
                                     request_id=f"wire-{index}")
@@ -354,7 +359,7 @@ def test_a_per_request_cap_stops_egress_on_the_wire(
     tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
 ) -> None:
     run = run_corpus(tmp_path, stack, base, switch, gateway, examples=2,
-                     per_request_calls=1)
+                     lookahead=1, threshold=0.0, per_request_calls=1)  # defer at every token
     calls = continue_calls(run)
     assert len({body["session"] for body in calls}) == len(calls)  # one call per answer at most
     reasons = {record["decision"]["reason"] for record in read_records(run.audit_path)
@@ -385,7 +390,8 @@ decoder = CoDecoder(
                       token=SecretStr(setup["key"]), retries=0, timeout_s=600),
     policy=Policy.from_settings(settings, tokenizer=base),
     audit=AuditLog(Path(setup["audit"]), key=setup["audit_key"].encode()),
-    options=DecodingOptions(threshold=0.5, lookahead=4, max_tokens=setup["max_tokens"]))
+    options=DecodingOptions(threshold=setup["threshold"], lookahead=4,
+                            max_tokens=setup["max_tokens"]))
 for index, line in enumerate(setup["lines"]):
     decoder.generate(plain_prompt([line["passage"]], line["question"]), request_id=f"kill-{index}")
 """
@@ -404,7 +410,8 @@ def test_kill_9_mid_call_leaves_a_verifiable_log_ending_in_the_call_on_the_wire(
     setup = {"base": str(stack.base_gguf), "switch": str(switch_path), "dir": str(tmp_path),
              "url": f"http://127.0.0.1:{proxy.port}", "model": gateway.model, "key": gateway.key,
              "audit": str(audit_path), "audit_key": AUDIT_KEY.decode(),
-             "lines": stack.lines, "max_tokens": MAX_TOKENS}
+             "lines": stack.lines, "max_tokens": MAX_TOKENS,
+             "threshold": THRESHOLD}
     client = subprocess.Popen([sys.executable, "-c", _CLIENT_SCRIPT, json.dumps(setup)],
                               cwd=Path(__file__).resolve().parents[2])
     try:
