@@ -473,7 +473,7 @@ def toy_daemon(toy_pair: object,
             daemon=DaemonSettings(data_dir=root))
         policy = PolicySettings(usage_db=root / "usage.sqlite3", audit_log=root / "audit.jsonl")
         runtime = build_runtime(settings, policy, base_path=toy_pair.base_gguf,  # type: ignore[attr-defined]
-                                switch_path=head, audit_key=SecretStr("toy-daemon-key"))
+                                switch_path=head, audit_key=SecretStr("toy-daemon-audit-key-0123456789"))
         server = ServerThread(create_app(daemon_services(runtime, settings, api_key=None)))
         url = server.start()
         documents = sorted(Path(toy_pair.documents_dir).iterdir())  # type: ignore[attr-defined]
