@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -104,8 +105,6 @@ def create_app(settings: GatewaySettings, backend: ExpertBackend | None = None) 
 
 
 def _build_state(settings: GatewaySettings, backend: ExpertBackend | None) -> GatewayState:
-    holder: dict[str, ExpertBackend | None] = {"backend": backend}
-
     def forget(session_id: str) -> None:
         if state.backend is not None:
             state.backend.forget(session_id)
@@ -121,21 +120,27 @@ def _build_state(settings: GatewaySettings, backend: ExpertBackend | None) -> Ga
                                       tokens_per_day=settings.auth.tokens_per_day)
     metrics = GatewayMetrics(active_sessions=lambda: len(sessions),
                              held_tokens=lambda: sessions.held_total)
-    state = GatewayState(settings=settings, backend=holder["backend"], owns_backend=backend is None,
+    state = GatewayState(settings=settings, backend=backend, owns_backend=backend is None,
                          sessions=sessions, metrics=metrics, authenticator=authenticator)
     return state
 
 
 def _add_routes(app: FastAPI, state: GatewayState) -> None:
-    @app.post("/v1/continue", response_model=ContinueReply, responses=ERROR_RESPONSES)
+    # Declares the bearer scheme in the OpenAPI schema; the _Auth middleware enforces it.
+    secured = [Depends(HTTPBearer(auto_error=False))] if state.authenticator is not None else []
+
+    @app.post("/v1/continue", response_model=ContinueReply, responses=ERROR_RESPONSES,
+              dependencies=secured)
     async def continue_(request: ContinueRequest, http: Request) -> ContinueReply:
         return await _continue(state, request, _caller(http))
 
-    @app.post("/v1/score", response_model=ScoreReply, responses=ERROR_RESPONSES)
+    @app.post("/v1/score", response_model=ScoreReply, responses=ERROR_RESPONSES,
+              dependencies=secured)
     async def score(request: ScoreRequest, http: Request) -> ScoreReply:
         return await _score(state, request, _caller(http))
 
-    @app.get("/v1/models", response_model=list[ModelInfo], responses=ERROR_RESPONSES)
+    @app.get("/v1/models", response_model=list[ModelInfo], responses=ERROR_RESPONSES,
+              dependencies=secured)
     async def models() -> list[ModelInfo]:
         return [state.ready_backend().info]
 
