@@ -120,9 +120,11 @@ def _log_path(args: argparse.Namespace) -> Path:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from client.audit import verify
+    from client.audit import log_files, verify
 
     path = _log_path(args)
+    if not log_files(path):
+        raise AuditError(f"no audit log at {path}")
     report = verify(path, key=SecretStore().get("audit-hmac"))
     print(f"ok: {report.records} records in {report.files} file(s) under {path}")
     return 0

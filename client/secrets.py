@@ -109,7 +109,7 @@ class SecretStore:
         try:
             value = self._keyring_call(name, "read", lambda: keyring.get_password(self._service, name))
         except ConfigError as exc:
-            value, problem = None, str(exc)
+            value, problem = None, type(exc.__cause__ or exc).__name__
         if value:
             return value, SecretStatus(name, "keyring")
         from_env = self._environ.get(env_var)
