@@ -584,3 +584,32 @@ def test_demo_rendering_and_leak_check(tmp_path: Path) -> None:
     assert leaked_private_text(clean, [document], min_chars=12, public=question) == ""
     leaky = [{"sent": True, "sent_text": "Harbor Supply: 37"}, {"sent": False, "sent_text": "x"}]
     assert leaked_private_text(leaky, [document], min_chars=12, public=question) == "Harbor Suppl"
+
+
+def test_random_request_bodies_never_cause_a_server_error(daemon_url: str) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-10, 10**12) \
+        | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot", ""]),
+                                     "content": values})
+    chat = st.fixed_dictionaries({"messages": st.lists(message, max_size=3)},
+                                 optional={"max_tokens": values, "temperature": values,
+                                           "stop": values, "seed": values, "stream": values,
+                                           "n": values, "tandem": values})
+    completion = st.fixed_dictionaries({"prompt": values},
+                                       optional={"max_tokens": values, "stop": values})
+    routes = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/documents"])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(route=routes, body=chat | completion | values)
+    def post(route: str, body: object) -> None:
+        reply = httpx.post(f"{daemon_url}{route}", json=body, timeout=30)
+        assert reply.status_code < 500, (route, body, reply.text)
+        if reply.status_code >= 400:
+            assert reply.json()["error"]["message"]
+
+    post()
