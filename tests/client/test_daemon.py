@@ -322,6 +322,8 @@ def test_real_daemon_with_smollm2_chat_template(tmp_path: Path) -> None:
                 messages=[{"role": "user", "content": "What is my cat called?"}])
             again = client.completions.create(model="tandem-smollm2", prompt="The capital of France is",
                                               max_tokens=4)
+            with pytest.raises(openai.BadRequestError, match="too long"):
+                client.completions.create(model="tandem-smollm2", prompt="word " * 2000)
         assert "Whiskers" not in (cut.choices[0].message.content or "")
         assert cut.choices[0].finish_reason == "stop"
         assert again.usage is not None and again.usage.completion_tokens >= 1
