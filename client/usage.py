@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS usage (
 
 _KEEP_REQUEST_ROWS_S = 2 * 86400
 _KEEP_WINDOW_ROWS_S = 90 * 86400
+_PRUNE_EVERY_CALLS = 10_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class UsageStore:
         self._path = path
         self._clock = clock
         self._lock = threading.Lock()
+        self._calls_since_prune = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -93,7 +95,10 @@ class UsageStore:
                         "calls = calls + 1, tokens = tokens + excluded.tokens, updated = excluded.updated",
                         (scope, key, tokens, now),
                     )
-            return exceeded
+            self._calls_since_prune += 1
+        if self._calls_since_prune >= _PRUNE_EVERY_CALLS:  # a long-running daemon never reopens
+            self._prune()
+        return exceeded
 
     def would_exceed(self, request_id: str, tokens: int, caps: Caps) -> str | None:
         """The cap that would refuse this call, counting nothing (for dry runs)."""
@@ -129,6 +134,7 @@ class UsageStore:
         return Usage(*row) if row else Usage()
 
     def _prune(self) -> None:
+        self._calls_since_prune = 0
         now = self._clock()
         with self._transaction() as db:
             db.execute(

@@ -90,6 +90,21 @@ def test_daily_caps_survive_reopen(tmp_path: Path) -> None:
     assert second.try_consume("r2", 40, limits) is None
 
 
+def test_old_rows_are_pruned_but_this_days_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "u.sqlite3"
+    clock = Clock(T0)
+    store = UsageStore(path, clock=clock)
+    assert store.try_consume("old-request", 5, caps()) is None
+    store.close()
+    clock.now += 3 * 86400
+    reopened = UsageStore(path, clock=clock)
+    with sqlite3.connect(path) as db:
+        scopes = {row[0] for row in db.execute("SELECT scope FROM usage")}
+    assert scopes == {"hour", "day"}  # request rows go after two days, windows after ninety
+    clock.now = T0
+    assert reopened.current()["day"] == Usage(calls=1, tokens=5)
+
+
 def test_would_exceed_counts_nothing(tmp_path: Path) -> None:
     store = UsageStore(tmp_path / "u.sqlite3")
     assert store.would_exceed("r", 3, caps(per_request_calls=1)) is None
