@@ -17,7 +17,9 @@ from client.prompting import Segment
 
 @dataclass
 class FakeDecoder:
-    """Answers ``= <question upper-cased>`` one character per token; digits come from the 'expert'.
+    """Answers ``= <question upper-cased>`` one character per token.
+
+    Digits come from the 'expert'; ``?`` is a fallback and ``!`` a denied token.
 
     Records the prompts it saw, so tests can check what retrieval put in them.
     """
@@ -40,9 +42,10 @@ class FakeDecoder:
         for index, character in enumerate(answer[:max_tokens]):
             if self.delay_s:
                 time.sleep(self.delay_s)
-            expert = character.isdigit()
-            yield GeneratedToken(index, character.encode(), "expert" if expert else "base",
-                                 0.9 if expert else 0.1)
+            provenance = ("expert" if character.isdigit() else "fallback" if character == "?"
+                          else "denied" if character == "!" else "base")
+            yield GeneratedToken(index, character.encode(), provenance,  # type: ignore[arg-type]
+                                 0.1 if provenance == "base" else 0.9)
 
 
 class FakeLedger:

@@ -75,6 +75,8 @@ def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) 
             assert expert.first.evaluate("e => getComputedStyle(e).backgroundColor") != \
                 answer.locator(".tok.base").first.evaluate("e => getComputedStyle(e).backgroundColor")
             expect(answer.locator(".sources")).to_contain_text("invoice.md")
+            expect(answer.locator(".tok.fallback")).to_have_text(["?"])
+            expect(answer.locator(".stats")).to_contain_text("1 to double-check")
 
             records = page.locator("#egress li.egress-record")
             expect(records).to_have_count(2)
