@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from client.egress import EgressDecision, EgressRequest, common_prefix_length
@@ -59,10 +59,19 @@ class _View:
 
 @dataclass(frozen=True)
 class _Text:
-    """Text of a token run, with the run index of the token under each character."""
+    """Text of a token run, with the run index of the token under each character.
+
+    A character split across tokens (BPE may cut a UTF-8 sequence) lies under several; all of
+    them are listed in ``extra_tokens``, so hiding the character hides every piece of it.
+    """
 
     text: str
     token_at_char: list[int]
+    extra_tokens: dict[int, range] = field(default_factory=dict)
+
+    def tokens_under(self, char: int) -> range:
+        return self.extra_tokens.get(char) or range(self.token_at_char[char],
+                                                      self.token_at_char[char] + 1)
 
 
 class Policy:
@@ -162,7 +171,8 @@ class Policy:
                 marked |= _exact_hits(run.text, copied_grams, self._settings.taint_min_chars)
             marked |= _normalized_hits(run.text, sensitive_grams, self._settings.sensitive_min_chars)
             for char in marked:
-                hidden[start + run.token_at_char[char]] = True
+                for token in run.tokens_under(char):
+                    hidden[start + token] = True
         return hidden
 
     def _grams(self, private_texts: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
@@ -216,9 +226,9 @@ class Policy:
                 continue
             for match in pattern.regex.finditer(rendered.text):
                 for char in range(match.start(), match.end()):
-                    source = view.sources[rendered.token_at_char[char]]
-                    if source >= 0:
-                        hits.add(source)
+                    for token in rendered.tokens_under(char):
+                        if view.sources[token] >= 0:
+                            hits.add(view.sources[token])
         return hits
 
     def _text(self, tokens: Sequence[int]) -> _Text:
@@ -230,11 +240,16 @@ class Policy:
         if len(text) == len(data):
             return _Text(text, token_at_byte)
         token_at_char = []
+        extra_tokens = {}
         offset = 0
-        for char in text:
-            token_at_char.append(token_at_byte[offset])
-            offset += len(char.encode("utf-8", _SURROGATES))
-        return _Text(text, token_at_char)
+        for index, char in enumerate(text):
+            size = len(char.encode("utf-8", _SURROGATES))
+            first, last = token_at_byte[offset], token_at_byte[offset + size - 1]
+            token_at_char.append(first)
+            if last != first:
+                extra_tokens[index] = range(first, last + 1)
+            offset += size
+        return _Text(text, token_at_char, extra_tokens)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -158,6 +158,15 @@ def test_custom_skip_pattern_reason(tmp_path: Path) -> None:
     assert ask(policy, tokens, mask).reason == "pattern:codename"
 
 
+def test_a_character_split_across_tokens_is_hidden_whole(tmp_path: Path) -> None:
+    # Byte-level tokens cut "ü" (two bytes) in two; hiding it must hide both pieces.
+    policy = make_policy(tmp_path, mode="full", deny_patterns=[
+        DenyPattern(name="city", regex="Zürich", action="redact")])
+    tokens, mask = sequence(("in Zürich now", False))
+    assert len(tokens) == len("in Zürich now".encode()) + 1
+    assert text_of(policy.remote_view(tokens, mask)) == "in [private] now"
+
+
 def _normalized(text: str) -> str:
     return re.sub(r"[^0-9a-z]", "", text.lower())
 
