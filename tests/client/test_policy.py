@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -331,3 +332,34 @@ def test_bad_policy_files_are_config_errors(tmp_path: Path, toml: str, problem: 
     path.write_text(toml)
     with pytest.raises(ConfigError, match=re.escape(problem)):
         load_settings(PolicySettings, path)
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[Any]:
+    from client.base_model import LlamaModel, smollm2_path
+
+    model = LlamaModel(smollm2_path(), n_ctx=512)
+    yield model
+    model.close()
+
+
+@pytest.mark.parametrize("answer", [f" The IBAN is {IBAN}.", f" Send it to {IBAN.replace(' ', '')}"])
+def test_iban_copy_with_a_real_bpe_vocabulary(tmp_path: Path, smollm2: Any, answer: str) -> None:
+    """SmolLM2's BPE packs several digits or letters into one token; the bound still holds."""
+    settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3")
+    policy = Policy(settings, tokenizer=smollm2, usage=UsageStore(settings.usage_db))
+    tokens, mask = list(smollm2.tokenize("", add_bos=True)), []
+    for text, private in PROMPT:
+        ids = smollm2.tokenize(text)
+        tokens += ids
+        mask += [private] * len(ids)
+    mask = [False] * (len(tokens) - len(mask)) + mask
+    answer_tokens = smollm2.tokenize(answer)
+    held: Sequence[int] = ()
+    for generated in range(len(answer_tokens) + 1):
+        decision = ask(policy, tokens + answer_tokens[:generated], mask + [False] * generated,
+                       held=held)
+        view_text = smollm2.detokenize(decision.remote_view).decode("utf-8", "replace")
+        assert _leaked_pieces(view_text, IBAN, 3) == [], (generated, view_text)
+        held = decision.remote_view
+    policy.close()
