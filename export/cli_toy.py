@@ -43,7 +43,9 @@ def run_build(args: argparse.Namespace) -> int:
         pair = build_toy_pair(out, seed=args.seed, vocab_from=args.vocab_from, progress=progress)
     print(f"toy pair in {pair.root}")
     print(format_targets(pair.report["targets"]))
-    print(f"build time: {pair.report['timings']['build_s']} s")
+    timings = pair.report["timings"]
+    print(f"build time: {timings['build_cpu_s']} CPU s, {timings['build_s']} wall s"
+          f" (base {timings['base_steps']} steps, expert {timings['expert_steps']} steps)")
     failed = [row["name"] for row in pair.report["targets"] if row["met"] is False]
     if failed:
         print(f"targets NOT met: {', '.join(failed)}")

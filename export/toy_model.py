@@ -45,7 +45,7 @@ def import_torch() -> Any:
 
 @dataclass(frozen=True)
 class TrainingSchedule:
-    """Cosine cycles with warm restarts; training stops after the first cycle that passes.
+    """Cosine cycles with warm restarts; training stops at the first validation check that passes.
 
     Tiny models learn copying and addition in a sudden transition whose step varies with the
     seed; annealing helps them settle, and a restart gives a late seed another chance.
@@ -54,6 +54,7 @@ class TrainingSchedule:
     cycle_steps: int
     max_cycles: int
     learning_rate: float
+    check_every: int = 100
     warmup_steps: int = 30
     weight_decay: float = 0.01
 
@@ -154,8 +155,8 @@ def train(
     """AdamW; ``make_batch(step)`` gives ids and per-target weights; returns the losses.
 
     ``weights[i][t]`` weighs the loss of predicting ``ids[i][t + 1]`` from the prefix up to t.
-    ``good_enough`` runs at the end of each cycle; it is deterministic, so the same seed still
-    stops at the same step.
+    ``good_enough`` runs every ``check_every`` steps; it is deterministic, so the same seed still
+    stops at the same step. Without it, training runs one cycle.
     """
     torch = import_torch()
     optimizer = torch.optim.AdamW(
@@ -179,7 +180,11 @@ def train(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-        if (step + 1) % schedule.cycle_steps == 0 and (good_enough is None or good_enough()):
+        at_cycle_end = (step + 1) % schedule.cycle_steps == 0
+        if good_enough is None:
+            if at_cycle_end:
+                break
+        elif (at_cycle_end or (step + 1) % schedule.check_every == 0) and good_enough():
             break
     return losses
 
