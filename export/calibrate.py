@@ -20,6 +20,9 @@ import numpy as np
 from client.errors import TandemError
 
 DEFAULT_RATES = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+# Scores of a trained head are often bimodal, so rate quantiles can jump from 0.999 to 0.004
+# and skip the useful middle; the sweep also tries these plain probabilities.
+DEFAULT_FIXED_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
 PickRule = Literal["accuracy", "max-deferral"]
 
 
@@ -68,18 +71,25 @@ class SweepPoint:
     wall_s: float
 
 
-def sweep(thresholds: Mapping[str, float], run: Callable[[float], SweepPoint],
+def candidates(quantiles: Mapping[str, float],
+               fixed: Sequence[float] = DEFAULT_FIXED_THRESHOLDS) -> list[tuple[float | None, float]]:
+    """``(target rate or None, threshold)`` pairs: the rate quantiles, then the fixed thresholds."""
+    return [(float(rate), threshold) for rate, threshold in quantiles.items()] + [
+        (None, float(threshold)) for threshold in fixed]
+
+
+def sweep(thresholds: Sequence[tuple[float | None, float]], run: Callable[[float], SweepPoint],
           *, progress: bool = True) -> list[SweepPoint]:
-    """Run real decoding at each distinct threshold, in increasing order."""
+    """Run real decoding at each distinct threshold; points ordered by deferred share."""
     from tqdm import tqdm
 
     seen: dict[float, SweepPoint] = {}
-    ordered = sorted(thresholds.items(), key=lambda item: item[1])
+    ordered = sorted(thresholds, key=lambda item: item[1])
     for rate, threshold in tqdm(ordered, desc="calibration sweep", disable=not progress):
         if threshold not in seen:
             point = run(threshold)
-            seen[threshold] = SweepPoint(**{**asdict(point), "target_rate": float(rate)})
-    return sorted(seen.values(), key=lambda point: point.deferred_fraction)
+            seen[threshold] = SweepPoint(**{**asdict(point), "target_rate": rate})
+    return sorted(seen.values(), key=lambda point: (point.deferred_fraction, -point.threshold))
 
 
 def pick(points: Sequence[SweepPoint], *, rule: PickRule = "accuracy",

@@ -274,6 +274,7 @@ def run_calibration(head_path: Path, data_dir: Path, *, out: Path, png: Path | N
     from export.calibrate import (
         SweepPoint,
         calibration_table,
+        candidates,
         pick,
         plot,
         quantile_threshold,
@@ -310,7 +311,7 @@ def run_calibration(head_path: Path, data_dir: Path, *, out: Path, png: Path | N
                                           setup=setup, system="base", progress=False).exact_match
             expert_accuracy = decode_corpus(models, examples, switch=ConstantSwitch(1.0), threshold=0.5,
                                             setup=setup, system="expert", progress=False).exact_match
-            points = sweep(quantiles, run, progress=progress)
+            points = sweep(candidates(quantiles), run, progress=progress)
         chosen = pick(points, rule=rule, max_deferral=max_deferral)  # type: ignore[arg-type]
     elif max_deferral is not None:
         threshold = quantile_threshold(scores, max_deferral)

@@ -12,6 +12,7 @@ from export.calibrate import (
     CalibrationError,
     SweepPoint,
     calibration_table,
+    candidates,
     deferral_rate,
     pick,
     plot,
@@ -74,8 +75,9 @@ def test_sweep_runs_each_distinct_threshold_once() -> None:
         asked.append(threshold)
         return point(threshold, 1 - threshold, 1 - threshold)
 
-    points = sweep({"0.1": 0.8, "0.2": 0.8, "0.5": 0.3}, run, progress=False)
-    assert sorted(asked) == [0.3, 0.8]
+    points = sweep(candidates({"0.1": 0.8, "0.2": 0.8, "0.5": 0.3}, fixed=(0.3, 0.6)), run, progress=False)
+    assert sorted(asked) == [0.3, 0.6, 0.8]
+    assert {p.threshold: p.target_rate for p in points}[0.6] is None
     assert [p.deferred_fraction for p in points] == sorted(p.deferred_fraction for p in points)
 
 
