@@ -99,6 +99,7 @@ class ToyPair:
 
 
 Progress = Callable[[str], None]
+BatchFn = Callable[[int], tuple[list[list[int]], list[list[float]]]]
 
 
 class Tokenizer(Protocol):
@@ -151,7 +152,7 @@ def tokenize_example(
 def base_batches(
     tokenizer: Tokenizer, vocabulary: Vocabulary, examples: Sequence[toy_data.Example],
     batch_size: int, seed: int, prompt_weight: float,
-) -> Any:
+) -> BatchFn:
     """Batches of full examples with random results; loss mostly on the answer."""
     rng = random.Random(f"base-batches-{seed}")
     encoded = [
@@ -175,7 +176,7 @@ def base_batches(
 def expert_batches(
     tokenizer: Tokenizer, vocabulary: Vocabulary, pairs: Sequence[tuple[int, int]],
     batch_size: int, sequence_length: int, seed: int,
-) -> Any:
+) -> BatchFn:
     """Packed rows of unrelated prefixes and expressions; loss on results and what ends them."""
     rng = random.Random(f"expert-batches-{seed}")
 
@@ -253,63 +254,32 @@ def build_toy_pair(
 
     started, started_cpu = time.monotonic(), time.process_time()
     options = replace(options or ToyOptions(), **overrides)
-    torch = toy_model.import_torch()
+    toy_model.import_torch()  # fail early, with the install hint
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocabulary = vocabulary_from_gguf(vocab_from) if vocab_from else default_vocabulary()
     tokenizer: Tokenizer = LlamaCppTokenizer(vocab_from) if vocab_from else ByteTokenizer()
-    pairs = toy_data.operand_split(seed)
-    corpus_rng = random.Random(f"corpus-{seed}")
-    splits = {
-        "train": toy_data.make_examples(corpus_rng, pairs.train, options.train_examples),
-        "validation": toy_data.make_examples(corpus_rng, pairs.validation, options.validation_examples),
-        "test": toy_data.make_examples(corpus_rng, pairs.test, options.test_examples),
-    }
-    for split, examples in splits.items():
-        toy_data.write_jsonl(out_dir / f"{split}.jsonl", examples)
-    questions = toy_data.write_sample_documents(out_dir / "documents")
-    (out_dir / "demo_questions.json").write_text(json.dumps(questions, indent=2) + "\n")
-
-    hparams = options.hparams()
-    timings: dict[str, Any] = {}
-    models = {}
-    context = toy_eval.ModelContext(hparams, tokenizer, vocabulary)
+    pairs, splits = _write_corpora(out_dir, options, seed)
+    context = toy_eval.ModelContext(options.hparams(), tokenizer, vocabulary)
     checks = toy_eval.ValidationChecks(
         context, validation=splits["validation"], validation_pairs=pairs.validation, seed=seed
     )
-    def _check(role: str, parameters: Any) -> bool:
-        score = checks.score(role, parameters)
-        if progress is not None:
-            elapsed = time.monotonic() - started
-            progress(f"{role}: validation {score:.3f} ({elapsed:.0f} s)")
-        return checks.passes(score)
+    batches = {
+        "base": base_batches(tokenizer, vocabulary, splits["train"], options.base_batch, seed,
+                             options.prompt_weight),
+        "expert": expert_batches(tokenizer, vocabulary, pairs.train, options.expert_batch,
+                                 options.expert_sequence_length, seed),
+    }
+    timings: dict[str, Any] = {}
+    models = {}
+    for role, make_batch in batches.items():
+        def check(parameters: Any, role: str = role) -> bool:
+            score = checks.score(role, parameters)
+            if progress is not None:
+                progress(f"{role}: validation {score:.3f} ({time.monotonic() - started:.0f} s)")
+            return checks.passes(score)
 
-    for role, cycle_steps, make_batch in (
-        ("base", options.base_cycle_steps,
-         base_batches(tokenizer, vocabulary, splits["train"], options.base_batch, seed,
-                      options.prompt_weight)),
-        ("expert", options.expert_cycle_steps,
-         expert_batches(tokenizer, vocabulary, pairs.train, options.expert_batch,
-                        options.expert_sequence_length, seed)),
-    ):
-        role_started = time.monotonic()
-        torch.manual_seed(seed)
-        parameters = toy_model.init_parameters(hparams, vocabulary.size, seed + (role == "expert"))
-        schedule = toy_model.TrainingSchedule(
-            cycle_steps=cycle_steps, max_cycles=options.max_cycles, learning_rate=options.learning_rate
-        )
-        losses = toy_model.train(
-            parameters, hparams, schedule, make_batch, pad_id=vocabulary.eos_id,
-            good_enough=functools.partial(_check, role, parameters),
-        )
-        models[role] = parameters
-        write_llama_gguf(
-            out_dir / f"{role}.gguf", hparams=hparams, tensors=toy_model.to_numpy(parameters),
-            vocabulary=vocabulary, name=f"tandem-toy-{role}",
-        )
-        timings[f"{role}_train_s"] = round(time.monotonic() - role_started, 1)
-        timings[f"{role}_steps"] = len(losses)
-        timings[f"{role}_final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)
+        models[role] = _train_role(role, out_dir, context, options, make_batch, check, seed, timings)
 
     eval_started = time.monotonic()
     metrics = toy_eval.evaluate_pair(
@@ -332,3 +302,50 @@ def build_toy_pair(
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return ToyPair.at(out_dir)
+
+
+def _write_corpora(
+    out_dir: Path, options: ToyOptions, seed: int
+) -> tuple[toy_data.OperandSplit, dict[str, list[toy_data.Example]]]:
+    pairs = toy_data.operand_split(seed)
+    corpus_rng = random.Random(f"corpus-{seed}")
+    splits = {
+        "train": toy_data.make_examples(corpus_rng, pairs.train, options.train_examples),
+        "validation": toy_data.make_examples(corpus_rng, pairs.validation, options.validation_examples),
+        "test": toy_data.make_examples(corpus_rng, pairs.test, options.test_examples),
+    }
+    for split, examples in splits.items():
+        toy_data.write_jsonl(out_dir / f"{split}.jsonl", examples)
+    questions = toy_data.write_sample_documents(out_dir / "documents")
+    (out_dir / "demo_questions.json").write_text(json.dumps(questions, indent=2) + "\n")
+    return pairs, splits
+
+
+def _train_role(
+    role: str, out_dir: Path, context: Any, options: ToyOptions, make_batch: Any,
+    good_enough: Callable[[Any], bool], seed: int, timings: dict[str, Any],
+) -> Any:
+    """Train one model until its validation check passes, write its GGUF, record timings."""
+    from export import toy_model
+
+    torch = toy_model.import_torch()
+    role_started = time.monotonic()
+    torch.manual_seed(seed)
+    expert_offset = 1 if role == "expert" else 0
+    parameters = toy_model.init_parameters(context.hparams, context.vocabulary.size, seed + expert_offset)
+    cycle_steps = options.base_cycle_steps if role == "base" else options.expert_cycle_steps
+    schedule = toy_model.TrainingSchedule(
+        cycle_steps=cycle_steps, max_cycles=options.max_cycles, learning_rate=options.learning_rate
+    )
+    losses = toy_model.train(
+        parameters, context.hparams, schedule, make_batch, pad_id=context.vocabulary.eos_id,
+        good_enough=functools.partial(good_enough, parameters),
+    )
+    write_llama_gguf(
+        out_dir / f"{role}.gguf", hparams=context.hparams, tensors=toy_model.to_numpy(parameters),
+        vocabulary=context.vocabulary, name=f"tandem-toy-{role}",
+    )
+    timings[f"{role}_train_s"] = round(time.monotonic() - role_started, 1)
+    timings[f"{role}_steps"] = len(losses)
+    timings[f"{role}_final_loss"] = round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4)
+    return parameters
