@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest browser clean
+.PHONY: demo test lint pytest browser toy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check client expert_gateway export tests bench
 	$(BIN)/mypy
 
-pytest: $(STAMP) browser
+# Build (or find cached) the toy model pair before pytest, so no test's timeout pays for it.
+toy: $(STAMP)
+	$(BIN)/python -c "from export.toy import ensure_toy_pair; ensure_toy_pair(progress=print)"
+
+pytest: $(STAMP) browser toy
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
