@@ -12,7 +12,7 @@ so there is one merge of two control bytes that never occur in text (0x01 0x02).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,11 @@ def bytes_to_unicode() -> dict[int, str]:
         + list(range(ord("®"), ord("ÿ") + 1))
     )
     mapping = {byte: chr(byte) for byte in printable}
-    extra = 0
+    unprintable_count = 0
     for byte in range(256):
         if byte not in mapping:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
+            mapping[byte] = chr(256 + unprintable_count)
+            unprintable_count += 1
     return mapping
 
 
@@ -58,8 +58,6 @@ class Vocabulary:
     bos_id: int
     eos_id: int
     size: int
-    byte_level_default: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_vocabulary() -> Vocabulary:
@@ -87,7 +85,7 @@ def default_vocabulary() -> Vocabulary:
         "tokenizer.ggml.add_eos_token": (False, boolean, None),
         "tokenizer.ggml.add_space_prefix": (False, boolean, None),
     }
-    return Vocabulary(fields, bos_id, eos_id, len(tokens), byte_level_default=True)
+    return Vocabulary(fields, bos_id, eos_id, len(tokens))
 
 
 def vocabulary_from_gguf(path: Path) -> Vocabulary:

@@ -54,7 +54,7 @@ class ToyOptions:
     base_cycle_steps: int = 600
     expert_cycle_steps: int = 1200
     max_cycles: int = 3
-    base_batch: int = 32
+    base_batch: int = 24
     expert_batch: int = 12
     expert_sequence_length: int = 256
     learning_rate: float = 5e-3

@@ -171,12 +171,15 @@ class ValidationChecks:
 
 
 def llama_cpp_greedy(path: Path, prompt_ids: Sequence[int], *, max_tokens: int, stop_id: int) -> list[int]:
-    """Greedy continuation under llama.cpp, argmax over its own logits (F32 KV cache)."""
+    """Greedy continuation under llama.cpp, argmax over its own logits (F32 KV cache).
+
+    One thread: on a busy machine llama.cpp's threads spin-wait on each other, ten times slower.
+    """
     import llama_cpp
     import numpy as np
 
     llama = llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+        model_path=str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False,
         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
     )
     try:
