@@ -112,18 +112,8 @@ class DaemonSettings(_Section):
     )
 
 
-class ClientSettings(BaseSettings):
-    """Everything client.toml configures."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid"
-    )
-
-    base: BaseModelSettings = Field(default_factory=BaseModelSettings)
-    switch: SwitchSettings = Field(default_factory=SwitchSettings)
-    expert: ExpertSettings = Field(default_factory=ExpertSettings)
-    decoding: DecodingSettings = Field(default_factory=DecodingSettings)
-    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+class TomlSettings(BaseSettings):
+    """Settings read from a TOML file named at load time, overridable by the environment."""
 
     @classmethod
     def settings_customise_sources(
@@ -136,6 +126,21 @@ class ClientSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: explicit arguments, then environment, then the TOML file.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+class ClientSettings(TomlSettings):
+    """Everything client.toml configures."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    base: BaseModelSettings = Field(default_factory=BaseModelSettings)
+    switch: SwitchSettings = Field(default_factory=SwitchSettings)
+    expert: ExpertSettings = Field(default_factory=ExpertSettings)
+    decoding: DecodingSettings = Field(default_factory=DecodingSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
@@ -200,7 +205,7 @@ DEFAULT_DENY_PATTERNS = (
 )
 
 
-class PolicySettings(BaseSettings):
+class PolicySettings(TomlSettings):
     """Everything policy.toml configures: what may leave the machine, how often, and the audit log."""
 
     model_config = SettingsConfigDict(
@@ -264,13 +269,3 @@ class PolicySettings(BaseSettings):
         description="rotate the audit log when the active file would grow past this size",
     )
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)

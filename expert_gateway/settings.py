@@ -12,14 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
-from client.settings import load_settings
+from client.settings import TomlSettings, load_settings
 
 
 class _Section(BaseModel):
@@ -150,7 +145,7 @@ class OpenAICompatSettings(_Section):
     )
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(TomlSettings):
     """Everything gateway.toml configures."""
 
     model_config = SettingsConfigDict(
@@ -173,17 +168,6 @@ class GatewaySettings(BaseSettings):
             )
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments, then environment, then the TOML file.
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 def is_loopback(host: str) -> bool:
