@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +27,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.daemon import ServerThread
 from expert_gateway.app import create_app
 from expert_gateway.backends.base import ExpertBackend
 from expert_gateway.settings import GatewaySettings
@@ -41,18 +40,12 @@ from expert_gateway.settings import GatewaySettings
 def served(backend: ExpertBackend) -> Iterator[httpx.Client]:
     settings = GatewaySettings(auth={"enabled": False, "keys_file": Path(tempfile.mkdtemp()) / "k.json"},
                                sessions={"max_sessions": 1024})
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend), host="127.0.0.1",
-                                           port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server = ServerThread(create_app(settings, backend=backend))
+    url = server.start(timeout=120)
     limits = httpx.Limits(max_connections=64)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300, limits=limits) as client:
+    with httpx.Client(base_url=url, timeout=300, limits=limits) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=10)
+    server.stop()
 
 
 def _tokens(count: int, vocab_size: int, seed: int) -> list[int]:

