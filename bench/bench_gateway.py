@@ -127,26 +127,37 @@ def _default_model() -> tuple[Path, str]:
     return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
 
 
-def hf_backend(hidden: int, layers: int) -> tuple[ExpertBackend, str]:
+def hf_backend(hidden: int, layers: int, max_batch: int) -> tuple[ExpertBackend, str]:
+    """A randomly initialised Llama of the given shape, built straight on the device.
+
+    Random weights cost the same FLOPs and bytes as trained ones; built on the GPU in bf16 it
+    skips a multi-GB save and load.
+    """
     import torch
     import transformers
 
-    from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend
+    from expert_gateway.backends.hf import HfBackend
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 3,
                                       num_hidden_layers=layers, num_attention_heads=hidden // 64,
                                       num_key_value_heads=max(1, hidden // 256),
                                       max_position_embeddings=4096)
-    folder = Path(tempfile.mkdtemp())
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    (folder / FINGERPRINT_FILE).write_text("ab" * 32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    backend = HfBackend.open(folder, name="bench", device=device,
-                             dtype="bfloat16" if device == "cuda" else "float32", max_batch=64,
-                             max_context=4096)
-    return backend, f"random Llama {layers}x{hidden} on {name}"
+    parameters = sum(parameter.numel() for parameter in model.parameters()) / 1e9
+    backend = HfBackend(model, name="bench", fingerprint="ab" * 32, vocab_size=config.vocab_size,
+                        eos_ids=frozenset(), max_batch=max_batch, max_context=4096)
+    return backend, (f"random Llama {layers}x{hidden} ({parameters:.2f} B params, {dtype}, max batch "
+                     f"{max_batch}) on {name}")
 
 
 def main() -> int:
@@ -157,14 +168,16 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=8, help="timed calls per measurement")
     parser.add_argument("--hidden", type=int, default=1024, help="hf: hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="hf: layers of the random model")
+    parser.add_argument("--max-batch", type=int, default=64, help="hf: sessions per batched decode step")
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
     args = parser.parse_args()
 
     results: dict[str, Any] = {"backend": args.backend}
     if args.backend == "llama_cpp":
         long_context, many, label = llama_cpp_backends(args.model, args.threads)
     else:
-        long_context, label = hf_backend(args.hidden, args.layers)
+        long_context, label = hf_backend(args.hidden, args.layers, args.max_batch)
         many = long_context
     results["model"] = label
     rows = []
@@ -183,9 +196,15 @@ def main() -> int:
         info = client.get("/v1/models").json()[0]
         results["throughput"] = []
         for sessions in (int(value) for value in args.concurrency.split(",")):
-            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=4)
+            steps = getattr(many, "steps", None)  # the hf backend's batch size per decode step
+            if steps is not None:
+                steps.clear()
+            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=args.span)
+            if steps:
+                measured["mean_decode_batch"] = statistics.fmean(steps)
             results["throughput"].append(measured)
-            rows.append((f"throughput {sessions} sessions", f"{measured['requests_per_s']:.1f} req/s",
+            batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
+            rows.append((f"throughput {sessions} sessions{batch}", f"{measured['requests_per_s']:.1f} req/s",
                          f"{measured['tokens_per_s']:.1f} tok/s", f"{measured['seconds']:.1f} s"))
     many.close()
     print(f"model: {label}")
