@@ -200,14 +200,13 @@ class HfBackend:
         reused = min(common_prefix_length(cache.tokens, job.sequence), len(job.sequence) - 1)
         layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
         new = job.sequence[reused:]
-        with torch.inference_mode():
-            output = self._model(
-                input_ids=torch.tensor([new], device=self._device),
-                attention_mask=torch.ones(1, len(job.sequence), dtype=torch.long, device=self._device),
-                position_ids=torch.arange(reused, len(job.sequence), device=self._device)[None],
-                use_cache=True,
-                **{self._cache_argument: self._cache_object(layers) if reused else None},
-            )
+        output = self._forward(
+            input_ids=torch.tensor([new], device=self._device),
+            attention_mask=torch.ones(1, len(job.sequence), dtype=torch.long, device=self._device),
+            position_ids=torch.arange(reused, len(job.sequence), device=self._device)[None],
+            use_cache=True,
+            **{self._cache_argument: self._cache_object(layers) if reused else None},
+        )
         job.reused = reused
         self._store(job.session_id, job.sequence, self._layers_of(self._returned_cache(output)))
         return output.logits[0, -1].float().cpu().numpy()
@@ -227,13 +226,12 @@ class HfBackend:
         mask = torch.zeros(len(batch), longest + 1, dtype=torch.long, device=self._device)
         for row, length in enumerate(lengths):
             mask[row, longest - length:] = 1
-        with torch.inference_mode():
-            output = self._model(
-                input_ids=torch.tensor([[job.tokens[-1]] for job in batch], device=self._device),
-                attention_mask=mask,
-                position_ids=torch.tensor([[length] for length in lengths], device=self._device),
-                use_cache=True, **{self._cache_argument: self._cache_object(padded)},
-            )
+        output = self._forward(
+            input_ids=torch.tensor([[job.tokens[-1]] for job in batch], device=self._device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[length] for length in lengths], device=self._device),
+            use_cache=True, **{self._cache_argument: self._cache_object(padded)},
+        )
         self.steps.append(len(batch))
         new_layers = self._layers_of(self._returned_cache(output))
         logits = output.logits[:, -1].float().cpu().numpy()
@@ -263,10 +261,22 @@ class HfBackend:
         if item.start >= len(item.tokens):
             return ScoreResult(logprobs=[], argmax=[])
         torch = self._torch
-        with torch.inference_mode():
-            output = self._model(input_ids=torch.tensor([item.tokens[:-1]], device=self._device))
+        output = self._forward(input_ids=torch.tensor([item.tokens[:-1]], device=self._device))
         rows = output.logits[0, item.start - 1:].float().cpu().numpy()
         return score_rows(rows, item.tokens[item.start:])
+
+    def _forward(self, **inputs: Any) -> Any:
+        """One model call without autograd, on attention kernels that need no per-shape plan.
+
+        cuDNN's attention (PyTorch's first choice on Hopper) builds an execution plan for every
+        new sequence length, and a growing session has a new length on every call: on an H100
+        that made each forward of a 0.9 B model 50 ms instead of 11 ms.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with self._torch.inference_mode(), sdpa_kernel(kernels):
+            return self._model(**inputs)
 
     # -- cache plumbing ----------------------------------------------------------------------
 
