@@ -11,13 +11,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import SecretStr
 
 from client.documents import DocumentStore, Passage
+from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment, plain_prompt
 from client.settings import ClientSettings, PolicySettings
@@ -71,17 +72,6 @@ class AnswerToken:
     text: str
     provenance: Provenance
     deferral_probability: float
-
-
-@dataclass(frozen=True)
-class EgressSummary:
-    """What an answer sent off the machine, from the audit log."""
-
-    calls: int = 0
-    tokens_sent: int = 0
-    denials: int = 0
-    failures: int = 0
-    destinations: tuple[str, ...] = ()
 
 
 @dataclass
@@ -367,12 +357,11 @@ class CoDecoderSource:
         finally:
             stream.close()  # an answer cut short releases the decoder (and its lock) at once
 
-    def _remember(self, request_id: str, egress: Any) -> None:
+    def _remember(self, request_id: str, egress: EgressSummary) -> None:
         destination = getattr(self.decoder.expert, "destination", "")
         with self._lock:
-            self._summaries[request_id] = EgressSummary(
-                calls=egress.calls, tokens_sent=egress.tokens_sent, denials=egress.denials,
-                failures=egress.failures, destinations=(destination,) if egress.calls else ())
+            self._summaries[request_id] = replace(
+                egress, destinations=(destination,) if egress.calls else ())
 
     def summary(self, request_id: str) -> EgressSummary:
         """The decoder's count when it ran to the end, else the audit log's account."""

@@ -31,6 +31,7 @@ from client.egress import (
     EgressPolicy,
     EgressRecord,
     EgressRequest,
+    EgressSummary,
     SendEverything,
     common_prefix_length,
 )
@@ -79,18 +80,6 @@ class GeneratedToken:
     text: bytes
     provenance: Provenance
     deferral_probability: float
-
-
-@dataclass(frozen=True)
-class EgressSummary:
-    """What one answer sent to the expert."""
-
-    calls: int = 0
-    tokens_sent: int = 0
-    tokens_received: int = 0
-    denials: int = 0
-    failures: int = 0
-    deferred_positions: int = 0
 
 
 @dataclass(frozen=True)

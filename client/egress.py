@@ -64,6 +64,24 @@ class EgressOutcome:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EgressSummary:
+    """What one answer sent to the expert.
+
+    The decoder counts every field as it runs; read back from the audit log (an answer cut
+    short), only calls, tokens sent, denials, failures and destinations are known and the
+    rest stay 0.
+    """
+
+    calls: int = 0
+    tokens_sent: int = 0
+    tokens_received: int = 0
+    denials: int = 0
+    failures: int = 0
+    deferred_positions: int = 0
+    destinations: tuple[str, ...] = ()
+
+
 class EgressPolicy(Protocol):
     def decide(self, request: EgressRequest) -> EgressDecision:
         """Decide, and if allowed count the call against the caps."""

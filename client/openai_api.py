@@ -8,12 +8,12 @@ probability, the passages used, and what the answer sent off the machine.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from client.assistant import Answer, AnswerToken
+from client.egress import EgressSummary
 
 
 class ApiError(Exception):
@@ -113,8 +113,14 @@ def tandem_extra(answer: Answer) -> dict[str, Any]:
         "provenance": answer.provenance_counts,
         "passages": [{"document_id": p.document_id, "document_name": p.document_name,
                       "ordinal": p.ordinal} for p in answer.passages],
-        "egress": asdict(answer.egress),
+        "egress": egress_json(answer.egress),
     }
+
+
+def egress_json(egress: EgressSummary) -> dict[str, Any]:
+    """The fields the audit log can also tell, so a reply reads the same however it ended."""
+    return {"calls": egress.calls, "tokens_sent": egress.tokens_sent, "denials": egress.denials,
+            "failures": egress.failures, "destinations": egress.destinations}
 
 
 def token_json(token: AnswerToken) -> dict[str, Any]:

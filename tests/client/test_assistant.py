@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +13,7 @@ from client.assistant import (
     Assistant,
     ChatTemplatePrompt,
     ChatTurn,
+    CoDecoderSource,
     GeneratedToken,
     Question,
     StopCutter,
@@ -18,6 +21,7 @@ from client.assistant import (
     summarize_egress,
 )
 from client.documents import DocumentStore
+from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
@@ -155,3 +159,18 @@ def test_egress_summary_from_audit_records() -> None:
     summary = summarize_egress(records)
     assert (summary.calls, summary.tokens_sent, summary.denials, summary.failures) == (2, 4, 1, 1)
     assert summary.destinations == ("http://gw",)
+
+
+def test_a_finished_answer_keeps_the_decoders_counts_and_its_destination() -> None:
+    counted = EgressSummary(calls=2, tokens_sent=9, tokens_received=4, deferred_positions=3)
+
+    def stream(*args: object, **kwargs: object) -> Generator[GeneratedToken, None, object]:
+        yield from tokens_of("ab")
+        return SimpleNamespace(egress=counted)
+
+    decoder = SimpleNamespace(stream=stream, expert=SimpleNamespace(destination="http://gw"))
+    source = CoDecoderSource(decoder)
+    list(source.generate([Segment("q")], request_id="r1", max_tokens=2, temperature=0.0, seed=None))
+    assert source.summary("r1") == EgressSummary(calls=2, tokens_sent=9, tokens_received=4,
+                                                 deferred_positions=3, destinations=("http://gw",))
+    assert source.summary("r1") == EgressSummary()  # read once; no audit log to fall back on
