@@ -83,7 +83,7 @@ def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: i
 
 
 def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, calls: int,
-               max_tokens: int) -> dict[str, float]:
+               max_tokens: int, new_tokens: int) -> dict[str, float]:
     base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": max_tokens}
 
     def one_session(index: int) -> int:
@@ -92,7 +92,7 @@ def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, cal
         produced = 0
         for call in range(calls):
             reply = _post(client, {**base, "session": f"tp{sessions}-{index}", "held": held,
-                                   "tokens": _tokens(1, info["vocab_size"], seed=call)})
+                                   "tokens": _tokens(new_tokens, info["vocab_size"], seed=call)})
             held, produced = reply["held"], produced + len(reply["tokens"])
         return produced
 
@@ -171,6 +171,8 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=64, help="hf: sessions per batched decode step")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
+    parser.add_argument("--new-tokens", type=int, default=4,
+                        help="tokens each throughput call adds (the base's tokens since the last call)")
     args = parser.parse_args()
 
     results: dict[str, Any] = {"backend": args.backend}
@@ -199,7 +201,8 @@ def main() -> int:
             steps = getattr(many, "steps", None)  # the hf backend's batch size per decode step
             if steps is not None:
                 steps.clear()
-            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=args.span)
+            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=args.span,
+                                  new_tokens=args.new_tokens)
             if steps:
                 measured["mean_decode_batch"] = statistics.fmean(steps)
             results["throughput"].append(measured)

@@ -129,6 +129,9 @@ class HfSettings(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="bfloat16", description="weights dtype")
     max_batch: int = Field(default=32, ge=1, le=1024, description="sessions decoded together in one step")
     max_context: int = Field(default=4096, ge=16, le=1_048_576, description="longest session sequence")
+    batch_prefill_tokens: int = Field(
+        default=64, ge=1, le=8192,
+        description="a call bringing at most this many new tokens joins the batched step")
 
 
 class OpenAICompatSettings(_Section):

@@ -48,7 +48,8 @@ def _hf(settings: GatewaySettings) -> ExpertBackend:
     options = settings.hf
     return HfBackend.open(model_path(settings), name=settings.model.name, device=options.device,
                           dtype=options.dtype, max_batch=options.max_batch,
-                          max_context=options.max_context)
+                          max_context=options.max_context,
+                          batch_prefill_tokens=options.batch_prefill_tokens)
 
 
 def _openai_compat(settings: GatewaySettings) -> ExpertBackend:

@@ -1,11 +1,14 @@
-"""The transformers backend: one GPU, continuous batching of concurrent sessions' decode steps.
+"""The transformers backend: one GPU, continuous batching of concurrent sessions.
 
-A scheduler thread owns the model. Request threads enqueue jobs and wait. Each loop the
-scheduler prefills newly arrived sessions one by one (only past the longest common prefix with
-the session's own KV cache), then runs ONE batched forward step for every session still
-generating: the per-session caches are left-padded into a batch, with an attention mask over
-the padding and explicit position ids, so each row computes exactly what it would alone. A
-session's cache stays on the GPU between calls until the gateway evicts the session.
+A scheduler thread owns the model. Request threads enqueue jobs and wait. A job feeds only the
+tokens past the longest common prefix with its session's KV cache. Each loop runs ONE batched
+forward step over every active job: a job just arrived feeds its new tokens (the usual call of
+an ongoing answer brings a few), a job already generating feeds its last sampled token. Caches
+are left-padded to the longest and new tokens right-aligned, with an attention mask over both
+paddings and explicit position ids, so each row computes what it would alone. A fresh session,
+or one bringing more than ``batch_prefill_tokens`` new tokens, is prefilled on its own first
+(padding a batch to a long prompt would waste the step). A session's cache stays on the GPU
+between calls until the gateway evicts the session.
 
 torch and transformers are imported when the backend is opened, never at module import.
 """
@@ -67,6 +70,7 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     reused: int = 0
+    pending: list[int] = field(default_factory=list)  # fed by the next batched step
 
 
 @dataclass
@@ -79,7 +83,8 @@ class HfBackend:
     """ExpertBackend over a transformers causal LM with a continuous-batching scheduler."""
 
     def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
-                 eos_ids: frozenset[int], max_batch: int, max_context: int) -> None:
+                 eos_ids: frozenset[int], max_batch: int, max_context: int,
+                 batch_prefill_tokens: int = 64) -> None:
         self._torch, _ = _import_torch()
         self._model = model
         self._device = next(model.parameters()).device
@@ -89,18 +94,21 @@ class HfBackend:
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self.max_batch = max_batch
         self.max_concurrency = max_batch
+        self.batch_prefill_tokens = batch_prefill_tokens
         self.info = ModelInfo(name=name, vocab_size=vocab_size, tokenizer=fingerprint,
                               max_context=max_context)
         self._caches: dict[str, _SessionCache] = {}
         self._caches_lock = threading.Lock()
         self._inbox: queue.Queue[_Job | _ScoreJob | None] = queue.Queue()
-        self.steps: list[int] = []  # batch size of every batched decode step (for tests, metrics)
+        # Rows and widest row (tokens fed) of every batched step, for tests and benchmarks.
+        self.steps: list[int] = []
+        self.widths: list[int] = []
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self._thread.start()
 
     @classmethod
     def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
-             max_context: int) -> HfBackend:
+             max_context: int, batch_prefill_tokens: int = 64) -> HfBackend:
         torch, transformers = _import_torch()
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -111,7 +119,7 @@ class HfBackend:
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         return cls(model, name=name, fingerprint=vocabulary_fingerprint(path),
                    vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
-                   max_context=max_context)
+                   max_context=max_context, batch_prefill_tokens=batch_prefill_tokens)
 
     # -- the ExpertBackend surface (called from request threads) -----------------------------
 
@@ -149,11 +157,11 @@ class HfBackend:
             if active:
                 batch = active[:self.max_batch]
                 try:
-                    self._decode_step(batch)
+                    self._step(batch)
                 except Exception as exc:
                     for job in batch:
                         self.forget(job.session_id)
-                        job.future.set_exception(BackendError(f"decode step failed: {exc}"))
+                        job.future.set_exception(BackendError(f"batched step failed: {exc}"))
                     active = active[len(batch):]
                     continue
                 for job in [job for job in batch if self._finished(job)]:
@@ -186,19 +194,28 @@ class HfBackend:
         if isinstance(item, _ScoreJob):
             item.future.set_result([self._score_one(entry) for entry in item.sequences])
             return
-        logits = self._prefill(item)
-        self._take(item, logits)
+        with self._caches_lock:
+            cache = self._caches.get(item.session_id) or _SessionCache([], [])
+        reused = min(common_prefix_length(cache.tokens, item.sequence), len(item.sequence) - 1)
+        item.reused = reused
+        layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
+        if reused and len(item.sequence) - reused <= self.batch_prefill_tokens:
+            # Joins the next batched step; the cache keeps only the shared prefix.
+            self._store(item.session_id, item.sequence[:reused], layers)
+            item.pending = item.sequence[reused:]
+            active.append(item)
+            return
+        self._take(item, self._prefill(item, layers))
         if self._finished(item):
             self._finish(item)
         else:
+            item.pending = [item.tokens[-1]]
             active.append(item)
 
-    def _prefill(self, job: _Job) -> np.ndarray:
+    def _prefill(self, job: _Job, layers: list[tuple[Any, Any]]) -> np.ndarray:
+        """Feed the job's new tokens alone; the logits of its last position."""
         torch = self._torch
-        with self._caches_lock:
-            cache = self._caches.get(job.session_id) or _SessionCache([], [])
-        reused = min(common_prefix_length(cache.tokens, job.sequence), len(job.sequence) - 1)
-        layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
+        reused = job.reused
         new = job.sequence[reused:]
         output = self._forward(
             input_ids=torch.tensor([new], device=self._device),
@@ -207,39 +224,59 @@ class HfBackend:
             use_cache=True,
             **{self._cache_argument: self._cache_object(layers) if reused else None},
         )
-        job.reused = reused
         self._store(job.session_id, job.sequence, self._layers_of(self._returned_cache(output)))
         return output.logits[0, -1].float().cpu().numpy()
 
-    def _decode_step(self, batch: list[_Job]) -> None:
-        """Feed each job's last sampled token in ONE forward pass over left-padded caches."""
+    def _step(self, batch: list[_Job]) -> None:
+        """Feed every job's pending tokens in ONE forward pass; sample one token for each.
+
+        Row ``i`` is ``[pad] * (C - c_i) + cache_i + [pad] * (N - n_i) + pending_i`` with C the
+        longest cache and N the most pending tokens: the last column is every row's next-token
+        distribution. Every row has a cache, so no query row is fully masked.
+        """
         torch = self._torch
         with self._caches_lock:
             caches = [self._caches[job.session_id] for job in batch]
-        lengths = [len(cache.tokens) for cache in caches]
-        longest = max(lengths)
+        cached = [len(cache.tokens) for cache in caches]
+        fed = [len(job.pending) for job in batch]
+        longest, width = max(cached), max(fed)
         padded = []
         for layer in range(len(caches[0].layers)):
             keys = [self._left_pad(cache.layers[layer][0], longest) for cache in caches]
             values = [self._left_pad(cache.layers[layer][1], longest) for cache in caches]
             padded.append((torch.cat(keys), torch.cat(values)))
-        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long, device=self._device)
-        for row, length in enumerate(lengths):
-            mask[row, longest - length:] = 1
+        # Built on the host, moved in one copy each.
+        mask = torch.zeros(len(batch), longest + width, dtype=torch.long)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        positions = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (job, length, count) in enumerate(zip(batch, cached, fed, strict=True)):
+            mask[row, longest - length:longest] = 1
+            mask[row, longest + width - count:] = 1
+            input_ids[row, width - count:] = torch.tensor(job.pending)
+            positions[row, width - count:] = torch.arange(length, length + count)
         output = self._forward(
-            input_ids=torch.tensor([[job.tokens[-1]] for job in batch], device=self._device),
-            attention_mask=mask,
-            position_ids=torch.tensor([[length] for length in lengths], device=self._device),
-            use_cache=True, **{self._cache_argument: self._cache_object(padded)},
+            input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
+            position_ids=positions.to(self._device), use_cache=True,
+            **{self._cache_argument: self._cache_object(padded)},
         )
         self.steps.append(len(batch))
+        self.widths.append(width)
         new_layers = self._layers_of(self._returned_cache(output))
         logits = output.logits[:, -1].float().cpu().numpy()
-        for row, (job, cache, length) in enumerate(zip(batch, caches, lengths, strict=True)):
-            layers = [(keys[row:row + 1, :, longest - length:], values[row:row + 1, :, longest - length:])
+        for row, (job, cache, length, count) in enumerate(zip(batch, caches, cached, fed, strict=True)):
+            layers = [(self._unpad(keys[row:row + 1], longest, length, width, count),
+                       self._unpad(values[row:row + 1], longest, length, width, count))
                       for keys, values in new_layers]
-            self._store(job.session_id, [*cache.tokens, job.tokens[-1]], layers)
+            self._store(job.session_id, [*cache.tokens, *job.pending], layers)
             self._take(job, logits[row])
+            job.pending = [job.tokens[-1]]
+
+    def _unpad(self, tensor: Any, longest: int, length: int, width: int, count: int) -> Any:
+        """One row's cache without padding: its ``length`` cached and ``count`` fed positions."""
+        if count == width:
+            return tensor[:, :, longest - length:]
+        cached, fed = tensor[:, :, longest - length:longest], tensor[:, :, longest + width - count:]
+        return self._torch.cat([cached, fed], dim=2)
 
     def _take(self, job: _Job, logits: np.ndarray) -> None:
         options = job.options

@@ -22,7 +22,7 @@ from .conftest import gateway_settings, serve
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend  # noqa: E402
+from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend, _Job  # noqa: E402
 
 FINGERPRINT = "0123456789abcdef" * 4
 VOCAB = 96
@@ -94,6 +94,31 @@ def test_seeded_sampling_span_equals_token_by_token(hf_backend: HfBackend) -> No
         steps += hf_backend.continue_("s2", prompt + steps, options=ContinueOptions(
             max_tokens=1, temperature=1.0, seed=9)).tokens
     assert steps == span
+
+
+def test_ragged_new_tokens_of_many_sessions_share_one_step(hf_backend: HfBackend) -> None:
+    """Sessions bringing 1..6 new tokens over caches of different lengths run as one batch.
+
+    Drives the scheduler's own admit/step functions from the test thread (the scheduler thread
+    is idle, blocked on its inbox), so the batch composition is deterministic.
+    """
+    prompts = [_prompt(20 + index) for index in range(6)]
+    for index, prompt in enumerate(prompts):
+        hf_backend.continue_(f"ragged{index}", prompt, options=ContinueOptions(max_tokens=1))
+    extended = [prompt + _prompt(40 + index)[:1 + index] for index, prompt in enumerate(prompts)]
+    jobs = [_Job(f"ragged{index}", sequence, ContinueOptions(max_tokens=4))
+            for index, sequence in enumerate(extended)]
+    active: list[_Job] = []
+    for job in jobs:
+        hf_backend._admit(job, active)
+    first_step = len(hf_backend.steps)
+    while active:
+        hf_backend._step(active)
+        active = [job for job in active if not hf_backend._finished(job)]
+    assert (hf_backend.steps[first_step], hf_backend.widths[first_step]) == (6, 6)
+    for job, sequence, prompt in zip(jobs, extended, prompts, strict=True):
+        assert job.reused == len(prompt)
+        assert job.tokens == _reference_greedy(hf_backend, sequence, 4)
 
 
 def test_score_matches_a_forward_pass(hf_backend: HfBackend) -> None:
