@@ -127,7 +127,7 @@ def _default_model() -> tuple[Path, str]:
     return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
 
 
-def hf_backend(hidden: int, layers: int, max_batch: int) -> tuple[ExpertBackend, str]:
+def hf_backend(hidden: int, layers: int, max_batch: int, batch_prefill_tokens: int) -> tuple[ExpertBackend, str]:
     """A randomly initialised Llama of the given shape, built straight on the device.
 
     Random weights cost the same FLOPs and bytes as trained ones; built on the GPU in bf16 it
@@ -155,9 +155,10 @@ def hf_backend(hidden: int, layers: int, max_batch: int) -> tuple[ExpertBackend,
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     parameters = sum(parameter.numel() for parameter in model.parameters()) / 1e9
     backend = HfBackend(model, name="bench", fingerprint="ab" * 32, vocab_size=config.vocab_size,
-                        eos_ids=frozenset(), max_batch=max_batch, max_context=4096)
+                        eos_ids=frozenset(), max_batch=max_batch, max_context=4096,
+                        batch_prefill_tokens=batch_prefill_tokens)
     return backend, (f"random Llama {layers}x{hidden} ({parameters:.2f} B params, {dtype}, max batch "
-                     f"{max_batch}) on {name}")
+                     f"{max_batch}, batched prefill <= {batch_prefill_tokens} tokens) on {name}")
 
 
 def main() -> int:
@@ -169,6 +170,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1024, help="hf: hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="hf: layers of the random model")
     parser.add_argument("--max-batch", type=int, default=64, help="hf: sessions per batched decode step")
+    parser.add_argument("--batch-prefill-tokens", type=int, default=64,
+                        help="hf: calls with at most this many new tokens join the batched step (0: none)")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
     parser.add_argument("--new-tokens", type=int, default=4,
@@ -179,7 +182,8 @@ def main() -> int:
     if args.backend == "llama_cpp":
         long_context, many, label = llama_cpp_backends(args.model, args.threads)
     else:
-        long_context, label = hf_backend(args.hidden, args.layers, args.max_batch)
+        long_context, label = hf_backend(args.hidden, args.layers, args.max_batch,
+                                         args.batch_prefill_tokens)
         many = long_context
     results["model"] = label
     rows = []
