@@ -127,7 +127,8 @@ def _default_model() -> tuple[Path, str]:
     return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
 
 
-def hf_backend(hidden: int, layers: int, max_batch: int, batch_prefill_tokens: int) -> tuple[ExpertBackend, str]:
+def hf_backend(hidden: int, layers: int, max_batch: int,
+               batch_prefill_tokens: int) -> tuple[ExpertBackend, str]:
     """A randomly initialised Llama of the given shape, built straight on the device.
 
     Random weights cost the same FLOPs and bytes as trained ones; built on the GPU in bf16 it
