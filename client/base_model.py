@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.metadata
+import logging
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,14 @@ SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+_log_filter: _LlamaLogFilter | None = None  # held here: llama.cpp keeps only a C pointer to it
+
+# ggml_log_level of the llama.cpp that llama-cpp-python bundles (ggml.h). llama-cpp-python's own
+# callback (llama_cpp._logger) still numbers them INFO=1, WARN=2, ERROR=3, so with verbose off it
+# lets every warning through as an error.
+_GGML_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING,
+                    4: logging.ERROR}
+_GGML_LOG_CONT = 5  # a continuation of the previous line, at its level
 
 
 @dataclass(frozen=True)
@@ -55,15 +65,36 @@ def smollm2_path() -> Path:
     raise ModelLoadError(f"{SMOLLM2_DISTRIBUTION} does not contain {SMOLLM2_FILENAME}")
 
 
+class _LlamaLogFilter:
+    """Passes llama.cpp's log lines to stderr at or above the ``llama-cpp-python`` logger's level.
+
+    That level is ERROR once ``set_verbose(False)`` ran, so loading a model prints nothing.
+    """
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self.logger = logging.getLogger("llama-cpp-python")
+        self.last_level = logging.ERROR
+        self.callback = llama_cpp.llama_log_callback(self._log)
+
+    def _log(self, ggml_level: int, text: bytes, user_data: Any) -> None:
+        if ggml_level != _GGML_LOG_CONT:
+            self.last_level = _GGML_LOG_LEVELS.get(ggml_level, logging.ERROR)
+        if self.last_level >= self.logger.getEffectiveLevel():
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+
 def _llama() -> Any:
     """Import llama_cpp and initialise its backend once, quietly."""
-    global _backend_ready
+    global _backend_ready, _log_filter
     import llama_cpp
     import llama_cpp._logger
 
     with _backend_lock:
         if not _backend_ready:
             llama_cpp._logger.set_verbose(False)
+            _log_filter = _LlamaLogFilter(llama_cpp)
+            llama_cpp.llama_log_set(_log_filter.callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp

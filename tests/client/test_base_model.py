@@ -178,3 +178,16 @@ def test_smollm2_is_found_and_brings_its_chat_template() -> None:
         assert len(im_start) == 1 and smollm2.tokenize("<|im_start|>") != im_start
         output = smollm2.decode(smollm2.tokenize("The capital of France is"), last_only=True)
         assert smollm2.detokenize([int(np.argmax(output.logits[0]))]) == b" Paris"
+
+
+def test_loading_prints_no_llama_cpp_log_but_errors_still_reach_stderr(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    with LlamaModel(smollm2_path(), n_ctx=64):  # warns of pooling type and a short context
+        pass
+    assert capfd.readouterr().err == ""
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError):
+        LlamaModel(garbage)
+    assert "failed to load model" in capfd.readouterr().err
