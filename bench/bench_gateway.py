@@ -2,11 +2,12 @@
 
 1. /v1/continue latency at a 100-token and a 2000-token prefix within one session (each call
    adds one token; only it is prefilled: target ratio <= 1.3), and without sessions (every call
-   resends the whole prefix with held = 0), for contrast.
+   resends the whole prefix with held = 0), for contrast; then the same session calls on the
+   backend in-process, whose ratio is the model's own attention cost over the held context.
 2. Throughput with 1, 4 and 16 concurrent sessions.
 
     python bench/bench_gateway.py                       # llama_cpp backend, toy expert or SmolLM2
-    python bench/bench_gateway.py --backend hf          # tiny random Llama on CUDA (or CPU)
+    python bench/bench_gateway.py --backend hf          # random Llama (--hidden, --layers) on CUDA
 
 Prints a table and one JSON line.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.daemon import ServerThread
 from expert_gateway.app import create_app
-from expert_gateway.backends.base import ExpertBackend
+from expert_gateway.backends.base import ContinueOptions, ExpertBackend
 from expert_gateway.settings import GatewaySettings
 
 
@@ -79,6 +80,27 @@ def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: i
             fresh = _tokens(prefix, info["vocab_size"], seed=prefix * 1000 + index)
             _post(client, {**base, "session": f"{session}-{index}", "held": 0, "tokens": fresh})
         timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def engine_latency(backend: ExpertBackend, *, prefix: int, calls: int) -> float:
+    """The same one-token session extensions as ``latency``, on the backend in-process (no HTTP).
+
+    Its 100 -> 2000 ratio is the model's own cost of attending over the held context: what the
+    gateway cannot remove by reusing the cache.
+    """
+    options = ContinueOptions(max_tokens=1)
+    sequence = _tokens(prefix, backend.info.vocab_size, seed=prefix)
+    session = f"engine-{prefix}"
+    sequence += backend.continue_(session, sequence, options=options).tokens
+    timings = []
+    for index in range(calls + 1):
+        sequence += _tokens(1, backend.info.vocab_size, seed=1000 + index)
+        started = time.perf_counter()
+        sequence += backend.continue_(session, sequence, options=options).tokens
+        if index:  # the first extension is untimed: warm caches and code paths
+            timings.append(time.perf_counter() - started)
+    backend.forget(session)
     return statistics.median(timings)
 
 
@@ -197,6 +219,11 @@ def main() -> int:
             results[key] = {"p100_ms": short * 1e3, "p2000_ms": long * 1e3, "ratio": long / short}
             rows.append((f"latency {key.replace('_', ' ')}", f"{short * 1e3:.1f} ms @100",
                          f"{long * 1e3:.1f} ms @2000", f"ratio {long / short:.2f}"))
+    short = engine_latency(long_context, prefix=100, calls=args.calls)
+    long = engine_latency(long_context, prefix=2000, calls=args.calls)
+    results["engine_with_sessions"] = {"p100_ms": short * 1e3, "p2000_ms": long * 1e3, "ratio": long / short}
+    rows.append(("engine alone (no HTTP)", f"{short * 1e3:.1f} ms @100", f"{long * 1e3:.1f} ms @2000",
+                 f"ratio {long / short:.2f}"))
     if many is not long_context:
         long_context.close()
     with served(many) as client:
