@@ -71,6 +71,9 @@ class _Job:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     reused: int = 0
     pending: list[int] = field(default_factory=list)  # fed by the next batched step
+    # The session's KV while the call runs; back in the shared table when it ends, so a
+    # session evicted mid-call cannot pull the cache from under a batched step.
+    cache: _SessionCache = field(default_factory=lambda: _SessionCache([], []))
 
 
 @dataclass
@@ -201,7 +204,7 @@ class HfBackend:
         layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
         if reused and len(item.sequence) - reused <= self.batch_prefill_tokens:
             # Joins the next batched step; the cache keeps only the shared prefix.
-            self._store(item.session_id, item.sequence[:reused], layers)
+            item.cache = _SessionCache(item.sequence[:reused], layers)
             item.pending = item.sequence[reused:]
             active.append(item)
             return
@@ -224,7 +227,7 @@ class HfBackend:
             use_cache=True,
             **{self._cache_argument: self._cache_object(layers) if reused else None},
         )
-        self._store(job.session_id, job.sequence, self._layers_of(self._returned_cache(output)))
+        job.cache = _SessionCache(list(job.sequence), self._layers_of(self._returned_cache(output)))
         return output.logits[0, -1].float().cpu().numpy()
 
     def _step(self, batch: list[_Job]) -> None:
@@ -235,8 +238,7 @@ class HfBackend:
         distribution. Every row has a cache, so no query row is fully masked.
         """
         torch = self._torch
-        with self._caches_lock:
-            caches = [self._caches[job.session_id] for job in batch]
+        caches = [job.cache for job in batch]
         cached = [len(cache.tokens) for cache in caches]
         fed = [len(job.pending) for job in batch]
         longest, width = max(cached), max(fed)
@@ -267,7 +269,7 @@ class HfBackend:
             layers = [(self._unpad(keys[row:row + 1], longest, length, width, count),
                        self._unpad(values[row:row + 1], longest, length, width, count))
                       for keys, values in new_layers]
-            self._store(job.session_id, [*cache.tokens, *job.pending], layers)
+            job.cache = _SessionCache([*cache.tokens, *job.pending], layers)
             self._take(job, logits[row])
             job.pending = [job.tokens[-1]]
 
@@ -290,6 +292,8 @@ class HfBackend:
         return len(job.tokens) >= job.options.max_tokens or job.tokens[-1] in self._eos_ids
 
     def _finish(self, job: _Job) -> None:
+        with self._caches_lock:
+            self._caches[job.session_id] = job.cache
         job.future.set_result(Continuation(
             tokens=job.tokens, logprobs=job.logprobs if job.options.want_logprobs else None,
             reused_tokens=job.reused, prefilled_tokens=len(job.sequence) - job.reused))
@@ -316,10 +320,6 @@ class HfBackend:
             return self._model(**inputs)
 
     # -- cache plumbing ----------------------------------------------------------------------
-
-    def _store(self, session_id: str, tokens: list[int], layers: list[tuple[Any, Any]]) -> None:
-        with self._caches_lock:
-            self._caches[session_id] = _SessionCache(list(tokens), layers)
 
     def _left_pad(self, tensor: Any, length: int) -> Any:
         missing = length - tensor.shape[2]

@@ -6,7 +6,7 @@ Runs wherever torch and transformers are installed; the GPU run is recorded in t
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -96,29 +96,49 @@ def test_seeded_sampling_span_equals_token_by_token(hf_backend: HfBackend) -> No
     assert steps == span
 
 
-def test_ragged_new_tokens_of_many_sessions_share_one_step(hf_backend: HfBackend) -> None:
-    """Sessions bringing 1..6 new tokens over caches of different lengths run as one batch.
+def _schedule(backend: HfBackend, jobs: list[_Job], *,
+              before_steps: Callable[[], None] = lambda: None) -> None:
+    """Admit ``jobs`` together, then step them to the end, as the scheduler loop does.
 
-    Drives the scheduler's own admit/step functions from the test thread (the scheduler thread
-    is idle, blocked on its inbox), so the batch composition is deterministic.
+    Runs the scheduler's own functions on the test thread while the scheduler thread is idle
+    (blocked on its empty inbox), so the composition of each batch is deterministic.
     """
+    active: list[_Job] = []
+    for job in jobs:
+        backend._admit(job, active)
+    before_steps()
+    while active:
+        backend._step(active)
+        for job in [job for job in active if backend._finished(job)]:
+            active.remove(job)
+            backend._finish(job)
+
+
+def test_ragged_new_tokens_of_many_sessions_share_one_step(hf_backend: HfBackend) -> None:
+    """Sessions bringing 1..6 new tokens over caches of different lengths run as one batch."""
     prompts = [_prompt(20 + index) for index in range(6)]
     for index, prompt in enumerate(prompts):
         hf_backend.continue_(f"ragged{index}", prompt, options=ContinueOptions(max_tokens=1))
     extended = [prompt + _prompt(40 + index)[:1 + index] for index, prompt in enumerate(prompts)]
     jobs = [_Job(f"ragged{index}", sequence, ContinueOptions(max_tokens=4))
             for index, sequence in enumerate(extended)]
-    active: list[_Job] = []
-    for job in jobs:
-        hf_backend._admit(job, active)
     first_step = len(hf_backend.steps)
-    while active:
-        hf_backend._step(active)
-        active = [job for job in active if not hf_backend._finished(job)]
+    _schedule(hf_backend, jobs)
     assert (hf_backend.steps[first_step], hf_backend.widths[first_step]) == (6, 6)
     for job, sequence, prompt in zip(jobs, extended, prompts, strict=True):
         assert job.reused == len(prompt)
-        assert job.tokens == _reference_greedy(hf_backend, sequence, 4)
+        assert job.tokens == job.future.result().tokens == _reference_greedy(hf_backend, sequence, 4)
+
+
+def test_session_evicted_mid_call_does_not_break_its_batch(hf_backend: HfBackend) -> None:
+    prompts = [_prompt(60), _prompt(61)]
+    for index, prompt in enumerate(prompts):
+        hf_backend.continue_(f"evicted{index}", prompt, options=ContinueOptions(max_tokens=1))
+    jobs = [_Job(f"evicted{index}", [*prompt, 3, 4], ContinueOptions(max_tokens=3))
+            for index, prompt in enumerate(prompts)]
+    _schedule(hf_backend, jobs, before_steps=lambda: hf_backend.forget("evicted0"))
+    for job in jobs:
+        assert job.future.result().tokens == _reference_greedy(hf_backend, job.sequence, 3)
 
 
 def test_score_matches_a_forward_pass(hf_backend: HfBackend) -> None:
