@@ -229,8 +229,7 @@ def ensure_toy_pair(cache_dir: Path | None = None, *, progress: Progress | None 
     with open(root_parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "report.json").exists():
-            for stale in root_parent.glob(f"{final.name}.building-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by a killed builder; we hold the lock
+            remove_abandoned_builds(root_parent, locked=final.name)
             staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=root_parent))
             try:
                 build_toy_pair(staging, progress=progress)
@@ -238,6 +237,27 @@ def ensure_toy_pair(cache_dir: Path | None = None, *, progress: Progress | None 
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return ToyPair.at(final)
+
+
+def remove_abandoned_builds(root_parent: Path, *, locked: str) -> None:
+    """Delete ``<hash>.building-*`` folders that no live builder owns.
+
+    A builder holds ``<hash>.lock`` for as long as its folder is in use, and the kernel drops the
+    lock when the builder dies, so a lock we can take means the folder was abandoned. Folders of
+    other code versions would otherwise stay forever: nobody builds that hash again.
+    ``locked`` is the hash whose lock the caller already holds.
+    """
+    for staging in sorted(root_parent.glob("*.building-*")):
+        owner = staging.name.partition(".building-")[0]
+        if owner == locked:
+            shutil.rmtree(staging, ignore_errors=True)
+            continue
+        with open(root_parent / f"{owner}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its builder is still at work
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_toy_pair(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import subprocess
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from export import toy_data
+from export import toy, toy_data
 from export.gguf_writer import default_vocabulary, read_llama_gguf
 from export.toy import ToyPair, build_toy_pair
 
@@ -178,3 +179,23 @@ def test_cli_refuses_a_non_empty_output_directory(tmp_path: Path, capsys: pytest
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["toy", "build", "--out", str(tmp_path / "out")]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_build_removes_folders_of_dead_builders_and_spares_live_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_build(out_dir: Path, *, progress: Any = None) -> None:
+        (out_dir / "report.json").write_text("{}", encoding="utf-8")
+
+    monkeypatch.setattr(toy, "build_toy_pair", fake_build)
+    own = tmp_path / f"{toy.code_hash()}.building-killed"
+    old_version = tmp_path / "0ldc0de.building-killed"
+    in_progress = tmp_path / "0therc0de.building-busy"
+    for folder in (own, old_version, in_progress):
+        folder.mkdir()
+        (folder / "base.gguf").write_bytes(b"half")
+    (tmp_path / "0ldc0de.lock").touch()
+    with open(tmp_path / "0therc0de.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another builder at work (flock is per open file)
+        pair = toy.ensure_toy_pair(tmp_path)
+        assert sorted(path.name for path in tmp_path.glob("*.building-*")) == [in_progress.name]
+    assert (pair.root / "report.json").is_file()
