@@ -22,8 +22,8 @@ from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment, plain_prompt
 from client.settings import ClientSettings, PolicySettings
+from client.tokens import GeneratedToken, Provenance
 
-Provenance = Literal["base", "expert", "fallback", "denied"]
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
 
@@ -52,16 +52,6 @@ class Question:
             return self.prompt
         users = [turn.content for turn in self.messages if turn.role == "user"]
         return users[-1] if users else ""
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    """One decoded token as the decoder reports it."""
-
-    token_id: int
-    text: bytes
-    provenance: Provenance
-    deferral_probability: float
 
 
 @dataclass(frozen=True)
@@ -352,8 +342,7 @@ class CoDecoderSource:
                     self._remember(request_id, done.value.egress)
                     return
                 if token.text:
-                    yield GeneratedToken(token.token_id, token.text, token.provenance,
-                                         token.deferral_probability)
+                    yield token
         finally:
             stream.close()  # an answer cut short releases the decoder (and its lock) at once
 

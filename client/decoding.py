@@ -40,9 +40,9 @@ from client.expert import Expert, ExpertReply, Gated
 from client.prompting import Segment
 from client.settings import ClientSettings
 from client.switch import SwitchScorer
+from client.tokens import GeneratedToken, Provenance
 from expert_gateway.protocol import TokenLogprob, sample_from_logits
 
-Provenance = Literal["base", "expert", "fallback", "denied"]
 FinishReason = Literal["stop", "length"]
 DEFAULT_THRESHOLD = 0.5
 
@@ -70,16 +70,6 @@ class DecodingOptions:
                    threshold=switch.threshold, warmup_tokens=switch.warmup_tokens,
                    warmup_threshold=switch.warmup_threshold, lookahead=decoding.lookahead,
                    compose=decoding.compose, top_logprobs=decoding.top_logprobs)
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    """One generated token: its id, its bytes, where it came from and the switch's score."""
-
-    token_id: int
-    text: bytes
-    provenance: Provenance
-    deferral_probability: float
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.assistant import Assistant, GeneratedToken, plain_prompt_builder
+from client.assistant import Assistant, plain_prompt_builder
 from client.daemon import DaemonServices
 from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.prompting import Segment
+from client.tokens import GeneratedToken
 
 
 @dataclass

@@ -14,7 +14,6 @@ from client.assistant import (
     ChatTemplatePrompt,
     ChatTurn,
     CoDecoderSource,
-    GeneratedToken,
     Question,
     StopCutter,
     plain_prompt_builder,
@@ -24,6 +23,7 @@ from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment
+from client.tokens import GeneratedToken
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
 
 SMOLLM2_TEMPLATE = (
