@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,31 +60,50 @@ def _post(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     return dict(response.json())
 
 
-def latency(client: httpx.Client, info: dict[str, Any], *, prefix: int, calls: int,
-            sessions: bool) -> float:
-    """Median seconds of a one-token extension at about ``prefix`` tokens."""
+def interleaved(calls: int, short: Callable[[int], None], long: Callable[[int], None]) -> tuple[float, float]:
+    """Median seconds of ``short(i)`` and of ``long(i)``, alternated call by call.
+
+    Alternating makes drifting machine load hit both sides alike, so their ratio stays honest
+    on a shared machine; round 0 is an untimed warm-up.
+    """
+    timings: tuple[list[float], list[float]] = ([], [])
+    for index in range(calls + 1):
+        for side, call in zip(timings, (short, long), strict=True):
+            started = time.perf_counter()
+            call(index)
+            if index:
+                side.append(time.perf_counter() - started)
+    return statistics.median(timings[0]), statistics.median(timings[1])
+
+
+def http_call(client: httpx.Client, info: dict[str, Any], *, prefix: int,
+              sessions: bool) -> Callable[[int], None]:
+    """One /v1/continue call at about ``prefix`` tokens that adds one token and asks for one.
+
+    With sessions it extends one session; without, it sends a fresh whole prefix (held = 0) that
+    no cache, session or slot content, can serve any of.
+    """
     base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": 1}
-    sequence = _tokens(prefix, info["vocab_size"], seed=prefix)
     session = f"lat-{prefix}-{sessions}"
-    held = _post(client, {**base, "session": session, "held": 0, "tokens": sequence})["held"]
-    if sessions:  # one untimed extension: warm caches and code paths
-        held = _post(client, {**base, "session": session, "held": held, "tokens": sequence[:1]})["held"]
-    timings = []
-    for index in range(calls):
-        new = _tokens(1, info["vocab_size"], seed=1000 + index)
-        started = time.perf_counter()
+    held = [0]
+    if sessions:
+        prompt = _tokens(prefix, info["vocab_size"], seed=prefix)
+        held[0] = _post(client, {**base, "session": session, "held": 0, "tokens": prompt})["held"]
+
+    def call(index: int) -> None:
         if sessions:
-            held = _post(client, {**base, "session": session, "held": held, "tokens": new})["held"]
+            body = {**base, "session": session, "held": held[0],
+                    "tokens": _tokens(1, info["vocab_size"], seed=1000 + index)}
+            held[0] = _post(client, body)["held"]
         else:
-            # A fresh prefix each call: no cache (session or slot content) can serve any of it.
             fresh = _tokens(prefix, info["vocab_size"], seed=prefix * 1000 + index)
             _post(client, {**base, "session": f"{session}-{index}", "held": 0, "tokens": fresh})
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+
+    return call
 
 
-def engine_latency(backend: ExpertBackend, *, prefix: int, calls: int) -> float:
-    """The same one-token session extensions as ``latency``, on the backend in-process (no HTTP).
+def engine_call(backend: ExpertBackend, *, prefix: int) -> Callable[[int], None]:
+    """The same one-token session extension as ``http_call``, on the backend in-process.
 
     Its 100 -> 2000 ratio is the model's own cost of attending over the held context: what the
     gateway cannot remove by reusing the cache.
@@ -93,15 +112,12 @@ def engine_latency(backend: ExpertBackend, *, prefix: int, calls: int) -> float:
     sequence = _tokens(prefix, backend.info.vocab_size, seed=prefix)
     session = f"engine-{prefix}"
     sequence += backend.continue_(session, sequence, options=options).tokens
-    timings = []
-    for index in range(calls + 1):
-        sequence += _tokens(1, backend.info.vocab_size, seed=1000 + index)
-        started = time.perf_counter()
-        sequence += backend.continue_(session, sequence, options=options).tokens
-        if index:  # the first extension is untimed: warm caches and code paths
-            timings.append(time.perf_counter() - started)
-    backend.forget(session)
-    return statistics.median(timings)
+
+    def call(index: int) -> None:
+        sequence.extend(_tokens(1, backend.info.vocab_size, seed=1000 + index))
+        sequence.extend(backend.continue_(session, sequence, options=options).tokens)
+
+    return call
 
 
 def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, calls: int,
@@ -213,14 +229,14 @@ def main() -> int:
     with served(long_context) as client:
         info = client.get("/v1/models").json()[0]
         for sessions in (True, False):
-            short = latency(client, info, prefix=100, calls=args.calls, sessions=sessions)
-            long = latency(client, info, prefix=2000, calls=args.calls, sessions=sessions)
+            short, long = interleaved(args.calls, http_call(client, info, prefix=100, sessions=sessions),
+                                      http_call(client, info, prefix=2000, sessions=sessions))
             key = "with_sessions" if sessions else "without_sessions"
             results[key] = {"p100_ms": short * 1e3, "p2000_ms": long * 1e3, "ratio": long / short}
             rows.append((f"latency {key.replace('_', ' ')}", f"{short * 1e3:.1f} ms @100",
                          f"{long * 1e3:.1f} ms @2000", f"ratio {long / short:.2f}"))
-    short = engine_latency(long_context, prefix=100, calls=args.calls)
-    long = engine_latency(long_context, prefix=2000, calls=args.calls)
+    short, long = interleaved(args.calls, engine_call(long_context, prefix=100),
+                              engine_call(long_context, prefix=2000))
     results["engine_with_sessions"] = {"p100_ms": short * 1e3, "p2000_ms": long * 1e3, "ratio": long / short}
     rows.append(("engine alone (no HTTP)", f"{short * 1e3:.1f} ms @100", f"{long * 1e3:.1f} ms @2000",
                  f"ratio {long / short:.2f}"))
