@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from expert_gateway.protocol import (
 
 INSTALL_HINT = "the hf backend needs torch and transformers: pip install 'tandem[train]' transformers"
 FINGERPRINT_FILE = "tandem-fingerprint.txt"
+STEP_HISTORY = 10_000  # batched steps remembered in HfBackend.steps / .widths
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -103,9 +105,9 @@ class HfBackend:
         self._caches: dict[str, _SessionCache] = {}
         self._caches_lock = threading.Lock()
         self._inbox: queue.Queue[_Job | _ScoreJob | None] = queue.Queue()
-        # Rows and widest row (tokens fed) of every batched step, for tests and benchmarks.
-        self.steps: list[int] = []
-        self.widths: list[int] = []
+        # Rows and widest row (tokens fed) of the recent batched steps, for tests and benchmarks.
+        self.steps: deque[int] = deque(maxlen=STEP_HISTORY)
+        self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self._thread.start()
 
