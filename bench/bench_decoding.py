@@ -120,8 +120,11 @@ def median_seconds(action: Any, repeats: int) -> float:
 def head_cost(model: LlamaModel, switch: OnnxSwitch, repeats: int) -> dict[str, float]:
     model.reset()
     model.decode(model.tokenize("Question: how many crates are there?\nAnswer:", add_bos=True))
-    step = median_seconds(lambda: (model.decode([65]), model.rollback(model.position() - 1)),
-                          repeats)
+    def decode_and_undo() -> None:
+        model.decode([65])
+        model.rollback(model.position() - 1)
+
+    step = median_seconds(decode_and_undo, repeats)
     hidden = np.random.default_rng(0).normal(size=(1, model.hidden_size)).astype(np.float32)
     for _ in range(50):
         switch.score(hidden)

@@ -53,9 +53,9 @@ def prompt(base: LlamaModel, length: int) -> tuple[list[int], list[bool], list[i
 
 
 def time_policy(base: LlamaModel, directory: Path, mode: str, length: int, calls: int) -> dict[str, float]:
-    settings = PolicySettings(mode=mode, usage_db=directory / f"{mode}-{length}.sqlite3",
-                              per_request_calls=10**6, per_request_tokens=10**8,
-                              hourly_calls=10**8, daily_calls=10**9)
+    settings = PolicySettings.model_validate({
+        "mode": mode, "usage_db": directory / f"{mode}-{length}.sqlite3", "per_request_calls": 10**6,
+        "per_request_tokens": 10**8, "hourly_calls": 10**8, "daily_calls": 10**9})
     policy = Policy(settings, tokenizer=base, usage=UsageStore(settings.usage_db))
     tokens, mask, answer = prompt(base, length)
     view_s, decide_s = [], []

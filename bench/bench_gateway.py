@@ -39,8 +39,9 @@ from expert_gateway.settings import GatewaySettings
 
 @contextlib.contextmanager
 def served(backend: ExpertBackend) -> Iterator[httpx.Client]:
-    settings = GatewaySettings(auth={"enabled": False, "keys_file": Path(tempfile.mkdtemp()) / "k.json"},
-                               sessions={"max_sessions": 1024})
+    settings = GatewaySettings.model_validate({
+        "auth": {"enabled": False, "keys_file": Path(tempfile.mkdtemp()) / "k.json"},
+        "sessions": {"max_sessions": 1024}})
     server = ServerThread(create_app(settings, backend=backend))
     url = server.start(timeout=120)
     limits = httpx.Limits(max_connections=64)
@@ -245,17 +246,17 @@ def main() -> int:
     with served(many) as client:
         info = client.get("/v1/models").json()[0]
         results["throughput"] = []
-        for sessions in (int(value) for value in args.concurrency.split(",")):
+        for count in (int(value) for value in args.concurrency.split(",")):
             steps = getattr(many, "steps", None)  # the hf backend's batch size per decode step
             if steps is not None:
                 steps.clear()
-            measured = throughput(client, info, sessions=sessions, calls=args.calls, max_tokens=args.span,
+            measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
                                   new_tokens=args.new_tokens)
             if steps:
                 measured["mean_decode_batch"] = statistics.fmean(steps)
             results["throughput"].append(measured)
             batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
-            rows.append((f"throughput {sessions} sessions{batch}", f"{measured['requests_per_s']:.1f} req/s",
+            rows.append((f"throughput {count} sessions{batch}", f"{measured['requests_per_s']:.1f} req/s",
                          f"{measured['tokens_per_s']:.1f} tok/s", f"{measured['seconds']:.1f} s"))
     many.close()
     print(f"model: {label}")
