@@ -69,16 +69,6 @@ class ExpertBackend(Protocol):
         ...
 
 
-def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
-    """How many leading tokens two sequences share."""
-    length = 0
-    for left, right in zip(first, second, strict=False):
-        if left != right:
-            break
-        length += 1
-    return length
-
-
 def token_logprob(logits: np.ndarray, token: int, *, top: int) -> TokenLogprob:
     """The raw-distribution log-prob of ``token`` and the ``top`` best alternatives."""
     logprobs = log_softmax(np.asarray(logits, dtype=np.float64))

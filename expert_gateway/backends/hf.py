@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from client.egress import common_prefix_length
 from expert_gateway.backends.base import (
     Continuation,
     ContinueOptions,
-    common_prefix_length,
     score_rows,
     token_logprob,
 )

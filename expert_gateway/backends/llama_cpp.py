@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from client.base_model import LlamaModel
+from client.egress import common_prefix_length
 from client.errors import TandemError
 from expert_gateway.backends.base import (
     Continuation,
     ContinueOptions,
-    common_prefix_length,
     generate,
     score_rows,
 )

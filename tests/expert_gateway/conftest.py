@@ -18,8 +18,9 @@ import pytest
 from fastapi import FastAPI
 
 from client.daemon import ServerThread
+from client.egress import common_prefix_length
 from expert_gateway.app import create_app
-from expert_gateway.backends.base import Continuation, ContinueOptions, common_prefix_length, generate
+from expert_gateway.backends.base import Continuation, ContinueOptions, generate
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
 from expert_gateway.keys import KeyStore
 from expert_gateway.protocol import ModelInfo, ScoreResult, ScoreSequence
