@@ -1,13 +1,19 @@
 """Benchmark the expert gateway over real HTTP (uvicorn on 127.0.0.1).
 
 1. /v1/continue latency at a 100-token and a 2000-token prefix within one session (each call
-   adds one token; only it is prefilled: target ratio <= 1.3), and without sessions (every call
-   resends the whole prefix with held = 0), for contrast; then the same session calls on the
-   backend in-process, whose ratio is the model's own attention cost over the held context.
-2. Throughput with 1, 4 and 16 concurrent sessions.
+   adds one token; only it is prefilled: target ratio <= 1.3, <= 1.1 for hf), and without
+   sessions (every call resends the whole prefix with held = 0), for contrast; then the same
+   session calls on the backend in-process, whose ratio is the model's own attention cost.
+2. Throughput with 1, 4 and 16 concurrent sessions (hf: 1, 8 and 32). The load runs in a child
+   process, as remote clients would: a client sharing the server's interpreter lock would
+   measure itself.
+3. hf only: plain transformers ``generate`` on the same model in the same process (batch 32 and
+   1, 64-token prompts, 64 new tokens), the gateway's tok/s as a ratio to it, and the greedy
+   agreement of the gateway's spans with uncached forward passes of the model.
 
     python bench/bench_gateway.py                       # llama_cpp backend, toy expert or SmolLM2
     python bench/bench_gateway.py --backend hf          # random Llama (--hidden, --layers) on CUDA
+    python bench/bench_gateway.py --backend hf --hidden 2048 --layers 24 --span 8 --calls 24
 
 Prints a table and one JSON line.
 """
@@ -15,10 +21,12 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,23 +130,41 @@ def engine_call(backend: ExpertBackend, *, prefix: int) -> Callable[[int], None]
 
 
 def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, calls: int,
-               max_tokens: int, new_tokens: int) -> dict[str, float]:
-    base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": max_tokens}
+               max_tokens: int, new_tokens: int, tag: str = "") -> dict[str, float]:
+    """``sessions`` concurrent sessions of ``calls + 1`` calls each, driven from a child process."""
+    spec = {"url": str(client.base_url), "info": info, "sessions": sessions, "calls": calls,
+            "max_tokens": max_tokens, "new_tokens": new_tokens, "tag": tag}
+    done = subprocess.run([sys.executable, __file__, "--load", json.dumps(spec)], check=True,
+                          capture_output=True, text=True, timeout=1800)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
-    def one_session(index: int) -> int:
-        held = _post(client, {**base, "session": f"tp{sessions}-{index}", "held": 0,
-                              "tokens": _tokens(32, info["vocab_size"], seed=index)})["held"]
-        produced = 0
-        for call in range(calls):
-            reply = _post(client, {**base, "session": f"tp{sessions}-{index}", "held": held,
-                                   "tokens": _tokens(new_tokens, info["vocab_size"], seed=call)})
-            held, produced = reply["held"], produced + len(reply["tokens"])
-        return produced
 
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
-        produced = sum(pool.map(one_session, range(sessions)))
-    elapsed = time.perf_counter() - started
+async def _load(spec: dict[str, Any]) -> dict[str, float]:
+    """The throughput load itself (child process): one asyncio task per session."""
+    info, sessions, calls = spec["info"], spec["sessions"], spec["calls"]
+    base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": spec["max_tokens"]}
+    prefix = f"tp{spec['tag']}{sessions}"
+    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    async with httpx.AsyncClient(base_url=spec["url"], timeout=300, limits=limits) as client:
+
+        async def post(body: dict[str, Any]) -> dict[str, Any]:
+            response = await client.post("/v1/continue", json=body)
+            response.raise_for_status()
+            return dict(response.json())
+
+        async def one_session(index: int) -> int:
+            reply = await post({**base, "session": f"{prefix}-{index}", "held": 0,
+                                "tokens": _tokens(32, info["vocab_size"], seed=index)})
+            held, produced = reply["held"], len(reply["tokens"])
+            for call in range(calls):
+                reply = await post({**base, "session": f"{prefix}-{index}", "held": held,
+                                    "tokens": _tokens(spec["new_tokens"], info["vocab_size"], seed=call)})
+                held, produced = reply["held"], produced + len(reply["tokens"])
+            return produced
+
+        started = time.perf_counter()
+        produced = sum(await asyncio.gather(*(one_session(index) for index in range(sessions))))
+        elapsed = time.perf_counter() - started
     return {"sessions": sessions, "requests_per_s": sessions * (calls + 1) / elapsed,
             "tokens_per_s": produced / elapsed, "seconds": elapsed}
 
@@ -166,8 +192,7 @@ def _default_model() -> tuple[Path, str]:
     return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
 
 
-def hf_backend(hidden: int, layers: int, max_batch: int,
-               batch_prefill_tokens: int) -> tuple[ExpertBackend, str]:
+def random_llama(hidden: int, layers: int) -> tuple[Any, str]:
     """A randomly initialised Llama of the given shape, built straight on the device.
 
     Random weights cost the same FLOPs and bytes as trained ones; built on the GPU in bf16 it
@@ -175,8 +200,6 @@ def hf_backend(hidden: int, layers: int, max_batch: int,
     """
     import torch
     import transformers
-
-    from expert_gateway.backends.hf import HfBackend
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 3,
@@ -194,11 +217,74 @@ def hf_backend(hidden: int, layers: int, max_batch: int,
         torch.set_default_dtype(default_dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     parameters = sum(parameter.numel() for parameter in model.parameters()) / 1e9
-    backend = HfBackend(model, name="bench", fingerprint="ab" * 32, vocab_size=config.vocab_size,
-                        eos_ids=frozenset(), max_batch=max_batch, max_context=4096,
-                        batch_prefill_tokens=batch_prefill_tokens)
-    return backend, (f"random Llama {layers}x{hidden} ({parameters:.2f} B params, {dtype}, max batch "
-                     f"{max_batch}, batched prefill <= {batch_prefill_tokens} tokens) on {name}")
+    return model, f"random Llama {layers}x{hidden} ({parameters:.2f} B params, {dtype}) on {name}"
+
+
+def hf_backend(model: Any, max_batch: int, batch_prefill_tokens: int, slots: int) -> ExpertBackend:
+    from expert_gateway.backends.hf import HfBackend
+
+    return HfBackend(model, name="bench", fingerprint="ab" * 32, vocab_size=model.config.vocab_size,
+                     eos_ids=frozenset(), max_batch=max_batch, max_context=4096, slots=slots,
+                     batch_prefill_tokens=batch_prefill_tokens)
+
+
+def plain_generate(model: Any, *, batch: int, prompt: int = 64, new: int = 64) -> float:
+    """tok/s of transformers' own ``generate`` (greedy, static batch), the issue's anchor."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([_tokens(prompt, model.config.vocab_size, seed=row) for row in range(batch)],
+                       device=device)
+    mask = torch.ones_like(ids)
+
+    def run(count: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=count,
+                                 min_new_tokens=count, do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == prompt + count
+        return time.perf_counter() - started
+
+    run(4)  # warm-up
+    return batch * new / min(run(new) for _ in range(2))
+
+
+def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, prompt: int = 96,
+                     span: int = 16) -> dict[str, float]:
+    """How often the gateway's greedy tokens are the argmax of an uncached forward pass.
+
+    Each span is checked token by token against one forward pass over prompt + span (the
+    gateway's own tokens as the prefix), so a disagreement is counted where it happens. Its
+    size is the reference's logit gap between its argmax and the gateway's token, also in units
+    of the bf16 spacing at that logit: a gap of a unit or two is a genuine near-tie.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    options = ContinueOptions(max_tokens=span)
+    sequences = []
+    for index in range(prompts):
+        tokens = _tokens(prompt, backend.info.vocab_size, seed=50_000 + index)
+        sequences.append(tokens + backend.continue_(f"agree-{index}", tokens, options=options).tokens)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor(sequences, device=device)).logits.float()
+    reference = logits[:, prompt - 1:-1]  # the distribution before each generated token
+    chosen = torch.tensor([sequence[prompt:] for sequence in sequences], device=device)
+    agree = reference.argmax(-1) == chosen
+    best = reference.max(-1).values
+    gaps = (best - reference.gather(-1, chosen[..., None])[..., 0])[~agree]
+    spacing = torch.exp2(torch.floor(torch.log2(best.abs().clamp_min(1e-6))) - 7)[~agree]
+    units = (gaps / spacing).tolist()
+    spans = [bool(row.all()) for row in agree]
+    return {"tokens": agree.numel(), "token_agreement": float(agree.float().mean()),
+            "span_agreement": sum(spans) / len(spans),
+            "disagreements": len(units), "max_gap": float(gaps.max()) if len(units) else 0.0,
+            "max_gap_bf16_units": max(units, default=0.0),
+            "near_ties_within_2_units": sum(unit <= 2 for unit in units)}
 
 
 def main() -> int:
@@ -210,23 +296,35 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=1024, help="hf: hidden size of the random model")
     parser.add_argument("--layers", type=int, default=8, help="hf: layers of the random model")
     parser.add_argument("--max-batch", type=int, default=64, help="hf: sessions per batched decode step")
+    parser.add_argument("--slots", type=int, default=128, help="hf: KV slots of 4096 tokens")
     parser.add_argument("--batch-prefill-tokens", type=int, default=64,
-                        help="hf: calls with at most this many new tokens join the batched step (0: none)")
-    parser.add_argument("--concurrency", default="1,4,16")
+                        help="hf: calls with at most this many new tokens join the batched step")
+    parser.add_argument("--concurrency", default=None, help="sessions per throughput run "
+                        "(default 1,4,16; hf 1,8,32)")
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
     parser.add_argument("--new-tokens", type=int, default=4,
                         help="tokens each throughput call adds (the base's tokens since the last call)")
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # child process of a throughput run
     args = parser.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(_load(json.loads(args.load)))))
+        return 0
 
     results: dict[str, Any] = {"backend": args.backend}
+    rows: list[tuple[str, str, str, str]] = []
+    model = None
     if args.backend == "llama_cpp":
         long_context, many, label = llama_cpp_backends(args.model, args.threads)
+        concurrency = args.concurrency or "1,4,16"
     else:
-        long_context, label = hf_backend(args.hidden, args.layers, args.max_batch,
-                                         args.batch_prefill_tokens)
-        many = long_context
+        model, label = random_llama(args.hidden, args.layers)
+        long_context = many = hf_backend(model, args.max_batch, args.batch_prefill_tokens, args.slots)
+        started = time.perf_counter()
+        graphs = long_context.warmup(max_length=2048)  # type: ignore[attr-defined]
+        results["graphs"] = {"captured": graphs, "seconds": time.perf_counter() - started}
+        rows.append(("CUDA graphs captured", f"{graphs}", f"{time.perf_counter() - started:.1f} s", ""))
+        concurrency = args.concurrency or "1,8,32"
     results["model"] = label
-    rows = []
     with served(long_context) as client:
         info = client.get("/v1/models").json()[0]
         for sessions in (True, False):
@@ -246,8 +344,10 @@ def main() -> int:
     with served(many) as client:
         info = client.get("/v1/models").json()[0]
         results["throughput"] = []
-        for count in (int(value) for value in args.concurrency.split(",")):
+        for count in (int(value) for value in concurrency.split(",")):
             steps = getattr(many, "steps", None)  # the hf backend's batch size per decode step
+            throughput(client, info, sessions=count, calls=2, max_tokens=args.span,
+                       new_tokens=args.new_tokens, tag="warm")  # untimed: connections, buckets
             if steps is not None:
                 steps.clear()
             measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
@@ -258,10 +358,27 @@ def main() -> int:
             batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
             rows.append((f"throughput {count} sessions{batch}", f"{measured['requests_per_s']:.1f} req/s",
                          f"{measured['tokens_per_s']:.1f} tok/s", f"{measured['seconds']:.1f} s"))
+    if model is not None:
+        agreement = greedy_agreement(many, model)
+        results["greedy_agreement"] = agreement
+        rows.append(("greedy agreement (bf16)", f"{agreement['token_agreement']:.4f} tokens",
+                     f"{agreement['span_agreement']:.3f} spans",
+                     f"max gap {agreement['max_gap_bf16_units']:.1f} ulp"))
     many.close()
+    if model is not None:
+        anchors = {batch: plain_generate(model, batch=batch) for batch in (32, 1)}
+        results["plain_generate_tokens_per_s"] = anchors
+        by_sessions = {run["sessions"]: run["tokens_per_s"] for run in results["throughput"]}
+        ratios = {f"{sessions}_sessions_vs_generate_batch_{batch}": by_sessions[sessions] / anchors[batch]
+                  for sessions, batch in ((32, 32), (1, 1)) if sessions in by_sessions}
+        results["ratios"] = ratios
+        for batch, rate in anchors.items():
+            rows.append((f"plain generate batch {batch}", "", f"{rate:.1f} tok/s", ""))
+        for name, ratio in ratios.items():
+            rows.append((f"ratio {name.replace('_', ' ')}", "", "", f"{ratio:.2f}x"))
     print(f"model: {label}")
     for row in rows:
-        print(f"{row[0]:<32} {row[1]:>16} {row[2]:>18} {row[3]:>14}")
+        print(f"{row[0]:<40} {row[1]:>16} {row[2]:>18} {row[3]:>14}")
     print(json.dumps(results))
     return 0
 

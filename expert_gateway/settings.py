@@ -123,15 +123,24 @@ class LlamaCppSettings(_Section):
 
 
 class HfSettings(_Section):
-    """The transformers backend (continuous batching on one GPU)."""
+    """The transformers backend (static KV slots and CUDA-graph steps on one GPU)."""
 
     device: str = Field(default="cuda", min_length=1, description="torch device")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="bfloat16", description="weights dtype")
     max_batch: int = Field(default=32, ge=1, le=1024, description="sessions decoded together in one step")
-    max_context: int = Field(default=4096, ge=16, le=1_048_576, description="longest session sequence")
+    max_context: int = Field(
+        default=4096, ge=16, le=1_048_576, description="longest session sequence (each slot's capacity)")
+    slots: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="KV slots preallocated at start-up, one per session kept on the GPU "
+                    "(0 = sessions.max_sessions); the least recently used idle slot is reused beyond")
     batch_prefill_tokens: int = Field(
         default=64, ge=1, le=8192,
         description="a call bringing at most this many new tokens joins the batched step")
+    prefill_chunk: int = Field(
+        default=512, ge=16, le=65_536, description="tokens per eager step of a longer prefill")
+    cuda_graphs: bool = Field(
+        default=True, description="capture the batched step as CUDA graphs at start-up and replay them")
 
 
 class OpenAICompatSettings(_Section):

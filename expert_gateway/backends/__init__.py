@@ -49,7 +49,9 @@ def _hf(settings: GatewaySettings) -> ExpertBackend:
     return HfBackend.open(model_path(settings), name=settings.model.name, device=options.device,
                           dtype=options.dtype, max_batch=options.max_batch,
                           max_context=options.max_context,
-                          batch_prefill_tokens=options.batch_prefill_tokens)
+                          slots=options.slots or settings.sessions.max_sessions,
+                          batch_prefill_tokens=options.batch_prefill_tokens,
+                          prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs)
 
 
 def _openai_compat(settings: GatewaySettings) -> ExpertBackend:

@@ -1,25 +1,23 @@
-"""The transformers backend: one GPU, continuous batching of concurrent sessions.
+"""The transformers backend: one GPU, static KV slots, batched steps replayed as CUDA graphs.
 
-A scheduler thread owns the model. Request threads enqueue jobs and wait. A job feeds only the
-tokens past the longest common prefix with its session's KV cache. Each loop runs ONE batched
-forward step over every active job: a job just arrived feeds its new tokens (the usual call of
-an ongoing answer brings a few), a job already generating feeds its last sampled token. Caches
-are left-padded to the longest and new tokens right-aligned, with an attention mask over both
-paddings and explicit position ids, so each row computes what it would alone. A fresh session,
-or one bringing more than ``batch_prefill_tokens`` new tokens, is prefilled on its own first
-(padding a batch to a long prompt would waste the step). A session's cache stays on the GPU
-between calls until the gateway evicts the session.
+A scheduler thread owns the model and its engine (``static_kv.StaticKVEngine``). Every session
+keeps its KV cache in a preallocated slot across calls (``slots.SlotTable`` says which), so a
+call feeds only the tokens past the longest common prefix with what its slot holds. Running calls
+occupy the slots ``[0, active)``, which are the rows of ONE batched step per loop: a call just
+arrived feeds its new tokens (the usual call of an ongoing answer brings a few), a call already
+generating feeds its last sampled token. Steps of up to eight tokens a row are CUDA graphs; a
+call bringing more than ``batch_prefill_tokens`` new tokens is prefilled alone first, eagerly, in
+chunks. Sampling and log-probs come back from the device once per step.
 
 torch and transformers are imported when the backend is opened, never at module import.
 """
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +26,16 @@ from typing import Any
 import numpy as np
 
 from client.egress import common_prefix_length
-from expert_gateway.backends.base import (
-    Continuation,
-    ContinueOptions,
-    score_rows,
-    token_logprob,
-)
+from expert_gateway.backends.base import Continuation, ContinueOptions, score_rows
+from expert_gateway.backends.slots import SlotTable
+from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
 from expert_gateway.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,
     TokenLogprob,
-    sample_from_logits,
+    positional_uniform,
 )
 
 INSTALL_HINT = "the hf backend needs torch and transformers: pip install 'tandem[train]' transformers"
@@ -58,12 +53,6 @@ def _import_torch() -> tuple[Any, Any]:
 
 
 @dataclass
-class _SessionCache:
-    tokens: list[int]
-    layers: list[tuple[Any, Any]]  # per layer (keys, values), each [1, heads, len, dim]
-
-
-@dataclass
 class _Job:
     session_id: str
     sequence: list[int]
@@ -72,39 +61,40 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     reused: int = 0
-    pending: list[int] = field(default_factory=list)  # fed by the next batched step
-    # The session's KV while the call runs; back in the shared table when it ends, so a
-    # session evicted mid-call cannot pull the cache from under a batched step.
-    cache: _SessionCache = field(default_factory=lambda: _SessionCache([], []))
+    pending: list[int] = field(default_factory=list)  # fed by the next step
 
 
 @dataclass
-class _ScoreJob:
-    sequences: Sequence[ScoreSequence]
-    future: Future[list[ScoreResult]] = field(default_factory=Future)
+class _Call:
+    """Work other than a continuation (score, warm-up), run on the scheduler thread."""
+
+    work: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
 
 
 class HfBackend:
-    """ExpertBackend over a transformers causal LM with a continuous-batching scheduler."""
+    """ExpertBackend over a transformers causal LM: static KV slots, graph-replayed steps."""
 
     def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
-                 eos_ids: frozenset[int], max_batch: int, max_context: int,
-                 batch_prefill_tokens: int = 64) -> None:
+                 eos_ids: frozenset[int], max_batch: int, max_context: int, slots: int,
+                 batch_prefill_tokens: int = 64, prefill_chunk: int = 512,
+                 cuda_graphs: bool = True) -> None:
         self._torch, _ = _import_torch()
         self._model = model
         self._device = next(model.parameters()).device
         self._eos_ids = eos_ids
-        # transformers 5.x renamed `past_key_values` to `cache` (input and output).
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        self.max_batch = max_batch
-        self.max_concurrency = max_batch
+        self._engine = StaticKVEngine(model, slots=slots, capacity=max_context, max_batch=max_batch,
+                                      cuda_graphs=cuda_graphs)
+        self._table = SlotTable(slots, max_context)
+        self.max_batch = self._engine.max_batch
+        self.max_concurrency = self.max_batch
         self.batch_prefill_tokens = batch_prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.info = ModelInfo(name=name, vocab_size=vocab_size, tokenizer=fingerprint,
                               max_context=max_context)
-        self._caches: dict[str, _SessionCache] = {}
-        self._caches_lock = threading.Lock()
-        self._inbox: queue.Queue[_Job | _ScoreJob | None] = queue.Queue()
+        self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
+        self._rows: list[_Job] = []  # row b runs in slot b (scheduler thread only)
+        self._waiting: deque[_Job] = deque()
         # Rows and widest row (tokens fed) of the recent batched steps, for tests and benchmarks.
         self.steps: deque[int] = deque(maxlen=STEP_HISTORY)
         self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
@@ -113,7 +103,9 @@ class HfBackend:
 
     @classmethod
     def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
-             max_context: int, batch_prefill_tokens: int = 64) -> HfBackend:
+             max_context: int, slots: int, batch_prefill_tokens: int = 64,
+             prefill_chunk: int = 512, cuda_graphs: bool = True) -> HfBackend:
+        """Load the model folder and capture the step graphs (a few seconds on a GPU)."""
         torch, transformers = _import_torch()
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -122,9 +114,12 @@ class HfBackend:
             raise BackendError(f"cannot load a transformers model from {path}: {exc}") from exc
         eos = model.config.eos_token_id
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        return cls(model, name=name, fingerprint=vocabulary_fingerprint(path),
-                   vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
-                   max_context=max_context, batch_prefill_tokens=batch_prefill_tokens)
+        backend = cls(model, name=name, fingerprint=vocabulary_fingerprint(path),
+                      vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
+                      max_context=max_context, slots=slots, batch_prefill_tokens=batch_prefill_tokens,
+                      prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+        backend.warmup()
+        return backend
 
     # -- the ExpertBackend surface (called from request threads) -----------------------------
 
@@ -135,46 +130,53 @@ class HfBackend:
         return job.future.result()
 
     def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
-        job = _ScoreJob(sequences)
-        self._inbox.put(job)
-        return job.future.result()
+        return list(self._call(lambda: [self._score_one(entry) for entry in sequences]))
 
     def forget(self, session_id: str) -> None:
-        with self._caches_lock:
-            self._caches.pop(session_id, None)
+        """Free the session's slot (kept while a running call uses it: see ``SlotTable``)."""
+        self._table.forget(session_id)
+
+    def warmup(self, max_length: int | None = None) -> int:
+        """Capture the step graphs up to ``max_length`` keys now; the number captured."""
+        return int(self._call(lambda: self._engine.warmup(max_length)))
 
     def close(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
+    @property
+    def engine(self) -> StaticKVEngine:
+        return self._engine
+
+    @property
+    def table(self) -> SlotTable:
+        return self._table
+
+    def _call(self, work: Callable[[], Any]) -> Any:
+        call = _Call(work)
+        self._inbox.put(call)
+        return call.future.result()
+
     # -- the scheduler -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        active: list[_Job] = []
         while True:
-            arrivals = self._drain(block=not active)
+            arrivals = self._drain(block=not (self._rows or self._waiting))
             if arrivals is None:
-                for job in active:
+                for job in [*self._rows, *self._waiting]:
                     job.future.set_exception(BackendError("the backend is closing"))
                 return
-            for arrival in arrivals:
-                self._guard(arrival, active)
-            if active:
-                batch = active[:self.max_batch]
-                try:
-                    self._step(batch)
-                except Exception as exc:
-                    for job in batch:
-                        self.forget(job.session_id)
-                        job.future.set_exception(BackendError(f"batched step failed: {exc}"))
-                    active = active[len(batch):]
-                    continue
-                for job in [job for job in batch if self._finished(job)]:
-                    active.remove(job)
-                    self._finish(job)
+            for item in arrivals:
+                if isinstance(item, _Job):
+                    self._waiting.append(item)
+                else:
+                    self._run_call(item)
+            self._admit_waiting()
+            if self._rows:
+                self._step()
 
-    def _drain(self, *, block: bool) -> list[_Job | _ScoreJob] | None:
-        items: list[_Job | _ScoreJob] = []
+    def _drain(self, *, block: bool) -> list[_Job | _Call] | None:
+        items: list[_Job | _Call] = []
         try:
             item = self._inbox.get(block=block)
             while True:
@@ -185,167 +187,140 @@ class HfBackend:
         except queue.Empty:
             return items
 
-    def _guard(self, item: _Job | _ScoreJob, active: list[_Job]) -> None:
-        """Admit one arrival; its failure fails only its own future."""
+    def _run_call(self, call: _Call) -> None:
         try:
-            self._admit(item, active)
+            call.future.set_result(call.work())
         except Exception as exc:
-            if isinstance(item, _Job):
-                self.forget(item.session_id)
-            item.future.set_exception(exc if isinstance(exc, BackendError)
+            call.future.set_exception(exc if isinstance(exc, BackendError)
                                       else BackendError(f"transformers failed: {exc}"))
 
-    def _admit(self, item: _Job | _ScoreJob, active: list[_Job]) -> None:
-        if isinstance(item, _ScoreJob):
-            item.future.set_result([self._score_one(entry) for entry in item.sequences])
+    def _admit_waiting(self) -> None:
+        """Admit waiting calls in order while rows are free; a session runs one call at a time."""
+        kept: deque[_Job] = deque()
+        while self._waiting:
+            job = self._waiting.popleft()
+            if len(self._rows) >= self.max_batch or self._table.is_active(job.session_id):
+                kept.append(job)
+            else:
+                self._admit(job)
+        self._waiting = kept
+
+    def _admit(self, job: _Job) -> None:
+        """Give the call its session's slot as the next row; its failure fails only its future."""
+        sequence = job.sequence
+        capacity = self._table.capacity
+        if not sequence or len(sequence) + job.options.max_tokens - 1 > capacity:
+            job.future.set_exception(BackendError(
+                f"{len(sequence)} tokens + {job.options.max_tokens} new do not fit "
+                f"hf.max_context = {capacity}"))
             return
-        with self._caches_lock:
-            cache = self._caches.get(item.session_id) or _SessionCache([], [])
-        reused = min(common_prefix_length(cache.tokens, item.sequence), len(item.sequence) - 1)
-        item.reused = reused
-        layers = [(keys[:, :, :reused], values[:, :, :reused]) for keys, values in cache.layers]
-        if reused and len(item.sequence) - reused <= self.batch_prefill_tokens:
-            # Joins the next batched step; the cache keeps only the shared prefix.
-            item.cache = _SessionCache(item.sequence[:reused], layers)
-            item.pending = item.sequence[reused:]
-            active.append(item)
+        row, swaps = self._table.acquire(job.session_id)
+        self._rows.append(job)
+        try:
+            self._apply(swaps)
+            reused = min(common_prefix_length(self._table.tokens(row), sequence), len(sequence) - 1)
+            self._table.truncate(row, reused)
+            job.reused, job.pending = reused, sequence[reused:]
+            if len(job.pending) > self.batch_prefill_tokens:
+                self._prefill_alone(row, job)
+        except Exception as exc:
+            self._fail(row, exc)
+
+    def _prefill_alone(self, row: int, job: _Job) -> None:
+        """Feed a long run of new tokens in eager chunks of one row; sample the first token."""
+        pending = job.pending
+        output = None
+        for begin in range(0, len(pending), self.prefill_chunk):
+            chunk = pending[begin:begin + self.prefill_chunk]
+            feed = self._feed(job, row, chunk)
+            output = self._engine.step([feed], start=row)
+            self._table.extend(row, chunk)
+        assert output is not None
+        self._take(job, output[0])
+        job.pending = [job.tokens[-1]]
+        if self._finished(job):
+            self._finish(row)
+
+    def _step(self) -> None:
+        """Feed every running call's pending tokens in ONE step; sample one token for each."""
+        rows = self._rows
+        try:
+            output = self._engine.step([self._feed(job, row, job.pending) for row, job in enumerate(rows)])
+        except Exception as exc:
+            for row in reversed(range(len(rows))):
+                self._fail(row, exc)
             return
-        self._take(item, self._prefill(item, layers))
-        if self._finished(item):
-            self._finish(item)
-        else:
-            item.pending = [item.tokens[-1]]
-            active.append(item)
-
-    def _prefill(self, job: _Job, layers: list[tuple[Any, Any]]) -> np.ndarray:
-        """Feed the job's new tokens alone; the logits of its last position."""
-        torch = self._torch
-        reused = job.reused
-        new = job.sequence[reused:]
-        output = self._forward(
-            input_ids=torch.tensor([new], device=self._device),
-            attention_mask=torch.ones(1, len(job.sequence), dtype=torch.long, device=self._device),
-            position_ids=torch.arange(reused, len(job.sequence), device=self._device)[None],
-            use_cache=True,
-            **{self._cache_argument: self._cache_object(layers) if reused else None},
-        )
-        job.cache = _SessionCache(list(job.sequence), self._layers_of(self._returned_cache(output)))
-        return output.logits[0, -1].float().cpu().numpy()
-
-    def _step(self, batch: list[_Job]) -> None:
-        """Feed every job's pending tokens in ONE forward pass; sample one token for each.
-
-        Row ``i`` is ``[pad] * (C - c_i) + cache_i + [pad] * (N - n_i) + pending_i`` with C the
-        longest cache and N the most pending tokens: the last column is every row's next-token
-        distribution. Every row has a cache, so no query row is fully masked.
-        """
-        torch = self._torch
-        caches = [job.cache for job in batch]
-        cached = [len(cache.tokens) for cache in caches]
-        fed = [len(job.pending) for job in batch]
-        longest, width = max(cached), max(fed)
-        padded = []
-        for layer in range(len(caches[0].layers)):
-            keys = [self._left_pad(cache.layers[layer][0], longest) for cache in caches]
-            values = [self._left_pad(cache.layers[layer][1], longest) for cache in caches]
-            padded.append((torch.cat(keys), torch.cat(values)))
-        # Built on the host, moved in one copy each.
-        mask = torch.zeros(len(batch), longest + width, dtype=torch.long)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, (job, length, count) in enumerate(zip(batch, cached, fed, strict=True)):
-            mask[row, longest - length:longest] = 1
-            mask[row, longest + width - count:] = 1
-            input_ids[row, width - count:] = torch.tensor(job.pending)
-            positions[row, width - count:] = torch.arange(length, length + count)
-        output = self._forward(
-            input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device), use_cache=True,
-            **{self._cache_argument: self._cache_object(padded)},
-        )
-        self.steps.append(len(batch))
-        self.widths.append(width)
-        new_layers = self._layers_of(self._returned_cache(output))
-        logits = output.logits[:, -1].float().cpu().numpy()
-        for row, (job, cache, length, count) in enumerate(zip(batch, caches, cached, fed, strict=True)):
-            layers = [(self._unpad(keys[row:row + 1], longest, length, width, count),
-                       self._unpad(values[row:row + 1], longest, length, width, count))
-                      for keys, values in new_layers]
-            job.cache = _SessionCache([*cache.tokens, *job.pending], layers)
-            self._take(job, logits[row])
+        self.steps.append(len(rows))
+        self.widths.append(max(len(job.pending) for job in rows))
+        for row, job in enumerate(rows):
+            self._table.extend(row, job.pending)
+            self._take(job, output[row])
             job.pending = [job.tokens[-1]]
+        for row in reversed(range(len(rows))):
+            if self._finished(rows[row]):
+                self._finish(row)
 
-    def _unpad(self, tensor: Any, longest: int, length: int, width: int, count: int) -> Any:
-        """One row's cache without padding: its ``length`` cached and ``count`` fed positions."""
-        if count == width:
-            return tensor[:, :, longest - length:]
-        cached, fed = tensor[:, :, longest - length:longest], tensor[:, :, longest + width - count:]
-        return self._torch.cat([cached, fed], dim=2)
-
-    def _take(self, job: _Job, logits: np.ndarray) -> None:
+    def _feed(self, job: _Job, row: int, tokens: list[int]) -> RowFeed:
         options = job.options
-        token = sample_from_logits(logits, temperature=options.temperature, seed=options.seed,
-                                   position=len(job.sequence) + len(job.tokens))
+        uniform = 0.0
+        if options.temperature > 0:
+            position = len(job.sequence) + len(job.tokens)
+            uniform = (positional_uniform(options.seed, position) if options.seed is not None
+                       else float(np.random.random()))
+        return RowFeed(cached=self._table.length(row), tokens=tokens,
+                       temperature=options.temperature, uniform=uniform)
+
+    def _take(self, job: _Job, output: np.ndarray) -> None:
+        token = int(output[TOKEN])
         job.tokens.append(token)
+        options = job.options
         if options.want_logprobs:
-            job.logprobs.append(token_logprob(logits, token, top=options.top_logprobs))
+            top = min(options.top_logprobs, self._engine.top)
+            ids = output[TOP:TOP + top]
+            values = output[TOP + self._engine.top:TOP + self._engine.top + top]
+            job.logprobs.append(TokenLogprob(
+                token=token, logprob=float(output[LOGPROB]),
+                top=[(int(index), float(value)) for index, value in zip(ids, values, strict=True)]))
 
     def _finished(self, job: _Job) -> bool:
         return len(job.tokens) >= job.options.max_tokens or job.tokens[-1] in self._eos_ids
 
-    def _finish(self, job: _Job) -> None:
-        with self._caches_lock:
-            self._caches[job.session_id] = job.cache
+    def _retire(self, row: int) -> _Job:
+        """Take the call out of ``row``; the last running call moves into that row."""
+        job = self._rows[row]
+        self._apply(self._table.release(row))
+        self._rows[row] = self._rows[-1]
+        self._rows.pop()
+        return job
+
+    def _finish(self, row: int) -> None:
+        job = self._retire(row)
         job.future.set_result(Continuation(
             tokens=job.tokens, logprobs=job.logprobs if job.options.want_logprobs else None,
             reused_tokens=job.reused, prefilled_tokens=len(job.sequence) - job.reused))
+
+    def _fail(self, row: int, exc: Exception) -> None:
+        """End the call in ``row`` with an error; its slot keeps the KV of the tokens it holds."""
+        job = self._retire(row)
+        if not job.future.done():
+            job.future.set_exception(exc if isinstance(exc, BackendError)
+                                     else BackendError(f"batched step failed: {exc}"))
+
+    def _apply(self, swaps: list[tuple[int, int]]) -> None:
+        for first, second in swaps:
+            self._engine.swap(first, second, max(self._table.length(first), self._table.length(second)))
 
     def _score_one(self, item: ScoreSequence) -> ScoreResult:
         if item.start >= len(item.tokens):
             return ScoreResult(logprobs=[], argmax=[])
         torch = self._torch
-        output = self._forward(input_ids=torch.tensor([item.tokens[:-1]], device=self._device))
-        rows = output.logits[0, item.start - 1:].float().cpu().numpy()
-        return score_rows(rows, item.tokens[item.start:])
-
-    def _forward(self, **inputs: Any) -> Any:
-        """One model call without autograd, on attention kernels that need no per-shape plan.
-
-        cuDNN's attention (PyTorch's first choice on Hopper) builds an execution plan for every
-        new sequence length, and a growing session has a new length on every call: on an H100
-        that made each forward of a 0.9 B model 50 ms instead of 11 ms.
-        """
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with self._torch.inference_mode(), sdpa_kernel(kernels):
-            return self._model(**inputs)
-
-    # -- cache plumbing ----------------------------------------------------------------------
-
-    def _left_pad(self, tensor: Any, length: int) -> Any:
-        missing = length - tensor.shape[2]
-        if missing == 0:
-            return tensor
-        pad = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
-        return self._torch.cat([pad, tensor], dim=2)
-
-    def _cache_object(self, layers: list[tuple[Any, Any]]) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys, values, index)
-        return cache
-
-    def _returned_cache(self, output: Any) -> Any:
-        return getattr(output, self._cache_argument)
-
-    @staticmethod
-    def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
-        if hasattr(cache, "layers"):
-            return [(layer.keys, layer.values) for layer in cache.layers]
-        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+        with torch.inference_mode(), sdpa_kernel(kernels):
+            output = self._model(input_ids=torch.tensor([item.tokens[:-1]], device=self._device))
+        rows = output.logits[0, item.start - 1:].float().cpu().numpy()
+        return score_rows(rows, item.tokens[item.start:])
 
 
 def vocabulary_fingerprint(path: Path) -> str:

@@ -1,6 +1,8 @@
 """The transformers backend on a tiny randomly initialised Llama (CUDA when present, else CPU).
 
-Runs wherever torch and transformers are installed; the GPU run is recorded in the report.
+Runs wherever torch and transformers are installed: on the CPU every step runs eagerly through
+the same step function that CUDA captures as graphs; the tests marked ``cuda`` compare graph
+replays with eager steps and run only where a GPU is present.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import numpy as np
 import pytest
 
 from expert_gateway.app import create_app
-from expert_gateway.backends.base import ContinueOptions
-from expert_gateway.protocol import ScoreSequence, log_softmax
+from expert_gateway.backends.base import ContinueOptions, token_logprob
+from expert_gateway.errors import BackendError
+from expert_gateway.protocol import ScoreSequence, log_softmax, sample_from_logits
+from expert_gateway.settings import GatewaySettings
 
 from .conftest import gateway_settings, serve
 
@@ -23,6 +27,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend, _Job  # noqa: E402
+from expert_gateway.backends.static_kv import RowFeed, StaticKVEngine  # noqa: E402
 
 FINGERPRINT = "0123456789abcdef" * 4
 VOCAB = 96
@@ -43,22 +48,39 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.fixture(scope="module")
 def hf_backend(tiny_model_dir: Path) -> Iterator[HfBackend]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = HfBackend.open(tiny_model_dir, name="tiny", device=device, dtype="float32", max_batch=16,
-                             max_context=256)
+    backend = HfBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32", max_batch=16,
+                             max_context=256, slots=64)
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="module")
+def small_backend(tiny_model_dir: Path) -> Iterator[HfBackend]:
+    """Three slots, two rows, prefill alone above 4 new tokens in chunks of 16."""
+    backend = HfBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32", max_batch=2,
+                             max_context=128, slots=3, batch_prefill_tokens=4, prefill_chunk=16)
+    yield backend
+    backend.close()
+
+
+def _reference_logits(backend: HfBackend, tokens: list[int]) -> np.ndarray:
+    """The next-token logits of an uncached forward pass of transformers' own model."""
+    with torch.inference_mode():
+        logits = backend._model(input_ids=torch.tensor([tokens], device=backend._device)).logits
+    return np.asarray(logits[0, -1].float().cpu().numpy())
 
 
 def _reference_greedy(backend: HfBackend, prompt: list[int], count: int) -> list[int]:
     """Greedy decoding by full forward passes, no cache, no batching."""
     tokens = list(prompt)
     for _ in range(count):
-        with torch.inference_mode():
-            logits = backend._model(input_ids=torch.tensor([tokens], device=backend._device)).logits
-        tokens.append(int(logits[0, -1].argmax()))
+        tokens.append(int(_reference_logits(backend, tokens).argmax()))
         if tokens[-1] == VOCAB - 1:
             break
     return tokens[len(prompt):]
@@ -100,18 +122,18 @@ def _schedule(backend: HfBackend, jobs: list[_Job], *,
               before_steps: Callable[[], None] = lambda: None) -> None:
     """Admit ``jobs`` together, then step them to the end, as the scheduler loop does.
 
-    Runs the scheduler's own functions on the test thread while the scheduler thread is idle
-    (blocked on its empty inbox), so the composition of each batch is deterministic.
+    Runs the scheduler's own functions as one piece of work on the scheduler thread, with no
+    other call in flight, so the composition of each batch is deterministic.
     """
-    active: list[_Job] = []
-    for job in jobs:
-        backend._admit(job, active)
-    before_steps()
-    while active:
-        backend._step(active)
-        for job in [job for job in active if backend._finished(job)]:
-            active.remove(job)
-            backend._finish(job)
+
+    def run() -> None:
+        for job in jobs:
+            backend._admit(job)
+        before_steps()
+        while backend._rows:
+            backend._step()
+
+    backend._call(run)
 
 
 def test_ragged_new_tokens_of_many_sessions_share_one_step(hf_backend: HfBackend) -> None:
@@ -165,3 +187,128 @@ def test_concurrent_http_sessions_are_batched_and_equal_sequential(
                                      restarted))
     assert parallel == sequential
     assert max(hf_backend.steps) > 1  # decode steps of different sessions ran in one batch
+
+
+def test_sessions_beyond_the_slots_reuse_the_least_recent_slot_and_stay_exact(
+        small_backend: HfBackend) -> None:
+    """Five sessions over three slots: evicted ones prefill again, every answer stays exact."""
+    sequences = {f"lru{index}": _prompt(70 + index) for index in range(5)}
+    evictions = small_backend.table.evictions
+    for _ in range(2):
+        for session, sequence in sequences.items():
+            reply = small_backend.continue_(session, sequence, options=ContinueOptions(max_tokens=2))
+            assert reply.tokens == _reference_greedy(small_backend, sequence, 2)
+            sequence += [*reply.tokens, 5]
+    assert small_backend.table.evictions - evictions >= 5
+    assert len(small_backend.table.held()) == 3
+
+
+def test_long_new_runs_prefill_alone_in_chunks(small_backend: HfBackend) -> None:
+    prompt = [int(token) for token in np.random.default_rng(7).integers(0, VOCAB - 1, size=50)]
+    steps = len(small_backend.steps)
+    reply = small_backend.continue_("long", prompt, options=ContinueOptions(max_tokens=3))
+    assert reply.tokens == _reference_greedy(small_backend, prompt, 3)
+    assert reply.prefilled_tokens == 50 and len(small_backend.steps) - steps == 2  # only 2 decode steps
+    extended = [*prompt, *reply.tokens, *_prompt(8)]  # more than 4 new tokens: alone again
+    again = small_backend.continue_("long", extended, options=ContinueOptions(max_tokens=2))
+    assert again.reused_tokens == 52 and again.tokens == _reference_greedy(small_backend, extended, 2)
+
+
+def test_logprobs_and_alternatives_match_the_reference_distribution(hf_backend: HfBackend) -> None:
+    prompt = _prompt(5)
+    reply = hf_backend.continue_("lp", prompt, options=ContinueOptions(
+        max_tokens=3, top_logprobs=4, want_logprobs=True))
+    assert reply.logprobs is not None
+    sequence = list(prompt)
+    for token, got in zip(reply.tokens, reply.logprobs, strict=True):
+        expected = token_logprob(_reference_logits(hf_backend, sequence), token, top=4)
+        assert got.token == token and got.logprob == pytest.approx(expected.logprob, abs=1e-4)
+        assert [index for index, _ in got.top] == [index for index, _ in expected.top]
+        np.testing.assert_allclose([value for _, value in got.top], [value for _, value in expected.top],
+                                   atol=1e-4)
+        sequence.append(token)
+
+
+def test_seeded_sampling_uses_the_clients_positional_uniforms(hf_backend: HfBackend) -> None:
+    """The device's inverse-CDF draw equals the client's own sample_from_logits."""
+    prompt = _prompt(6)
+    reply = hf_backend.continue_("seeded", prompt, options=ContinueOptions(
+        max_tokens=6, temperature=0.7, seed=12345))
+    sequence = list(prompt)
+    for token in reply.tokens:
+        expected = sample_from_logits(_reference_logits(hf_backend, sequence), temperature=0.7,
+                                      seed=12345, position=len(sequence))
+        assert token == expected
+        sequence.append(token)
+
+
+def test_forget_frees_the_slot(hf_backend: HfBackend) -> None:
+    hf_backend.continue_("gone", _prompt(8), options=ContinueOptions(max_tokens=1))
+    assert "gone" in hf_backend.table.held()
+    hf_backend.forget("gone")
+    assert "gone" not in hf_backend.table.held()
+    again = hf_backend.continue_("gone", _prompt(8), options=ContinueOptions(max_tokens=1))
+    assert again.reused_tokens == 0
+
+
+def test_sequences_over_the_slot_capacity_fail_alone(small_backend: HfBackend) -> None:
+    with pytest.raises(BackendError, match="max_context = 128"):
+        small_backend.continue_("big", list(range(90)) * 2, options=ContinueOptions(max_tokens=1))
+    reply = small_backend.continue_("fine", _prompt(9), options=ContinueOptions(max_tokens=1))
+    assert reply.tokens == _reference_greedy(small_backend, _prompt(9), 1)
+
+
+def test_slots_that_do_not_fit_fail_at_start_up(tiny_model_dir: Path) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(BackendError, match=r"1000000000 sessions x 4096 tokens.*lower sessions.max_sessions"):
+        StaticKVEngine(model, slots=10**9, capacity=4096, max_batch=8)
+
+
+def test_models_outside_the_llama_family_are_refused_with_the_alternative() -> None:
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    with pytest.raises(BackendError, match="openai_compat"):
+        StaticKVEngine(transformers.GPT2LMHeadModel(config), slots=2, capacity=64, max_batch=2)
+
+
+def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_dir: Path) -> None:
+    from expert_gateway.backends import build_backend
+
+    settings = GatewaySettings.model_validate({
+        "sessions": {"max_sessions": 5},
+        "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
+        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4}})
+    backend = build_backend(settings)
+    try:
+        assert isinstance(backend, HfBackend) and backend.table.slots == 5
+        assert backend.engine.cache.shape[2:4] == (6, 64)  # five slots and the scratch one
+        reply = backend.continue_("x", _prompt(11), options=ContinueOptions(max_tokens=2))
+        assert reply.tokens == _reference_greedy(backend, _prompt(11), 2)
+    finally:
+        backend.close()
+
+
+@cuda
+def test_graph_replays_equal_eager_steps(tiny_model_dir: Path) -> None:
+    """The same prefills and ragged decode steps on two engines: graphs on and off."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=128, max_batch=8, cuda_graphs=graphs)
+               for graphs in (True, False)]
+    rng = np.random.default_rng(3)
+    lengths = [5, 17, 9, 30, 2]
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        for row, length in enumerate(lengths):  # eager one-row prefills on both
+            engine.step([RowFeed(0, [int(t) for t in np.random.default_rng(row).integers(0, 90, length)])],
+                        start=row)
+        cached = list(lengths)
+        for width in (1, 3, 1, 8, 2, 1):
+            feeds = [RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)],
+                             temperature=0.9 if row % 2 else 0.0, uniform=0.3)
+                     for row in range(len(lengths))]
+            seen.append(engine.step(feeds))
+            cached = [value + width for value in cached]
+        rng = np.random.default_rng(3)
+    assert engines[0].graphs > 0 and engines[1].graphs == 0
+    for graphed, eager in zip(*outputs, strict=True):
+        assert graphed[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(graphed, eager, atol=1e-4)

@@ -1,0 +1,390 @@
+"""The hf backend's engine: static KV slots and one batched step, replayed as CUDA graphs.
+
+gpt-fast style. Every session owns a slot of ``capacity`` positions in one preallocated cache
+tensor ``[layers, 2, slots + 1, capacity, kv_heads, head_dim]`` (the extra slot is scratch that
+padded positions write into). A step feeds ``W`` tokens to each of ``B`` rows, where row ``b`` is
+slot ``start + b``: the new keys and values are written in place at each token's position, and
+attention reads ``cache[start:start + B, :T]`` as a view, masked so that each query sees its own
+slot up to its own position. No cache is copied, padded or gathered per step.
+
+The forward pass is our own over the model's modules (Llama, Mistral, Qwen2 and Qwen3 share the
+structure: RMSNorm, rotary attention with grouped KV heads, gated MLP), because transformers'
+forward cannot read a slot table and does Python work per call that a CUDA graph cannot hold.
+It reuses the model's own layer modules and rotary table, so the arithmetic is the model's.
+
+Sampling runs on the device at the end of the step (greedy, or inverse-CDF on the client's
+positional uniforms in float64, plus log-probs and the top alternatives) and the step returns one
+small float64 array per row, copied to the host once.
+
+On CUDA, steps of ``B`` in the batch buckets, ``W`` in ``GRAPH_WIDTHS`` and ``T`` in the length
+buckets are captured as CUDA graphs on first use (or by ``warmup``) and replayed; anything wider
+(a long prefill) runs eagerly through the same function.
+
+torch is imported when an engine is built, never at module import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from expert_gateway.errors import BackendError
+from expert_gateway.protocol import MAX_TOP_LOGPROBS
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly
+MIN_LENGTH_BUCKET = 64
+GIB = 1024**3
+# Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
+TOKEN, LOGPROB, TOP = 0, 1, 2
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, then ``max_batch``: 1, 2, 4, ..., 32, 64 for 64."""
+    buckets = []
+    size = 1
+    while size < max_batch:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_batch)
+
+
+def length_buckets(capacity: int) -> tuple[int, ...]:
+    """Key lengths a step attends over: 64, 128, ... below ``capacity``, then ``capacity``."""
+    buckets = []
+    size = MIN_LENGTH_BUCKET
+    while size < capacity:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, capacity)
+
+
+def bucket(value: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding ``value``."""
+    for size in buckets:
+        if size >= value:
+            return size
+    raise ValueError(f"{value} is above the largest bucket {buckets[-1]}")
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    return 2 * layers * kv_heads * head_dim * element_size
+
+
+def check_fits(*, slots: int, capacity: int, per_token: int, free: int, headroom: int,
+               device: str) -> int:
+    """Bytes the slots need; a BackendError that says what to lower when they do not fit."""
+    need = per_token * (slots + 1) * capacity
+    if need + headroom > free:
+        raise BackendError(
+            f"the KV slots need {need / GIB:.2f} GiB ({slots} sessions x {capacity} tokens x "
+            f"{per_token / 1024:.0f} KiB per token, plus one scratch slot) but {device} has "
+            f"{free / GIB:.2f} GiB free after the weights, of which {headroom / GIB:.2f} GiB stay "
+            "for activations: lower sessions.max_sessions (or hf.slots) or hf.max_context")
+    return need
+
+
+@dataclass(frozen=True)
+class RowFeed:
+    """One row of a step: ``tokens`` fed after the ``cached`` positions its slot holds."""
+
+    cached: int
+    tokens: Sequence[int]
+    temperature: float = 0.0
+    uniform: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """Host arrays of one step over ``B`` rows of ``W`` tokens (padding included)."""
+
+    ids: np.ndarray  # [B, W] token ids (0 where padded)
+    positions: np.ndarray  # [B, W] absolute positions (0 where padded)
+    dest: np.ndarray  # [B, W] flat cache index slot * capacity + position (scratch where padded)
+    last: np.ndarray  # [B] index of each row's last real token
+    temperature: np.ndarray  # [B] float64, 0 = greedy
+    uniform: np.ndarray  # [B] float64 uniforms for inverse-CDF sampling
+    length: int  # keys the step must attend over: 1 + the largest real position
+
+
+def build_step(rows: Sequence[RowFeed], *, batch: int, width: int, start: int, capacity: int,
+               scratch: int) -> StepInput:
+    """Lay out ``rows`` (slots ``start``, ``start + 1``, ...) as a ``batch`` x ``width`` step.
+
+    Rows past ``len(rows)`` and tokens past a row's own are padding: they write into the scratch
+    slot, never into a session's, and their outputs are ignored.
+    """
+    if len(rows) > batch:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch}")
+    ids = np.zeros((batch, width), dtype=np.int64)
+    positions = np.zeros((batch, width), dtype=np.int64)
+    pads = np.arange(batch * width, dtype=np.int64).reshape(batch, width) % capacity
+    dest = scratch * capacity + pads
+    last = np.zeros(batch, dtype=np.int64)
+    temperature = np.zeros(batch, dtype=np.float64)
+    uniform = np.zeros(batch, dtype=np.float64)
+    length = 1
+    for index, row in enumerate(rows):
+        count = len(row.tokens)
+        if not 1 <= count <= width:
+            raise ValueError(f"row {index} feeds {count} tokens; a step takes 1..{width}")
+        end = row.cached + count
+        if end > capacity:
+            raise ValueError(f"row {index} would hold {end} tokens, over the slot's {capacity}")
+        ids[index, :count] = row.tokens
+        positions[index, :count] = np.arange(row.cached, end)
+        dest[index, :count] = (start + index) * capacity + positions[index, :count]
+        last[index] = count - 1
+        temperature[index] = row.temperature
+        uniform[index] = row.uniform
+        length = max(length, end)
+    return StepInput(ids, positions, dest, last, temperature, uniform, length)
+
+
+def sample_head(torch: Any, logits: Any, temperature: Any, uniform: Any, top: int) -> Any:
+    """Per row: the next token, its log-prob and the ``top`` best log-probs, as float64 columns.
+
+    Greedy rows take the first maximum (numpy's argmax). Sampled rows invert the float64 CDF of
+    ``softmax(logits / T)`` at their uniform, as ``protocol.sample_from_logits`` does on the host.
+    """
+    vocabulary = logits.shape[-1]
+    wide = logits.double()
+    logprobs = torch.log_softmax(wide, dim=-1)
+    greedy = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    scale = torch.where(sampled, temperature, torch.ones_like(temperature))
+    cumulative = torch.softmax(wide / scale[:, None], dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cumulative, uniform[:, None], right=True)[:, 0].clamp_max(vocabulary - 1)
+    token = torch.where(sampled, drawn, greedy)
+    chosen = logprobs.gather(1, token[:, None])
+    best, best_ids = logprobs.topk(top, dim=-1)
+    return torch.cat([token[:, None].double(), chosen, best_ids.double(), best], dim=1)
+
+
+def _model_parts(model: Any, capacity: int) -> tuple[Any, Any, Any, Any, Any]:
+    """Embedding, layers, final norm, LM head and rotary module of a supported model."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    inner = getattr(model, "model", None)
+    parts = [getattr(inner, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")]
+    if kind not in SUPPORTED_MODEL_TYPES or None in parts or not hasattr(model, "lm_head"):
+        raise BackendError(
+            f"the hf backend's static-cache engine runs {', '.join(sorted(SUPPORTED_MODEL_TYPES))} "
+            f"models; this one is {kind!r}: serve it through the openai_compat backend (e.g. vLLM)")
+    window = getattr(config, "sliding_window", None)
+    sliding = (getattr(config, "use_sliding_window", True) if kind == "qwen2"
+               else "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"]))
+    if window and sliding and window < capacity:
+        raise BackendError(f"the model attends over a sliding window of {window} tokens, under "
+                           f"hf.max_context = {capacity}: set hf.max_context <= {window}")
+    embed, layers, norm, rotary = parts
+    return embed, layers, norm, model.lm_head, rotary
+
+
+def _free_bytes(torch: Any, device: Any) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+class StaticKVEngine:
+    """Static per-slot KV cache and the batched step over slot rows (graphs on CUDA)."""
+
+    def __init__(self, model: Any, *, slots: int, capacity: int, max_batch: int,
+                 cuda_graphs: bool = True) -> None:
+        import torch
+
+        self._torch = torch
+        self._embed, self._layers, self._norm, self._lm_head, rotary = _model_parts(model, capacity)
+        config = model.config
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        attention = self._layers[0].self_attn
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(attention, "head_dim", None) or config.hidden_size // self.heads)
+        self.groups = self.heads // self.kv_heads
+        self.scaling = float(getattr(attention, "scaling", self.head_dim**-0.5))
+        self.qk_norm = hasattr(attention, "q_norm")
+        self.vocab_size = int(self._lm_head.out_features)
+        self.top = min(MAX_TOP_LOGPROBS, self.vocab_size)
+        self.slots, self.capacity, self.scratch = slots, capacity, slots
+        self.max_batch = min(max_batch, slots)
+        per_token = kv_bytes_per_token(len(self._layers), self.kv_heads, self.head_dim,
+                                       parameter.element_size())
+        # Working memory beside the slots: prefill activations, graph pool, and the logits of
+        # an uncached score of max_context tokens (float32, twice over).
+        headroom = GIB + 8 * capacity * self.vocab_size
+        self.kv_bytes = check_fits(slots=slots, capacity=capacity, per_token=per_token,
+                                   free=_free_bytes(torch, self.device), headroom=headroom,
+                                   device=str(self.device))
+        try:
+            self.cache = torch.zeros((len(self._layers), 2, slots + 1, capacity, self.kv_heads,
+                                      self.head_dim), dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError) as exc:
+            raise BackendError(f"cannot allocate {self.kv_bytes / GIB:.2f} GiB of KV slots: {exc}") from exc
+        with torch.inference_mode():
+            probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+            cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
+            self._cos, self._sin = cos[0], sin[0]  # [capacity, head_dim], the model's own table
+        self.batch_buckets = batch_buckets(self.max_batch)
+        self.length_buckets = length_buckets(capacity)
+        self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
+        if self.graphs_enabled:
+            cells = self.max_batch * GRAPH_WIDTHS[-1]
+            self._ints = torch.zeros((4, cells), dtype=torch.long, device=self.device)
+            self._floats = torch.zeros((2, self.max_batch), dtype=torch.float64, device=self.device)
+            self._host_ints = torch.zeros((4, cells), dtype=torch.long).pin_memory()
+            self._host_floats = torch.zeros((2, self.max_batch), dtype=torch.float64).pin_memory()
+            self._pool = torch.cuda.graph_pool_handle()
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured so far."""
+        return len(self._graphs)
+
+    def step(self, rows: Sequence[RowFeed], *, start: int = 0) -> np.ndarray:
+        """Feed ``rows`` (slots ``start``...) in one forward pass; one output row each.
+
+        Output columns: the sampled token, its log-prob, ``top`` ids, ``top`` log-probs.
+        """
+        width = max(len(row.tokens) for row in rows)
+        graphed = (self.graphs_enabled and start == 0 and width <= GRAPH_WIDTHS[-1]
+                   and len(rows) <= self.max_batch)
+        batch = bucket(len(rows), self.batch_buckets) if graphed else len(rows)
+        width = bucket(width, GRAPH_WIDTHS) if graphed else width
+        feed = build_step(rows, batch=batch, width=width, start=start, capacity=self.capacity,
+                          scratch=self.scratch)
+        length = bucket(feed.length, self.length_buckets)
+        torch = self._torch
+        with torch.inference_mode(), self._kernels():
+            if graphed:
+                graph, output = self._graph(batch, width, length)
+                self._load(feed)
+                graph.replay()
+            else:
+                ints = [torch.from_numpy(array).to(self.device)
+                        for array in (feed.ids, feed.positions, feed.dest, feed.last)]
+                floats = [torch.from_numpy(array).to(self.device) for array in (feed.temperature, feed.uniform)]
+                output = self._compute(*ints, *floats, start=start, length=length)
+            return np.asarray(output[:len(rows)].cpu().numpy())
+
+    def swap(self, first: int, second: int, length: int) -> None:
+        """Exchange the first ``length`` positions of two slots (both sessions keep their KV)."""
+        if length <= 0 or first == second:
+            return
+        torch = self._torch
+        with torch.inference_mode():
+            pair = torch.tensor([first, second], device=self.device)
+            self.cache[:, :, pair, :length] = self.cache[:, :, pair.flip(0), :length]
+
+    def warmup(self, max_length: int | None = None) -> int:
+        """Capture the graphs of every bucket up to ``max_length`` keys now; how many exist."""
+        if not self.graphs_enabled:
+            return 0
+        lengths = [size for size in self.length_buckets if max_length is None or size <= max_length]
+        with self._torch.inference_mode(), self._kernels():
+            for length in lengths or self.length_buckets[:1]:
+                for batch in self.batch_buckets:
+                    for width in GRAPH_WIDTHS:
+                        self._graph(batch, width, length)
+        return len(self._graphs)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _kernels(self) -> Any:
+        """Attention kernels that take a mask and need no per-shape plan (not cuDNN's)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+    def _compute(self, ids: Any, positions: Any, dest: Any, last: Any, temperature: Any,
+                 uniform: Any, *, start: int, length: int) -> Any:
+        torch = self._torch
+        batch, width = ids.shape
+        heads, kv_heads, dim, groups = self.heads, self.kv_heads, self.head_dim, self.groups
+        x = self._embed(ids)
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [B, 1, W, D]
+        keys_at = torch.arange(length, device=self.device)
+        mask = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
+        mask = mask[:, None, None].expand(batch, 1, groups, width, length).reshape(
+            batch, 1, groups * width, length)
+        flat = dest.reshape(-1)
+        for index, layer in enumerate(self._layers):
+            attention = layer.self_attn
+            hidden = layer.input_layernorm(x)
+            query = attention.q_proj(hidden).view(batch, width, heads, dim)
+            key = attention.k_proj(hidden).view(batch, width, kv_heads, dim)
+            value = attention.v_proj(hidden).view(batch, width, kv_heads, dim)
+            if self.qk_norm:
+                query, key = attention.q_norm(query), attention.k_norm(key)
+            query = _rotate(torch, query.transpose(1, 2), cos, sin)
+            key = _rotate(torch, key.transpose(1, 2), cos, sin)
+            keys, values = self.cache[index, 0], self.cache[index, 1]  # [S + 1, C, KVH, D]
+            keys.view(-1, kv_heads, dim).index_copy_(0, flat, key.transpose(1, 2).reshape(-1, kv_heads, dim))
+            values.view(-1, kv_heads, dim).index_copy_(0, flat, value.reshape(-1, kv_heads, dim))
+            # Query heads of one KV head become one query block of G * W rows: no repeated KV.
+            grouped = query.reshape(batch, kv_heads, groups * width, dim)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                grouped, keys[start:start + batch, :length].transpose(1, 2),
+                values[start:start + batch, :length].transpose(1, 2), attn_mask=mask, scale=self.scaling)
+            out = out.reshape(batch, heads, width, dim).transpose(1, 2).reshape(batch, width, heads * dim)
+            x = x + attention.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self._norm(x)
+        logits = self._lm_head(x[torch.arange(batch, device=self.device), last]).float()
+        return sample_head(torch, logits, temperature, uniform, self.top)
+
+    # -- graphs ------------------------------------------------------------------------------
+
+    def _views(self, batch: int, width: int) -> list[Any]:
+        cells = batch * width
+        ids, positions, dest = (self._ints[row, :cells].view(batch, width) for row in range(3))
+        return [ids, positions, dest, self._ints[3, :batch], self._floats[0, :batch], self._floats[1, :batch]]
+
+    def _load(self, feed: StepInput) -> None:
+        batch, width = feed.ids.shape
+        cells = batch * width
+        ints, floats = self._host_ints.numpy(), self._host_floats.numpy()
+        for row, array in enumerate((feed.ids, feed.positions, feed.dest)):
+            ints[row, :cells] = array.reshape(-1)
+        ints[3, :batch] = feed.last
+        floats[0, :batch], floats[1, :batch] = feed.temperature, feed.uniform
+        self._ints.copy_(self._host_ints, non_blocking=True)
+        self._floats.copy_(self._host_floats, non_blocking=True)
+
+    def _graph(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
+        """The captured step for this shape, captured now if it is new."""
+        key = (batch, width, length)
+        if key in self._graphs:
+            return self._graphs[key]
+        torch = self._torch
+        # Capture over padding only: every write lands in the scratch slot.
+        self._load(build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
+                              scratch=self.scratch))
+        views = self._views(batch, width)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) before capture
+                self._compute(*views, start=0, length=length)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            output = self._compute(*views, start=0, length=length)
+        self._graphs[key] = (graph, output)
+        return graph, output
+
+
+def _rotate(torch: Any, tensor: Any, cos: Any, sin: Any) -> Any:
+    """Rotary embedding as transformers applies it (rotate_half convention)."""
+    half = tensor.shape[-1] // 2
+    rotated = torch.cat((-tensor[..., half:], tensor[..., :half]), dim=-1)
+    return tensor * cos + rotated * sin
