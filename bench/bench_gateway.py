@@ -361,7 +361,7 @@ def main() -> int:
     if model is not None:
         agreement = greedy_agreement(many, model)
         results["greedy_agreement"] = agreement
-        rows.append(("greedy agreement (bf16)", f"{agreement['token_agreement']:.4f} tokens",
+        rows.append(("greedy agreement vs uncached forward", f"{agreement['token_agreement']:.4f} tokens",
                      f"{agreement['span_agreement']:.3f} spans",
                      f"max gap {agreement['max_gap_bf16_units']:.1f} ulp"))
     many.close()

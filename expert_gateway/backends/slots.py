@@ -119,9 +119,11 @@ class SlotTable:
         """The row's KV now also holds ``tokens`` (just fed)."""
         with self._lock:
             slot = self._table[row]
-            if len(slot.tokens or []) + len(tokens) > self.capacity:
+            held = slot.tokens if slot.tokens is not None else []
+            if len(held) + len(tokens) > self.capacity:
                 raise ValueError(f"slot {row} would hold more than {self.capacity} tokens")
-            slot.tokens = [*(slot.tokens or []), *tokens]
+            held.extend(tokens)  # in place: a long session's list is not copied every step
+            slot.tokens = held
 
     def forget(self, session: str) -> bool:
         """Free ``session``'s slot unless a running call uses it; whether it was freed."""
