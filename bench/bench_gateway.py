@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import statistics
@@ -287,6 +286,29 @@ def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, p
             "near_ties_within_2_units": sum(unit <= 2 for unit in units)}
 
 
+def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str, dict[str, float]]:
+    """Milliseconds of one replayed step per attention kernel, batch and key length."""
+    chosen = engine.attention_kernels
+    timings: dict[str, dict[str, float]] = {}
+    for kernels in (chosen, ("MATH",), ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")):
+        engine.attention_kernels = kernels
+        engine.reset_graphs()
+        try:
+            timings[kernels[0]] = {
+                f"b{batch}_w{width}_t{length}": engine.replay_ms(batch, width, length)
+                for batch, width, length in ((1, 1, 128), (1, 1, 2048), (32, 1, 128), (32, 4, 128),
+                                             (32, 1, 2048), (64, 1, 128))}
+        except Exception as exc:  # a kernel that cannot take this step is a finding, not a crash
+            rows.append((f"step ms, {kernels[0].lower()}", "failed", type(exc).__name__, ""))
+            continue
+        rows.append((f"step ms, {kernels[0].lower()}", *(", ".join(
+            f"{key}={value:.2f}" for key, value in list(timings[kernels[0]].items())[start:start + 2])
+            for start in (0, 2, 4))))
+    engine.attention_kernels = chosen
+    engine.reset_graphs()
+    return timings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["llama_cpp", "hf"], default="llama_cpp")
@@ -365,6 +387,8 @@ def main() -> int:
                      f"{agreement['span_agreement']:.3f} spans",
                      f"max gap {agreement['max_gap_bf16_units']:.1f} ulp"))
     many.close()
+    if model is not None and getattr(many, "engine", None) is not None and many.engine.graphs_enabled:  # type: ignore[attr-defined]
+        results["step_ms"] = step_kernels(many.engine, rows)  # type: ignore[attr-defined]
     if model is not None:
         anchors = {batch: plain_generate(model, batch=batch) for batch in (32, 1)}
         results["plain_generate_tokens_per_s"] = anchors

@@ -234,6 +234,9 @@ class StaticKVEngine:
         self.batch_buckets = batch_buckets(self.max_batch)
         self.length_buckets = length_buckets(capacity)
         self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
+        # SDPA kernels a step may use: they must take a mask; cuDNN's plans per shape are paid
+        # once per captured graph, but an eager step of a new length would pay them again.
+        self.attention_kernels: tuple[str, ...] = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
         if self.graphs_enabled:
             cells = self.max_batch * GRAPH_WIDTHS[-1]
@@ -272,7 +275,8 @@ class StaticKVEngine:
             else:
                 ints = [torch.from_numpy(array).to(self.device)
                         for array in (feed.ids, feed.positions, feed.dest, feed.last)]
-                floats = [torch.from_numpy(array).to(self.device) for array in (feed.temperature, feed.uniform)]
+                floats = [torch.from_numpy(array).to(self.device)
+                          for array in (feed.temperature, feed.uniform)]
                 output = self._compute(*ints, *floats, start=start, length=length)
             return np.asarray(output[:len(rows)].cpu().numpy())
 
@@ -299,11 +303,34 @@ class StaticKVEngine:
 
     # -- the step ----------------------------------------------------------------------------
 
+    def replay_ms(self, batch: int, width: int, length: int, *, repeats: int = 50) -> float:
+        """Median milliseconds of one replayed step of this shape over padding (benchmarks)."""
+        import time
+
+        torch = self._torch
+        feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
+                          scratch=self.scratch)
+        timings = []
+        with torch.inference_mode(), self._kernels():
+            graph, _ = self._graph(batch, width, length)
+            self._load(feed)
+            for _ in range(repeats):
+                torch.cuda.synchronize(self.device)
+                started = time.perf_counter()
+                graph.replay()
+                torch.cuda.synchronize(self.device)
+                timings.append(time.perf_counter() - started)
+        return float(np.median(timings) * 1e3)
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (after changing ``attention_kernels``)."""
+        self._graphs.clear()
+
     def _kernels(self) -> Any:
-        """Attention kernels that take a mask and need no per-shape plan (not cuDNN's)."""
+        """The attention kernels of ``attention_kernels``, in order of preference."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+        return sdpa_kernel([getattr(SDPBackend, name) for name in self.attention_kernels])
 
     def _compute(self, ids: Any, positions: Any, dest: Any, last: Any, temperature: Any,
                  uniform: Any, *, start: int, length: int) -> Any:
