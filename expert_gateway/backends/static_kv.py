@@ -1,7 +1,7 @@
 """The hf backend's engine: static KV slots and one batched step, replayed as CUDA graphs.
 
 gpt-fast style. Every session owns a slot of ``capacity`` positions in one preallocated cache
-tensor ``[layers, 2, slots + 1, capacity, kv_heads, head_dim]`` (the extra slot is scratch that
+tensor ``[layers, slots + 1, capacity, 2, kv_heads, head_dim]`` (the extra slot is scratch that
 padded positions write into). A step feeds ``W`` tokens to each of ``B`` rows, where row ``b`` is
 slot ``start + b``: the new keys and values are written in place at each token's position, and
 attention reads ``cache[start:start + B, :T]`` as a view, masked so that each query sees its own
@@ -223,14 +223,16 @@ class StaticKVEngine:
                                    free=_free_bytes(torch, self.device), headroom=headroom,
                                    device=str(self.device))
         try:
-            self.cache = torch.zeros((len(self._layers), 2, slots + 1, capacity, self.kv_heads,
+            self.cache = torch.zeros((len(self._layers), slots + 1, capacity, 2, self.kv_heads,
                                       self.head_dim), dtype=self.dtype, device=self.device)
         except (RuntimeError, MemoryError) as exc:
             raise BackendError(f"cannot allocate {self.kv_bytes / GIB:.2f} GiB of KV slots: {exc}") from exc
+        self._fused = [_fuse_projections(torch, layer) for layer in self._layers]
         with torch.inference_mode():
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
-            self._cos, self._sin = cos[0], sin[0]  # [capacity, head_dim], the model's own table
+            # [capacity, 1, head_dim]: the model's own table, broadcast over heads
+            self._cos, self._sin = cos[0][:, None], sin[0][:, None]
         self.batch_buckets = batch_buckets(self.max_batch)
         self.length_buckets = length_buckets(capacity)
         self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
@@ -284,10 +286,10 @@ class StaticKVEngine:
         """Exchange the first ``length`` positions of two slots (both sessions keep their KV)."""
         if length <= 0 or first == second:
             return
-        torch = self._torch
-        with torch.inference_mode():
-            pair = torch.tensor([first, second], device=self.device)
-            self.cache[:, :, pair, :length] = self.cache[:, :, pair.flip(0), :length]
+        with self._torch.inference_mode():
+            held = self.cache[:, first, :length].clone()  # three plain copies at memory speed
+            self.cache[:, first, :length].copy_(self.cache[:, second, :length])
+            self.cache[:, second, :length].copy_(held)
 
     def warmup(self, max_length: int | None = None) -> int:
         """Capture the graphs of every bucket up to ``max_length`` keys now; how many exist."""
@@ -334,39 +336,55 @@ class StaticKVEngine:
 
     def _compute(self, ids: Any, positions: Any, dest: Any, last: Any, temperature: Any,
                  uniform: Any, *, start: int, length: int) -> Any:
+        """One forward step over slot rows; few kernels per layer, since a graph replays each.
+
+        Per layer: one GEMM for q, k and v together, rotary embedding of q and k together, one
+        indexed write of k and v into the slots, one attention call, one GEMM for the gate and
+        up projections together, RMSNorm through ``F.rms_norm``.
+        """
         torch = self._torch
+        functional = torch.nn.functional
         batch, width = ids.shape
         heads, kv_heads, dim, groups = self.heads, self.kv_heads, self.head_dim, self.groups
         x = self._embed(ids)
-        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [B, 1, W, D]
+        cos, sin = self._cos[positions], self._sin[positions]  # [B, W, 1, D]
         keys_at = torch.arange(length, device=self.device)
-        mask = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
-        mask = mask[:, None, None].expand(batch, 1, groups, width, length).reshape(
-            batch, 1, groups * width, length)
+        allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
+        # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
+        allowed = allowed[:, None, :, None].expand(batch, 1, width, groups, length).reshape(
+            batch, 1, width * groups, length)
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            ~allowed, float("-inf"))
         flat = dest.reshape(-1)
-        for index, layer in enumerate(self._layers):
+        for index, (layer, fused) in enumerate(zip(self._layers, self._fused, strict=True)):
             attention = layer.self_attn
-            hidden = layer.input_layernorm(x)
-            query = attention.q_proj(hidden).view(batch, width, heads, dim)
-            key = attention.k_proj(hidden).view(batch, width, kv_heads, dim)
-            value = attention.v_proj(hidden).view(batch, width, kv_heads, dim)
+            hidden = _rms_norm(functional, layer.input_layernorm, x)
+            qkv = functional.linear(hidden, fused.qkv, fused.qkv_bias).view(
+                batch, width, heads + 2 * kv_heads, dim)
             if self.qk_norm:
-                query, key = attention.q_norm(query), attention.k_norm(key)
-            query = _rotate(torch, query.transpose(1, 2), cos, sin)
-            key = _rotate(torch, key.transpose(1, 2), cos, sin)
-            keys, values = self.cache[index, 0], self.cache[index, 1]  # [S + 1, C, KVH, D]
-            keys.view(-1, kv_heads, dim).index_copy_(0, flat, key.transpose(1, 2).reshape(-1, kv_heads, dim))
-            values.view(-1, kv_heads, dim).index_copy_(0, flat, value.reshape(-1, kv_heads, dim))
-            # Query heads of one KV head become one query block of G * W rows: no repeated KV.
-            grouped = query.reshape(batch, kv_heads, groups * width, dim)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                grouped, keys[start:start + batch, :length].transpose(1, 2),
-                values[start:start + batch, :length].transpose(1, 2), attn_mask=mask, scale=self.scaling)
-            out = out.reshape(batch, heads, width, dim).transpose(1, 2).reshape(batch, width, heads * dim)
+                query = _rotate(torch, attention.q_norm(qkv[:, :, :heads]), cos, sin)
+                key = _rotate(torch, attention.k_norm(qkv[:, :, heads:heads + kv_heads]), cos, sin)
+            else:
+                rotated = _rotate(torch, qkv[:, :, :heads + kv_heads], cos, sin)
+                query, key = rotated[:, :, :heads], rotated[:, :, heads:]
+            value = qkv[:, :, heads + kv_heads:]
+            slots = self.cache[index]  # [S + 1, C, 2, KVH, D]
+            slots.view(-1, 2, kv_heads, dim).index_copy_(
+                0, flat, torch.stack((key, value), dim=2).view(-1, 2, kv_heads, dim))
+            grouped = query.reshape(batch, width, kv_heads, groups, dim).permute(0, 2, 1, 3, 4).reshape(
+                batch, kv_heads, width * groups, dim)
+            rows = slots[start:start + batch, :length]  # a view: no cache is copied
+            out = functional.scaled_dot_product_attention(
+                grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
+                attn_mask=bias, scale=self.scaling)
+            out = out.reshape(batch, kv_heads, width, groups, dim).permute(0, 2, 1, 3, 4).reshape(
+                batch, width, heads * dim)
             x = x + attention.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = self._norm(x)
-        logits = self._lm_head(x[torch.arange(batch, device=self.device), last]).float()
+            hidden = _rms_norm(functional, layer.post_attention_layernorm, x)
+            gate, up = functional.linear(hidden, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        x = _rms_norm(functional, self._norm, x[torch.arange(batch, device=self.device), last])
+        logits = self._lm_head(x).float()
         return sample_head(torch, logits, temperature, uniform, self.top)
 
     # -- graphs ------------------------------------------------------------------------------
@@ -408,6 +426,53 @@ class StaticKVEngine:
             output = self._compute(*views, start=0, length=length)
         self._graphs[key] = (graph, output)
         return graph, output
+
+
+@dataclass(frozen=True)
+class _Fused:
+    qkv: Any
+    qkv_bias: Any
+    gate_up: Any
+    gate_up_bias: Any
+
+
+def _fuse_projections(torch: Any, layer: Any) -> _Fused:
+    """One weight for q, k, v and one for gate, up; the modules' weights become views of them.
+
+    Two GEMMs instead of five per layer, and no second copy of the weights: the model's own
+    modules (used by ``score`` and by anyone holding the model) keep the same values.
+    """
+    attention, mlp = layer.self_attn, layer.mlp
+    if not hasattr(mlp, "gate_proj"):
+        raise BackendError("the hf engine needs a gated MLP (gate_proj, up_proj, down_proj)")
+
+    def fuse(modules: list[Any]) -> tuple[Any, Any]:
+        with torch.no_grad():
+            weight = torch.cat([module.weight for module in modules])
+            biases = [module.bias for module in modules]
+            bias = None
+            if any(value is not None for value in biases):
+                bias = torch.cat([value if value is not None else
+                                  torch.zeros(module.out_features, dtype=weight.dtype, device=weight.device)
+                                  for value, module in zip(biases, modules, strict=True)])
+            begin = 0
+            for module in modules:
+                end = begin + module.out_features
+                module.weight = torch.nn.Parameter(weight[begin:end], requires_grad=False)
+                if module.bias is not None and bias is not None:
+                    module.bias = torch.nn.Parameter(bias[begin:end], requires_grad=False)
+                begin = end
+        return weight, bias
+
+    qkv, qkv_bias = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+    gate_up, gate_up_bias = fuse([mlp.gate_proj, mlp.up_proj])
+    return _Fused(qkv, qkv_bias, gate_up, gate_up_bias)
+
+
+def _rms_norm(functional: Any, norm: Any, x: Any) -> Any:
+    """transformers' Llama RMSNorm (float32 statistics, weight applied in the model's dtype)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return norm.weight * functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rotate(torch: Any, tensor: Any, cos: Any, sin: Any) -> Any:

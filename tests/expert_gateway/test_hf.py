@@ -280,7 +280,7 @@ def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_di
     backend = build_backend(settings)
     try:
         assert isinstance(backend, HfBackend) and backend.table.slots == 5
-        assert backend.engine.cache.shape[2:4] == (6, 64)  # five slots and the scratch one
+        assert backend.engine.cache.shape[1:3] == (6, 64)  # five slots and the scratch one
         reply = backend.continue_("x", _prompt(11), options=ContinueOptions(max_tokens=2))
         assert reply.tokens == _reference_greedy(backend, _prompt(11), 2)
     finally:
