@@ -297,10 +297,10 @@ def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, p
 
 def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str, dict[str, float]]:
     """Milliseconds of one replayed step per attention kernel, batch and key length."""
-    chosen = engine.attention_kernels
+    chosen = engine.attention_candidates
     timings: dict[str, dict[str, float]] = {}
-    for kernels in (chosen, ("MATH",), ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")):
-        engine.attention_kernels = kernels
+    for kernels in (("EFFICIENT_ATTENTION",), ("MATH",), ("CUDNN_ATTENTION",)):
+        engine.attention_candidates = kernels
         engine.reset_graphs()
         try:
             timings[kernels[0]] = {
@@ -314,7 +314,7 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
         cells = [f"{key}={value:.2f}" for key, value in timings[kernels[0]].items()]
         rows.append((f"step ms, {kernels[0].lower()}", ", ".join(cells[:2]), ", ".join(cells[2:4]),
                      ", ".join(cells[4:])))
-    engine.attention_kernels = chosen
+    engine.attention_candidates = chosen
     engine.reset_graphs()
     try:  # where a replayed step spends its time, by kernel (stderr, for the notes)
         import torch
@@ -362,8 +362,14 @@ def main() -> int:
         long_context = many = hf_backend(model, args.max_batch, args.batch_prefill_tokens, args.slots)
         started = time.perf_counter()
         graphs = long_context.warmup(max_length=2048)  # type: ignore[attr-defined]
-        results["graphs"] = {"captured": graphs, "seconds": time.perf_counter() - started}
-        rows.append(("CUDA graphs captured", f"{graphs}", f"{time.perf_counter() - started:.1f} s", ""))
+        choice = long_context.engine.kernel_choice  # type: ignore[attr-defined]
+        picked = {name: sum(value == name for value in choice.values()) for name in set(choice.values())}
+        results["graphs"] = {"captured": graphs, "seconds": time.perf_counter() - started,
+                             "attention_picked": picked,
+                             "picked_at": {str(key): choice.get(key) for key in (
+                                 (1, 1, 128), (1, 1, 2048), (32, 1, 128), (32, 4, 128), (64, 1, 2048))}}
+        rows.append(("CUDA graphs captured", f"{graphs}", f"{time.perf_counter() - started:.1f} s",
+                     " ".join(f"{name[:4]}={count}" for name, count in sorted(picked.items()))))
         concurrency = args.concurrency or "1,8,32"
     results["model"] = label
     with served(long_context) as client:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from client.egress import common_prefix_length
 from expert_gateway.backends.base import Continuation, ContinueOptions, score_rows
 from expert_gateway.backends.slots import SlotTable
 from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
@@ -42,7 +41,7 @@ from expert_gateway.protocol import (
 INSTALL_HINT = "the hf backend needs torch and transformers: pip install 'tandem[train]' transformers"
 FINGERPRINT_FILE = "tandem-fingerprint.txt"
 STEP_HISTORY = 10_000  # batched steps remembered in HfBackend.steps / .widths
-SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = 0.0001
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -225,7 +224,7 @@ class HfBackend:
         self._rows.append(job)
         try:
             self._apply(swaps)
-            reused = min(common_prefix_length(self._table.tokens(row), sequence), len(sequence) - 1)
+            reused = min(self._table.shared_prefix(row, sequence), len(sequence) - 1)
             self._table.truncate(row, reused)
             job.reused, job.pending = reused, sequence[reused:]
             if len(job.pending) > self.batch_prefill_tokens:

@@ -22,7 +22,10 @@ one lock covers all of it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from client.egress import common_prefix_length
 
 
 @dataclass
@@ -63,6 +66,14 @@ class SlotTable:
         """The tokens whose KV slot ``row`` holds (a copy)."""
         with self._lock:
             return list(self._table[row].tokens or [])
+
+    def shared_prefix(self, row: int, sequence: Sequence[int]) -> int:
+        """How many leading tokens of ``sequence`` the row's KV already holds."""
+        with self._lock:
+            held = self._table[row].tokens or []
+            if len(held) <= len(sequence) and sequence[:len(held)] == held:
+                return len(held)  # the usual call: the slot is a prefix (one list compare)
+            return common_prefix_length(held, sequence)
 
     def length(self, row: int) -> int:
         with self._lock:

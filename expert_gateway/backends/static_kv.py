@@ -37,6 +37,7 @@ from expert_gateway.protocol import MAX_TOP_LOGPROBS
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly
+EAGER_KERNELS = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")  # take a mask, no per-shape plan
 MIN_LENGTH_BUCKET = 64
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
@@ -236,16 +237,20 @@ class StaticKVEngine:
         self.batch_buckets = batch_buckets(self.max_batch)
         self.length_buckets = length_buckets(capacity)
         self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
-        # SDPA kernels a step may use: they must take a mask; cuDNN's plans per shape are paid
-        # once per captured graph, but an eager step of a new length would pay them again.
-        self.attention_kernels: tuple[str, ...] = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")
+        # Attention kernels tried for each captured shape; the faster replay is kept. The
+        # memory-efficient kernel runs one block per (row, KV head) and walks the keys in turn:
+        # at batch 1 and 2,000 keys that is 8 blocks on a 132-SM chip, where the plain matmul
+        # path (MATH) spreads the keys over the whole chip.
+        self.attention_candidates: tuple[str, ...] = ("EFFICIENT_ATTENTION", "MATH")
+        self.kernel_choice: dict[tuple[int, int, int], str] = {}
+        self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
         if self.graphs_enabled:
+            # One float64 buffer (ids, positions, destinations, last, temperature, uniform; all
+            # integers here are far below 2**53): one host-to-device copy per step.
             cells = self.max_batch * GRAPH_WIDTHS[-1]
-            self._ints = torch.zeros((4, cells), dtype=torch.long, device=self.device)
-            self._floats = torch.zeros((2, self.max_batch), dtype=torch.float64, device=self.device)
-            self._host_ints = torch.zeros((4, cells), dtype=torch.long).pin_memory()
-            self._host_floats = torch.zeros((2, self.max_batch), dtype=torch.float64).pin_memory()
+            self._inputs = torch.zeros((6, cells), dtype=torch.float64, device=self.device)
+            self._host_inputs = torch.zeros((6, cells), dtype=torch.float64).pin_memory()
             self._pool = torch.cuda.graph_pool_handle()
 
     # -- public ----------------------------------------------------------------------------
@@ -269,7 +274,7 @@ class StaticKVEngine:
                           scratch=self.scratch)
         length = bucket(feed.length, self.length_buckets)
         torch = self._torch
-        with torch.inference_mode(), self._kernels():
+        with torch.inference_mode(), self._kernels(EAGER_KERNELS):
             if graphed:
                 graph, output = self._graph(batch, width, length)
                 self._load(feed)
@@ -296,7 +301,7 @@ class StaticKVEngine:
         if not self.graphs_enabled:
             return 0
         lengths = [size for size in self.length_buckets if max_length is None or size <= max_length]
-        with self._torch.inference_mode(), self._kernels():
+        with self._torch.inference_mode():
             for length in lengths or self.length_buckets[:1]:
                 for batch in self.batch_buckets:
                     for width in GRAPH_WIDTHS:
@@ -313,7 +318,7 @@ class StaticKVEngine:
         feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
                           scratch=self.scratch)
         timings = []
-        with torch.inference_mode(), self._kernels():
+        with torch.inference_mode():
             graph, _ = self._graph(batch, width, length)
             self._load(feed)
             for _ in range(repeats):
@@ -325,14 +330,15 @@ class StaticKVEngine:
         return float(np.median(timings) * 1e3)
 
     def reset_graphs(self) -> None:
-        """Drop the captured graphs (after changing ``attention_kernels``)."""
+        """Capture afresh on next use (after changing ``attention_candidates``)."""
         self._graphs.clear()
+        self.kernel_choice.clear()
 
-    def _kernels(self) -> Any:
-        """The attention kernels of ``attention_kernels``, in order of preference."""
+    def _kernels(self, names: Sequence[str]) -> Any:
+        """SDPA limited to the kernels ``names``, in order of preference."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([getattr(SDPBackend, name) for name in self.attention_kernels])
+        return sdpa_kernel([getattr(SDPBackend, name) for name in names])
 
     def _compute(self, ids: Any, positions: Any, dest: Any, last: Any, temperature: Any,
                  uniform: Any, *, start: int, length: int) -> Any:
@@ -390,42 +396,73 @@ class StaticKVEngine:
     # -- graphs ------------------------------------------------------------------------------
 
     def _views(self, batch: int, width: int) -> list[Any]:
+        """The step's inputs, converted from the static buffer inside the graph."""
         cells = batch * width
-        ids, positions, dest = (self._ints[row, :cells].view(batch, width) for row in range(3))
-        return [ids, positions, dest, self._ints[3, :batch], self._floats[0, :batch], self._floats[1, :batch]]
+        ints = self._inputs[:4, :cells].long()
+        ids, positions, dest = (ints[row].view(batch, width) for row in range(3))
+        return [ids, positions, dest, ints[3, :batch], self._inputs[4, :batch], self._inputs[5, :batch]]
 
     def _load(self, feed: StepInput) -> None:
         batch, width = feed.ids.shape
         cells = batch * width
-        ints, floats = self._host_ints.numpy(), self._host_floats.numpy()
+        host = self._host_inputs.numpy()
         for row, array in enumerate((feed.ids, feed.positions, feed.dest)):
-            ints[row, :cells] = array.reshape(-1)
-        ints[3, :batch] = feed.last
-        floats[0, :batch], floats[1, :batch] = feed.temperature, feed.uniform
-        self._ints.copy_(self._host_ints, non_blocking=True)
-        self._floats.copy_(self._host_floats, non_blocking=True)
+            host[row, :cells] = array.reshape(-1)
+        host[3, :batch], host[4, :batch], host[5, :batch] = feed.last, feed.temperature, feed.uniform
+        self._inputs.copy_(self._host_inputs, non_blocking=True)
 
     def _graph(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
-        """The captured step for this shape, captured now if it is new."""
+        """The captured step for this shape: captured now with each attention candidate if new,
+        the fastest replay kept."""
         key = (batch, width, length)
         if key in self._graphs:
             return self._graphs[key]
-        torch = self._torch
         # Capture over padding only: every write lands in the scratch slot.
         self._load(build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
                               scratch=self.scratch))
-        views = self._views(batch, width)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) before capture
-                self._compute(*views, start=0, length=length)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = self._compute(*views, start=0, length=length)
-        self._graphs[key] = (graph, output)
+        best: tuple[float, str, Any, Any] | None = None
+        failures = []
+        for name in self.attention_candidates:
+            try:
+                graph, output = self._capture(batch, width, length, name)
+            except RuntimeError as exc:  # a kernel that cannot take this shape
+                failures.append(f"{name}: {exc}")
+                continue
+            self._kept.append(graph)
+            seconds = self._time(graph) if len(self.attention_candidates) > 1 else 0.0
+            if best is None or seconds < best[0]:
+                best = (seconds, name, graph, output)
+        if best is None:
+            raise BackendError(f"no attention kernel can run a step of {key}: {'; '.join(failures)}")
+        self._graphs[key] = (best[2], best[3])
+        self.kernel_choice[key] = best[1]
+        return best[2], best[3]
+
+    def _capture(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
+        torch = self._torch
+        with self._kernels([kernel]):
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) before capture
+                    self._compute(*self._views(batch, width), start=0, length=length)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                output = self._compute(*self._views(batch, width), start=0, length=length)
         return graph, output
+
+    def _time(self, graph: Any, repeats: int = 3) -> float:
+        import time
+
+        torch = self._torch
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            graph.replay()
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
 
 @dataclass(frozen=True)
