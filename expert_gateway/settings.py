@@ -122,6 +122,10 @@ class LlamaCppSettings(_Section):
     )
 
 
+AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"]
+DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("EFFICIENT_ATTENTION", "MATH")
+
+
 class HfSettings(_Section):
     """The transformers backend (static KV slots and CUDA-graph steps on one GPU)."""
 
@@ -141,6 +145,9 @@ class HfSettings(_Section):
         default=512, ge=16, le=65_536, description="tokens per eager step of a longer prefill")
     cuda_graphs: bool = Field(
         default=True, description="capture the batched step as CUDA graphs at start-up and replay them")
+    attention_kernels: list[AttentionKernel] = Field(
+        default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=3,
+        description="SDPA kernels tried for each captured step shape; the fastest replay is kept")
 
 
 class OpenAICompatSettings(_Section):

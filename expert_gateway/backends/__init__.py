@@ -51,7 +51,8 @@ def _hf(settings: GatewaySettings) -> ExpertBackend:
                           max_context=options.max_context,
                           slots=options.slots or settings.sessions.max_sessions,
                           batch_prefill_tokens=options.batch_prefill_tokens,
-                          prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs)
+                          prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs,
+                          attention_kernels=tuple(options.attention_kernels))
 
 
 def _openai_compat(settings: GatewaySettings) -> ExpertBackend:

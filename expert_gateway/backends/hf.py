@@ -79,13 +79,15 @@ class HfBackend:
     def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
                  eos_ids: frozenset[int], max_batch: int, max_context: int, slots: int,
                  batch_prefill_tokens: int = 64, prefill_chunk: int = 512,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, attention_kernels: tuple[str, ...] | None = None) -> None:
         self._torch, _ = _import_torch()
         self._model = model
         self._device = next(model.parameters()).device
         self._eos_ids = eos_ids
         self._engine = StaticKVEngine(model, slots=slots, capacity=max_context, max_batch=max_batch,
                                       cuda_graphs=cuda_graphs)
+        if attention_kernels:
+            self._engine.attention_candidates = attention_kernels
         self._table = SlotTable(slots, max_context)
         self.max_batch = self._engine.max_batch
         self.max_concurrency = self.max_batch
@@ -111,7 +113,8 @@ class HfBackend:
     @classmethod
     def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
              max_context: int, slots: int, batch_prefill_tokens: int = 64,
-             prefill_chunk: int = 512, cuda_graphs: bool = True) -> HfBackend:
+             prefill_chunk: int = 512, cuda_graphs: bool = True,
+             attention_kernels: tuple[str, ...] | None = None) -> HfBackend:
         """Load the model folder and capture the step graphs (a few seconds on a GPU)."""
         torch, transformers = _import_torch()
         try:
@@ -124,7 +127,8 @@ class HfBackend:
         backend = cls(model, name=name, fingerprint=vocabulary_fingerprint(path),
                       vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
                       max_context=max_context, slots=slots, batch_prefill_tokens=batch_prefill_tokens,
-                      prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+                      prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
+                      attention_kernels=attention_kernels)
         backend.warmup()
         return backend
 

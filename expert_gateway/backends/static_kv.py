@@ -26,6 +26,7 @@ torch is imported when an engine is built, never at module import.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -424,8 +425,10 @@ class StaticKVEngine:
         failures = []
         for name in self.attention_candidates:
             try:
-                graph, output = self._capture(batch, width, length, name)
-            except RuntimeError as exc:  # a kernel that cannot take this shape
+                with warnings.catch_warnings():  # "kernel not used because ..." for refusals
+                    warnings.simplefilter("ignore")
+                    graph, output = self._capture(batch, width, length, name)
+            except Exception as exc:  # a kernel that cannot take this shape or dtype
                 failures.append(f"{name}: {exc}")
                 continue
             self._kept.append(graph)

@@ -276,11 +276,13 @@ def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_di
     settings = GatewaySettings.model_validate({
         "sessions": {"max_sessions": 5},
         "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
-        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4}})
+        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
+               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"]}})
     backend = build_backend(settings)
     try:
         assert isinstance(backend, HfBackend) and backend.table.slots == 5
         assert backend.engine.cache.shape[1:3] == (6, 64)  # five slots and the scratch one
+        assert backend.engine.attention_candidates == ("MATH", "EFFICIENT_ATTENTION")
         reply = backend.continue_("x", _prompt(11), options=ContinueOptions(max_tokens=2))
         assert reply.tokens == _reference_greedy(backend, _prompt(11), 2)
     finally:
