@@ -131,7 +131,9 @@ class Daemon:
 
     def __init__(self, services: DaemonServices) -> None:
         self.services = services
-        self.metrics = Metrics()
+        self.metrics = Metrics(queue_depth=lambda: len(self.worker.queue),
+                               worker_busy=lambda: int(self.worker.busy),
+                               documents=lambda: len(services.documents.list_documents()))
         self.worker = ModelWorker(max_queue=services.max_queue,
                                   max_per_client=services.max_queue_per_client)
         self.started = time.time()
@@ -293,12 +295,7 @@ def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        gauges = {
-            "tandem_queue_depth": (len(daemon.worker.queue), "requests waiting for the model"),
-            "tandem_worker_busy": (int(daemon.worker.busy), "1 while the model is decoding"),
-            "tandem_documents": (len(services.documents.list_documents()), "stored documents"),
-        }
-        return PlainTextResponse(daemon.metrics.render(gauges),
+        return PlainTextResponse(daemon.metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

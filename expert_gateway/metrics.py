@@ -1,127 +1,92 @@
-"""Prometheus text exposition (format 0.0.4) of the gateway's counters, written by hand.
+"""The gateway's Prometheus metrics, kept by prometheus_client and exposed in text format 0.0.4.
 
-Small on purpose: counters and histograms with fixed label sets, and gauges read at scrape time.
-Labels never carry token content, keys or session ids.
+Each ``GatewayMetrics`` owns its own ``CollectorRegistry`` (several apps live in one test process;
+nothing is registered at import time). Label values come only from closed sets, the route
+templates and HTTP status codes below; any other value is counted as ``other``, so no label can
+carry token content, a key or a session id, and the number of series stays bounded.
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import disable_created_metrics as _disable_created_series
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-Labels = tuple[tuple[str, str], ...]
-
-
-def _format_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    pairs = labels + extra
-    if not pairs:
-        return ""
-    inner = ",".join(f'{name}="{_escape(value)}"' for name, value in pairs)
-    return "{" + inner + "}"
+WORK_ROUTES = ("/v1/continue", "/v1/score")
+# Every route the gateway serves; a route missing here is counted as OTHER (a test checks the app).
+ROUTES = frozenset({*WORK_ROUTES, "/v1/models", "/health", "/metrics",
+                    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OTHER = "other"
+STATUSES = frozenset(str(status.value) for status in HTTPStatus)
+LABEL_VALUES: Mapping[str, frozenset[str]] = {"route": ROUTES, "status": STATUSES}
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _closed(labels: Mapping[str, str]) -> dict[str, str]:
+    """Each label value if it belongs to its closed set, else ``other``."""
+    return {name: value if value in LABEL_VALUES[name] else OTHER for name, value in labels.items()}
 
 
-class Counter:
-    """A monotonically increasing value per label set."""
+class ClosedCounter:
+    """A labelled counter whose label values are held to their closed sets."""
 
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name, self.help_text = name, help_text
-        self._values: dict[Labels, float] = {}
-        self._lock = threading.Lock()
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(tuple(sorted(labels.items())), 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            items = sorted(self._values.items())
-        if not items:
-            lines.append(f"{self.name} 0")
-        lines += [f"{self.name}{_format_labels(labels)} {value:g}" for labels, value in items]
-        return lines
+        self.counter.labels(**_closed(labels)).inc(amount)
 
 
-class Histogram:
-    """Cumulative buckets, sum and count per label set."""
+class ClosedHistogram:
+    """A labelled histogram whose label values are held to their closed sets."""
 
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
-        self.name, self.help_text, self.buckets = name, help_text, buckets
-        self._series: dict[Labels, list[float]] = {}  # bucket counts..., +Inf count, sum
-        self._lock = threading.Lock()
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
 
     def observe(self, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._series.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            series[bisect.bisect_left(self.buckets, value)] += 1
-            series[-1] += value
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            items = sorted((labels, list(series)) for labels, series in self._series.items())
-        for labels, series in items:
-            cumulative = 0.0
-            for bound, count in zip((*self.buckets, float("inf")), series[:-1], strict=True):
-                cumulative += count
-                edge = "+Inf" if bound == float("inf") else f"{bound:g}"
-                lines.append(f"{self.name}_bucket{_format_labels(labels, (('le', edge),))} {cumulative:g}")
-            lines.append(f"{self.name}_sum{_format_labels(labels)} {series[-1]:g}")
-            lines.append(f"{self.name}_count{_format_labels(labels)} {cumulative:g}")
-        return lines
-
-
-class Gauge:
-    """A value read from a callback at scrape time."""
-
-    def __init__(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.name, self.help_text, self.read = name, help_text, read
-
-    def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} gauge",
-                f"{self.name} {self.read():g}"]
+        self.histogram.labels(**_closed(labels)).observe(value)
 
 
 class GatewayMetrics:
-    """Every metric the gateway exports."""
+    """Every metric the gateway exports; the gauges are read at scrape time."""
 
     def __init__(self, *, active_sessions: Callable[[], float], held_tokens: Callable[[], float]) -> None:
+        # The library's only switch for the `_created` series is process-wide; the gateway never
+        # exported them, and a scrape should show the same names as before.
+        _disable_created_series()
+        self.registry = registry = CollectorRegistry()
         prefix = "tandem_gateway"
-        self.requests = Counter(f"{prefix}_requests_total", "HTTP requests by route and status")
-        self.tokens_in = Counter(f"{prefix}_tokens_in_total", "tokens received, by route")
-        self.tokens_out = Counter(f"{prefix}_tokens_out_total", "tokens generated or scored, by route")
-        self.prefill_tokens = Counter(f"{prefix}_prefill_tokens_total", "tokens the backend prefilled")
-        self.prefill_saved = Counter(
-            f"{prefix}_prefill_tokens_saved_total", "tokens served from a session's cache instead"
-        )
-        self.session_conflicts = Counter(f"{prefix}_session_conflicts_total", "409 answers (resync)")
-        self.latency = Histogram(f"{prefix}_request_duration_seconds", "request latency by route")
-        self.backend_latency = Histogram(
-            f"{prefix}_backend_duration_seconds", "backend call latency by route (queue wait excluded)"
-        )
-        self.gauges = [
-            Gauge(f"{prefix}_active_sessions", "sessions held", active_sessions),
-            Gauge(f"{prefix}_held_tokens", "tokens held over all sessions", held_tokens),
-        ]
+
+        def by_route(name: str, documentation: str, *extra: str) -> ClosedCounter:
+            return ClosedCounter(Counter(f"{prefix}_{name}", documentation, ("route", *extra),
+                                         registry=registry))
+
+        def plain(name: str, documentation: str) -> Counter:
+            return Counter(f"{prefix}_{name}", documentation, registry=registry)
+
+        def latency(name: str, documentation: str) -> ClosedHistogram:
+            return ClosedHistogram(Histogram(f"{prefix}_{name}", documentation, ("route",),
+                                             buckets=LATENCY_BUCKETS_S, registry=registry))
+
+        self.requests = by_route("requests_total", "HTTP requests by route and status", "status")
+        self.tokens_in = by_route("tokens_in_total", "tokens received, by route")
+        self.tokens_out = by_route("tokens_out_total", "tokens generated or scored, by route")
+        self.prefill_tokens = plain("prefill_tokens_total", "tokens the backend prefilled")
+        self.prefill_saved = plain("prefill_tokens_saved_total",
+                                   "tokens served from a session's cache instead")
+        self.session_conflicts = plain("session_conflicts_total", "409 answers (resync)")
+        self.latency = latency("request_duration_seconds", "request latency by route")
+        self.backend_latency = latency("backend_duration_seconds",
+                                       "backend call latency by route (queue wait excluded)")
+        Gauge(f"{prefix}_active_sessions", "sessions held", registry=registry).set_function(active_sessions)
+        Gauge(f"{prefix}_held_tokens", "tokens held over all sessions",
+              registry=registry).set_function(held_tokens)
+        for route in WORK_ROUTES:  # series exist from the start, so rates work before the first call
+            self.tokens_in.counter.labels(route=route)
+            self.tokens_out.counter.labels(route=route)
 
     def render(self) -> str:
-        families: list[Counter | Histogram | Gauge] = [
-            self.requests, self.tokens_in, self.tokens_out, self.prefill_tokens, self.prefill_saved,
-            self.session_conflicts, self.latency, self.backend_latency, *self.gauges,
-        ]
-        lines: list[str] = []
-        for family in families:
-            lines += family.render()
-        return "\n".join(lines) + "\n"
+        """The text exposition (format 0.0.4) of every metric, gauges read now."""
+        return generate_latest(self.registry).decode()

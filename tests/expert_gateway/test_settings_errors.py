@@ -101,8 +101,8 @@ def test_metrics_text_is_prometheus_exposition() -> None:
     metrics.latency.observe(50.0, route="/v1/continue")
     text = metrics.render()
     assert 'tandem_gateway_requests_total{route="/v1/continue",status="200"} 1' in text
-    assert 'tandem_gateway_request_duration_seconds_bucket{route="/v1/continue",le="0.025"} 1' in text
-    assert 'tandem_gateway_request_duration_seconds_bucket{route="/v1/continue",le="+Inf"} 2' in text
+    assert 'tandem_gateway_request_duration_seconds_bucket{le="0.025",route="/v1/continue"} 1' in text
+    assert 'tandem_gateway_request_duration_seconds_bucket{le="+Inf",route="/v1/continue"} 2' in text
     assert "tandem_gateway_active_sessions 3" in text
     for line in text.strip().splitlines():
         assert line.startswith("#") or re.match(r"^[a-z_]+(\{[^}]*\})? [-+0-9.e]+$", line), line
