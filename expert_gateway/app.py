@@ -28,6 +28,7 @@ from expert_gateway.backends.base import ContinueOptions, ExpertBackend
 from expert_gateway.errors import (
     GatewayError,
     InvalidRequestError,
+    SHARED_ERRORS,
     NotFoundError,
     SessionLostError,
     TokenizerMismatchError,
@@ -95,7 +96,7 @@ def create_app(settings: GatewaySettings, backend: ExpertBackend | None = None) 
 
     app = FastAPI(title="Tandem expert gateway", version="1", lifespan=lifespan)
     app.state.gateway = state
-    for error_class in (GatewayError, RequestValidationError, HTTPException, Exception):
+    for error_class in (GatewayError, *SHARED_ERRORS, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(error_class, handle_exception)
     _add_routes(app, state)
     app.add_middleware(_Auth, authenticator=state.authenticator)
