@@ -40,7 +40,8 @@ _RESET = "\x1b[0m"
 
 
 def register(subparsers: Any) -> None:
-    serve = subparsers.add_parser("serve", help="run the local assistant: OpenAI-compatible API, documents, web page")
+    serve = subparsers.add_parser("serve", help="run the local assistant: OpenAI-compatible API, "
+                                  "documents, web page")
     serve.add_argument("--config", type=Path, help="client.toml (default: built-in settings)")
     serve.add_argument("--host", help="address to listen on (default: daemon.host in client.toml)")
     serve.add_argument("--port", type=int, help="port to listen on (default: daemon.port in client.toml)")

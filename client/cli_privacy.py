@@ -59,11 +59,14 @@ def _register_audit(subparsers: Any) -> None:
     common.add_argument("--log", type=Path, help="the audit log file (default: audit_log in policy.toml)")
     common.add_argument("--policy", type=Path, help="policy.toml to read audit_log from")
 
-    verify_parser = actions.add_parser("verify", parents=[common], help="check that no record was edited, removed or reordered")
+    verify_parser = actions.add_parser("verify", parents=[common],
+                                       help="check that no record was edited, removed or reordered")
     verify_parser.set_defaults(handler=_audit_verify)
 
-    show_parser = actions.add_parser("show", parents=[common], help="show what left the machine for one answer")
-    show_parser.add_argument("--request", required=True, help="the answer's request id (`id` in an API reply)")
+    show_parser = actions.add_parser("show", parents=[common],
+                                     help="show what left the machine for one answer")
+    show_parser.add_argument("--request", required=True,
+                             help="the answer's request id (`id` in an API reply)")
     show_parser.add_argument("--json", action="store_true", help="print the raw records")
     show_parser.set_defaults(handler=_audit_show)
 

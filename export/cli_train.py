@@ -75,7 +75,7 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def _register_collect(commands: Any) -> None:
-    parser = commands.add_parser("collect", help="run both models over a corpus and store what training needs")
+    parser = commands.add_parser("collect", help="run both models over a corpus, store what training needs")
     parser.add_argument("--corpus", type=Path, required=True, help='JSONL of {"prompt", "answer"}')
     parser.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes)")
     parser.add_argument("--shard-size", type=int, default=64, help="examples per shard")
