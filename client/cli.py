@@ -22,12 +22,12 @@ DESCRIPTION = (
 )
 EPILOG = "Start with `tandem demo`. `tandem COMMAND --help` describes each command."
 
-COMMAND_MODULES = (
-    "export.cli_toy",
-    "expert_gateway.cli",
-    "client.cli_privacy",
-    "export.cli_train",
+COMMAND_MODULES = (  # in the order `tandem --help` lists them: everyday commands first
     "client.cli_daemon",
+    "client.cli_privacy",
+    "expert_gateway.cli",
+    "export.cli_train",
+    "export.cli_toy",
 )
 
 

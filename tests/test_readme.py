@@ -8,12 +8,14 @@ each required either-or group). ``make X`` lines must name a Makefile target.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,3 +234,30 @@ def test_links_in_the_readme_and_docs_resolve_inside_the_repository() -> None:
             resolved = (document.parent / target).resolve()
             assert resolved.is_relative_to(ROOT) and resolved.exists(), \
                 f"{document.relative_to(ROOT)} links to {target}"
+
+
+def _parsers(parser: argparse.ArgumentParser,
+             path: str = "tandem") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, f"{path} {name}")
+
+
+def test_cli_help_speaks_to_users() -> None:
+    """`tandem --help` opens with what Tandem does; every command and option says what it is."""
+    import client.cli
+
+    parser = client.cli.build_parser()
+    assert parser.description is not None and "private documents" in parser.description
+    assert parser.description != (client.cli.__doc__ or "").splitlines()[0]
+    undescribed = []
+    for path, command in _parsers(parser):
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                described = {choice.dest for choice in action._choices_actions if choice.help}
+                undescribed += [f"{path} {name}" for name in action.choices if name not in described]
+            elif not action.help:
+                undescribed.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+    assert undescribed == []
