@@ -14,18 +14,27 @@ from collections.abc import Sequence
 
 from client.errors import TandemError
 
-COMMAND_MODULES = (
-    "export.cli_toy",
-    "expert_gateway.cli",
-    "client.cli_privacy",
-    "export.cli_train",
+DESCRIPTION = (
+    "Tandem answers questions over your private documents with a small model that runs on this "
+    "machine; for the tokens it is unsure of, it asks a larger expert model on a remote gateway. "
+    "Your policy decides what the expert may see, and every token that leaves is written to an "
+    "audit log first."
+)
+EPILOG = "Start with `tandem demo`. `tandem COMMAND --help` describes each command."
+
+COMMAND_MODULES = (  # in the order `tandem --help` lists them: everyday commands first
     "client.cli_daemon",
+    "client.cli_privacy",
+    "expert_gateway.cli",
+    "export.cli_train",
+    "export.cli_toy",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="tandem", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (for bug reports)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:

@@ -40,23 +40,31 @@ _RESET = "\x1b[0m"
 
 
 def register(subparsers: Any) -> None:
-    serve = subparsers.add_parser("serve", help="run the local daemon (OpenAI-compatible API + web page)")
+    serve = subparsers.add_parser("serve", help="run the local assistant: OpenAI-compatible API, "
+                                  "documents, web page")
     serve.add_argument("--config", type=Path, help="client.toml (default: built-in settings)")
-    serve.add_argument("--host", help="override daemon.host")
-    serve.add_argument("--port", type=int, help="override daemon.port")
+    serve.add_argument("--host", help="address to listen on (default: daemon.host in client.toml)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: daemon.port in client.toml)")
     serve.set_defaults(handler=_serve)
 
     ask = subparsers.add_parser("ask", help="answer one question over the local documents")
-    ask.add_argument("question", help="the question")
+    ask.add_argument("question", help="the question (quote it)")
     ask.add_argument("--config", type=Path, help="client.toml (default: built-in settings)")
-    ask.add_argument("--json", action="store_true", help="print the answer as JSON")
-    ask.add_argument("--max-tokens", type=int, help="answer length cap")
+    ask.add_argument("--json", action="store_true",
+                     help="print the answer with each token's source and the egress as JSON")
+    ask.add_argument("--max-tokens", type=int, help="longest answer in tokens (default: decoding.max_tokens)")
     ask.set_defaults(handler=_ask)
 
-    demo = subparsers.add_parser("demo", help="the end-to-end demo on the toy model pair")
-    demo.add_argument("--port", type=int, default=8300, help="daemon port (busy: any free port)")
+    demo = subparsers.add_parser("demo", help="try it end to end on a small toy model pair",
+                                 description="Builds the toy model pair and its switch head "
+                                 "(once, then cached), starts a gateway and the assistant, asks a "
+                                 "question about a private document, shows which tokens came from "
+                                 "the expert and exactly what left the machine, then serves the "
+                                 "web page until Ctrl-C.")
+    demo.add_argument("--port", type=int, default=8300, help="port of the web page (if busy: any free port)")
     demo.add_argument("--data-dir", type=Path, help="where the demo keeps its data (default: temp)")
-    demo.add_argument("--no-wait", action="store_true", help="exit after the checks (tests, CI)")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="exit after the checks instead of serving the web page")
     demo.set_defaults(handler=_demo)
 
 

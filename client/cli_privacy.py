@@ -30,39 +30,43 @@ def register(subparsers: Any) -> None:
 
 
 def _register_keys(subparsers: Any) -> None:
-    keys = subparsers.add_parser("keys", help="store secrets in the OS keyring")
+    keys = subparsers.add_parser("keys", help="store Tandem's secrets (gateway token, audit key, "
+                                 "daemon API key) in the OS keyring")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     names = sorted(SECRET_ENV_VARS)
 
     set_parser = actions.add_parser("set", help="store a secret read from stdin or a prompt")
-    set_parser.add_argument("name", choices=names)
+    set_parser.add_argument("name", choices=names, help="which secret")
     set_parser.add_argument("--generate", action="store_true",
                             help="store a fresh random value instead of reading one")
     set_parser.set_defaults(handler=_keys_set)
 
-    get_parser = actions.add_parser("get", help="say where a secret comes from")
-    get_parser.add_argument("name", choices=names)
+    get_parser = actions.add_parser("get", help="show whether a secret is set and where it is read from")
+    get_parser.add_argument("name", choices=names, help="which secret")
     get_parser.add_argument("--reveal", action="store_true", help="print the value itself")
     get_parser.set_defaults(handler=_keys_get)
 
     delete_parser = actions.add_parser("delete", help="remove a secret from the keyring")
-    delete_parser.add_argument("name", choices=names)
+    delete_parser.add_argument("name", choices=names, help="which secret")
     delete_parser.set_defaults(handler=_keys_delete)
 
 
 def _register_audit(subparsers: Any) -> None:
-    audit = subparsers.add_parser("audit", help="check and read the egress audit log")
+    audit = subparsers.add_parser("audit", help="check and read the log of everything sent to the expert")
     actions = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log", type=Path, help="the active audit file (default: from policy)")
+    common.add_argument("--log", type=Path, help="the audit log file (default: audit_log in policy.toml)")
     common.add_argument("--policy", type=Path, help="policy.toml to read audit_log from")
 
-    verify_parser = actions.add_parser("verify", parents=[common], help="check the hash chain and HMACs")
+    verify_parser = actions.add_parser("verify", parents=[common],
+                                       help="check that no record was edited, removed or reordered")
     verify_parser.set_defaults(handler=_audit_verify)
 
-    show_parser = actions.add_parser("show", parents=[common], help="what left for one request")
-    show_parser.add_argument("--request", required=True, help="the request id")
+    show_parser = actions.add_parser("show", parents=[common],
+                                     help="show what left the machine for one answer")
+    show_parser.add_argument("--request", required=True,
+                             help="the answer's request id (`id` in an API reply)")
     show_parser.add_argument("--json", action="store_true", help="print the raw records")
     show_parser.set_defaults(handler=_audit_show)
 

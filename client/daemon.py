@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.assistant import (
@@ -53,12 +53,18 @@ from client.openai_api import (
     TextDocumentBody,
     error_json,
 )
+from client.settings import DaemonSettings, DecodingSettings
 
 logger = logging.getLogger(__name__)
 
 EgressReader = Callable[[str], list[dict[str, Any]]]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _MAX_JSON_BYTES = 8 * 1024 * 1024
+
+
+def _default(section: type[BaseModel], name: str) -> Any:
+    """A settings field's default: the settings are the one source of each default."""
+    return section.model_fields[name].default
 
 
 @dataclass
@@ -70,12 +76,12 @@ class DaemonServices:
     model_name: str
     egress_reader: EgressReader | None = None
     api_key: SecretStr | None = None
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_queue: int = 64
-    max_queue_per_client: int = 16
+    max_upload_bytes: int = _default(DaemonSettings, "max_upload_bytes")
+    max_queue: int = _default(DaemonSettings, "max_queue")
+    max_queue_per_client: int = _default(DaemonSettings, "max_queue_per_client")
     trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host header
-    default_max_tokens: int = 128
-    default_temperature: float = 0.0
+    default_max_tokens: int = _default(DecodingSettings, "max_tokens")
+    default_temperature: float = _default(DecodingSettings, "temperature")
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
 

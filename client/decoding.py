@@ -1,7 +1,7 @@
 """CoDecoder: Co-LLM decoding with a local base, a switch head and a remote expert.
 
 At each position the switch scores the base's final hidden state ``h_t``; above the threshold the
-token comes from the expert, else from the base (DESIGN.md section 1). The expert is asked for
+token comes from the expert, else from the base (docs/DESIGN.md, "Decoding"). The expert is asked for
 up to ``lookahead`` tokens at once; the span is fed to the base in ONE batched decode, which
 yields the hidden state after each expert token, and expert tokens are accepted for as long as
 the switch still defers there. At the first position where it does not, the base's own token

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from client.errors import DocumentError, DocumentParseError, DocumentTooLargeError
+from client.errors import (
+    DocumentError,
+    DocumentNotFoundError,
+    DocumentParseError,
+    DocumentTooLargeError,
+)
 
 MEDIA_TYPES = {
     ".txt": "text/plain",
@@ -53,10 +58,6 @@ CREATE VIRTUAL TABLE IF NOT EXISTS passages USING fts5(
     text, document_id UNINDEXED, ordinal UNINDEXED, tokenize = 'porter unicode61'
 );
 """
-
-
-class DocumentNotFoundError(DocumentError):
-    """No document has the given id."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Every error the client raises, in one tree.
+"""Every error Tandem raises on purpose, in one tree rooted at ``TandemError``.
 
     TandemError
     ├── ConfigError                 a settings file or value is wrong; the message says which
@@ -6,7 +6,8 @@
     ├── ModelError                  llama.cpp failed (translated in base_model.py)
     │   ├── ModelLoadError          the GGUF file is missing or does not load
     │   ├── ContextOverflowError    the sequence does not fit n_ctx
-    │   └── TokenizerMismatchError  two models or a head disagree on the vocabulary
+    │   └── TokenizerMismatchError  two models, a model and a head, or a caller and the
+    │                               expert disagree on the vocabulary (the gateway: 422)
     ├── SwitchError                 the ONNX switch head failed (translated in switch.py)
     │   └── SwitchMismatchError     the head was made for another base model
     ├── ExpertError                 a remote expert call failed (translated in expert.py)
@@ -15,16 +16,47 @@
     │   └── ExpertRejectedError     the gateway refused the request (4xx)
     │       ├── ExpertAuthError     401 / 403
     │       ├── ExpertRateLimitedError  429, with retry_after seconds
-    │       └── SessionLostError    409: the gateway no longer holds the session
+    │       └── SessionLostError    409: the gateway no longer holds the session (the
+    │                               gateway raises it, the client resends the whole prefix)
     ├── PolicyError                 the egress policy could not be evaluated
     ├── AuditError                  the audit log could not be written or read
     │   └── AuditVerifyError        the chain is broken; names the first bad line
-    └── DocumentError               a document could not be stored
-        ├── DocumentTooLargeError
-        └── DocumentParseError
+    ├── DocumentError               a document could not be stored or found
+    │   ├── DocumentTooLargeError   413 from the daemon
+    │   ├── DocumentParseError      422 from the daemon
+    │   └── DocumentNotFoundError   404 from the daemon
+    ├── QueueFullError              the daemon's model queue is full (503, Retry-After)
+    │   └── ClientQueueFullError    this client already has its share waiting (429)
+    ├── ApiError                    client/openai_api.py: a daemon request is invalid; carries
+    │                               its HTTP status and OpenAI error type
+    ├── GatewayError                expert_gateway/errors.py: 500 unless a subclass says otherwise
+    │   ├── BadRequestError         400  the body is not JSON, or not an object
+    │   ├── AuthError               401  no key, unknown key, revoked key
+    │   ├── ForbiddenError          403  the key may not use this route or model
+    │   ├── NotFoundError           404  unknown route or model name
+    │   ├── PayloadTooLargeError    413  the body exceeds server.max_body_bytes
+    │   ├── InvalidRequestError     422  out of bounds: token ids, lengths, max_tokens
+    │   ├── RateLimitedError        429  a per-key quota is spent; carries retry_after
+    │   ├── UnavailableError        503  the backend failed or the queue is full
+    │   │   └── BackendError             a backend call failed (translated in backends/)
+    │   └── KeyStoreError                the keys file cannot be read or written (CLI)
+    └── offline tooling, one class per export/ module (needs the train extra)
+        ├── GGUFWriteError          gguf_writer.py: a GGUF cannot be read or written
+        ├── TorchMissingError       toy_model.py: torch is not installed
+        ├── ToyBuildError           cli_toy.py: `tandem toy build` was asked the impossible
+        ├── CollectError            collect.py: bad corpus, unusable model, failing expert
+        ├── TrainingError           train.py: the head cannot be trained from the data
+        ├── CalibrationError        calibrate.py: no threshold fits the request
+        ├── ExportError             onnx_export.py: ONNX export or its parity check failed
+        ├── EvaluationError         evaluate.py: the evaluation cannot run
+        └── PipelineError           pipeline.py: the toy pipeline failed
 
-Foreign exceptions (httpx, llama.cpp, onnxruntime, sqlite3) are translated at exactly one
-boundary per dependency with ``raise X(...) from exc``; callers never match message text.
+Errors both sides of the wire raise (``SessionLostError``, ``TokenizerMismatchError``) are defined
+once, here; the gateway maps them to their HTTP status in ``expert_gateway/errors.py``. Foreign
+exceptions (httpx, llama.cpp, onnxruntime, sqlite3, keyring) are translated at exactly one
+boundary per dependency with ``raise X(...) from exc``; callers never match message text. The
+CLI prints any ``TandemError`` as one line and exits non-zero (tracebacks with ``--debug``).
+``tests/test_error_tree.py`` checks that every exception class in the packages is in this tree.
 """
 
 from __future__ import annotations
@@ -55,7 +87,7 @@ class ContextOverflowError(ModelError):
 
 
 class TokenizerMismatchError(ModelError):
-    """Two models, or a model and a head, were built for different vocabularies."""
+    """Two models (base and expert, or a model and a head) were built for different vocabularies."""
 
 
 class SwitchError(TandemError):
@@ -103,6 +135,10 @@ class ExpertRateLimitedError(ExpertRejectedError):
 class SessionLostError(ExpertRejectedError):
     """The gateway no longer holds the session: resend the whole allowed prefix."""
 
+    def __init__(self, message: str, *, status_code: int = 409,
+                 error_type: str = "session_lost") -> None:
+        super().__init__(message, status_code=status_code, error_type=error_type)
+
 
 class PolicyError(TandemError):
     """The egress policy could not be evaluated."""
@@ -130,3 +166,19 @@ class DocumentTooLargeError(DocumentError):
 
 class DocumentParseError(DocumentError):
     """An uploaded document could not be parsed."""
+
+
+class DocumentNotFoundError(DocumentError):
+    """No document has the given id."""
+
+
+class QueueFullError(TandemError):
+    """The model queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ClientQueueFullError(QueueFullError):
+    """This client already has its share of the queue waiting."""

@@ -14,21 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from client.errors import TandemError
+from client.errors import ClientQueueFullError, QueueFullError
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(TandemError):
-    """The model queue is full; retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class ClientQueueFullError(QueueFullError):
-    """This client already has its share of the queue waiting."""
 
 
 @dataclass

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from client.assistant import Answer, AnswerToken
 from client.egress import EgressSummary
+from client.errors import TandemError
 
 
-class ApiError(Exception):
+class ApiError(TandemError):
     """An error answered to the client as ``{"error": {...}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",

@@ -49,7 +49,7 @@ class HeadMetadata:
         missing = [key for key in REQUIRED_KEYS if key not in values]
         if missing:
             raise SwitchError(f"switch head {source} lacks metadata {', '.join(missing)}; "
-                              "re-export it with `tandem train export`")
+                              "re-export it with `tandem export onnx`")
         try:
             hidden_size = int(values[HIDDEN_SIZE_KEY])
             threshold = float(values[THRESHOLD_KEY])

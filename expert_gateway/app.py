@@ -26,6 +26,7 @@ from starlette.routing import Match
 from expert_gateway.backends import build_backend
 from expert_gateway.backends.base import ContinueOptions, ExpertBackend
 from expert_gateway.errors import (
+    SHARED_ERRORS,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
@@ -95,7 +96,9 @@ def create_app(settings: GatewaySettings, backend: ExpertBackend | None = None) 
 
     app = FastAPI(title="Tandem expert gateway", version="1", lifespan=lifespan)
     app.state.gateway = state
-    for error_class in (GatewayError, RequestValidationError, HTTPException, Exception):
+    handled: tuple[type[Exception], ...] = (GatewayError, *SHARED_ERRORS, RequestValidationError,
+                                            HTTPException, Exception)
+    for error_class in handled:
         app.add_exception_handler(error_class, handle_exception)
     _add_routes(app, state)
     app.add_middleware(_Auth, authenticator=state.authenticator)

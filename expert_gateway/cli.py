@@ -15,22 +15,24 @@ DEFAULT_CONFIG = Path("configs/gateway.toml")
 
 
 def register(subparsers: Any) -> None:
-    gateway = subparsers.add_parser("gateway", help="the remote expert gateway")
+    gateway = subparsers.add_parser("gateway", help="run the expert gateway and manage its API keys")
     commands = gateway.add_subparsers(dest="gateway_command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", help="serve the expert over HTTP")
+    serve = commands.add_parser("serve", help="serve the expert model to Tandem clients over HTTP(S)")
     _config_argument(serve)
     serve.add_argument("--host", help="bind address (overrides server.host)")
     serve.add_argument("--port", type=int, help="TCP port (overrides server.port)")
     serve.set_defaults(handler=serve_command)
 
-    keys = commands.add_parser("keys", help="manage bearer API keys")
+    keys = commands.add_parser("keys", help="create, list and revoke the API keys clients use")
     key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     add = key_commands.add_parser("add", help="create a key and print its secret once")
     _config_argument(add)
     add.add_argument("name", help="who or what the key is for")
-    add.add_argument("--requests-per-minute", type=_positive, help="override the default quota")
-    add.add_argument("--tokens-per-day", type=_positive, help="override the default quota")
+    add.add_argument("--requests-per-minute", type=_positive,
+                     help="this key's request quota (default: auth.requests_per_minute)")
+    add.add_argument("--tokens-per-day", type=_positive,
+                     help="this key's daily token quota (default: auth.tokens_per_day)")
     add.set_defaults(handler=keys_add_command)
     listing = key_commands.add_parser("list", help="list keys (never their secrets)")
     _config_argument(listing)

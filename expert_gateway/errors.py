@@ -1,23 +1,25 @@
-"""Every error the gateway raises on purpose, in one tree, and the one place they become HTTP.
+"""Every error the gateway raises on purpose, and the one place they become HTTP.
 
-    TandemError (client.errors)
-    └── GatewayError                    500 unless a subclass says otherwise
-        ├── BadRequestError             400  the body is not JSON, or not an object
-        ├── AuthError                   401  no key, unknown key, revoked key
-        ├── ForbiddenError              403  the key may not use this route or model
-        ├── NotFoundError               404  unknown route or model name
-        ├── SessionLostError            409  `held` exceeds what the gateway holds: resend all
-        ├── PayloadTooLargeError        413  the body exceeds server.max_body_bytes
-        ├── InvalidRequestError         422  out of bounds: token ids, lengths, max_tokens
-        │   └── TokenizerMismatchError  422  the caller's vocabulary is not the expert's
-        ├── RateLimitedError            429  a per-key quota is spent; carries retry_after
-        ├── UnavailableError            503  the backend failed or the queue is full
-        │   └── BackendError                 a backend call failed (translated in backends/)
-        └── KeyStoreError                    the keys file cannot be read or written (CLI)
+    TandemError (client.errors; the whole tree is drawn there)
+    ├── GatewayError                    500 unless a subclass says otherwise
+    │   ├── BadRequestError             400  the body is not JSON, or not an object
+    │   ├── AuthError                   401  no key, unknown key, revoked key
+    │   ├── ForbiddenError              403  the key may not use this route or model
+    │   ├── NotFoundError               404  unknown route or model name
+    │   ├── PayloadTooLargeError        413  the body exceeds server.max_body_bytes
+    │   ├── InvalidRequestError         422  out of bounds: token ids, lengths, max_tokens
+    │   ├── RateLimitedError            429  a per-key quota is spent; carries retry_after
+    │   ├── UnavailableError            503  the backend failed or the queue is full
+    │   │   └── BackendError                 a backend call failed (translated in backends/)
+    │   └── KeyStoreError                    the keys file cannot be read or written (CLI)
+    ├── SessionLostError                409  `held` exceeds what the gateway holds: resend all
+    └── TokenizerMismatchError          422  the caller's vocabulary is not the expert's
 
-A tokenizer mismatch is a 422 rather than a 409: nothing the client can resend fixes it, while a
-409 means "resend the whole prefix". Foreign exceptions (llama.cpp, torch, httpx) are translated
-in the backend that calls them, with ``raise BackendError(...) from exc``.
+The last two are defined once in ``client.errors``, because the client raises and handles the
+same conditions; ``SHARED_ERRORS`` gives their status here. A tokenizer mismatch is a 422 rather
+than a 409: nothing the client can resend fixes it, while a 409 means "resend the whole prefix".
+Foreign exceptions (llama.cpp, torch, httpx) are translated in the backend that calls them, with
+``raise BackendError(...) from exc``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from client.errors import TandemError
+from client.errors import SessionLostError, TandemError, TokenizerMismatchError
 from expert_gateway.protocol import ERROR_TYPES, ErrorBody, ErrorReply
 
 
@@ -63,12 +65,6 @@ class NotFoundError(GatewayError):
     status_code = 404
 
 
-class SessionLostError(GatewayError):
-    """The gateway does not hold the tokens the request builds on."""
-
-    status_code = 409
-
-
 class PayloadTooLargeError(GatewayError):
     """The request body is larger than allowed."""
 
@@ -79,10 +75,6 @@ class InvalidRequestError(GatewayError):
     """The request is well-formed JSON but out of bounds."""
 
     status_code = 422
-
-
-class TokenizerMismatchError(InvalidRequestError):
-    """The caller's vocabulary fingerprint differs from the expert's."""
 
 
 class RateLimitedError(GatewayError):
@@ -109,6 +101,10 @@ class KeyStoreError(GatewayError):
     """The API keys file could not be read or written."""
 
 
+# Errors defined in client.errors because both sides raise them, and the status each answers with.
+SHARED_ERRORS: dict[type[TandemError], int] = {SessionLostError: 409, TokenizerMismatchError: 422}
+
+
 def error_response(status_code: int, message: str, *, retry_after: float | None = None) -> JSONResponse:
     """The single shape of every error reply: ``{"error": {"type", "message"}}``."""
     error_type = ERROR_TYPES.get(status_code, "internal_error" if status_code >= 500 else "error")
@@ -123,6 +119,9 @@ def response_for(exc: Exception) -> JSONResponse:
         return error_response(exc.status_code, str(exc), retry_after=exc.retry_after)
     if isinstance(exc, GatewayError):
         return error_response(exc.status_code, str(exc))
+    for shared, status_code in SHARED_ERRORS.items():
+        if isinstance(exc, shared):
+            return error_response(status_code, str(exc))
     if isinstance(exc, RequestValidationError):
         return error_response(422, _describe_validation(exc))
     if isinstance(exc, HTTPException):

@@ -1,6 +1,6 @@
 """Wire models of the expert gateway: the single definition shared by client/ and the gateway.
 
-See DESIGN.md section 4. Every request is bounded so a malformed or hostile body is a 422,
+See docs/DESIGN.md, "The wire protocol". Every request is bounded so a malformed or hostile body is a 422,
 never a crash or an unbounded allocation. Sampling is part of the contract: a token sampled at
 absolute position ``p`` of the sequence the expert sees uses the uniform number
 ``positional_uniform(seed, p)``, so client and gateway can reproduce each other's draws.

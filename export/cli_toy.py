@@ -14,7 +14,7 @@ class ToyBuildError(TandemError):
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    toy = subparsers.add_parser("toy", help="the deterministic toy base/expert model pair")
+    toy = subparsers.add_parser("toy", help="build the small toy base/expert pair the demo and tests use")
     toy_commands = toy.add_subparsers(dest="toy_command", metavar="COMMAND", required=True)
     build = toy_commands.add_parser("build", help="train the toy pair and write it as GGUF")
     build.add_argument("--out", type=Path, default=None,

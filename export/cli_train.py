@@ -14,13 +14,13 @@ from client.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
-    train = subparsers.add_parser("train", help="collect data, fit, calibrate a switch head")
+    train = subparsers.add_parser("train", help="train a switch head: collect data, fit, calibrate")
     train_commands = train.add_subparsers(dest="train_command", metavar="STEP", required=True)
     _register_collect(train_commands)
     _register_fit(train_commands)
     _register_calibrate(train_commands)
     _register_pipeline(train_commands)
-    export = subparsers.add_parser("export", help="export a trained head")
+    export = subparsers.add_parser("export", help="export a trained switch head for the client")
     export_commands = export.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
     _register_onnx(export_commands)
     _register_eval(subparsers)
@@ -32,13 +32,14 @@ def register(subparsers: Any) -> None:
 def _add_models(parser: argparse.ArgumentParser, *, expert_required: bool = True) -> None:
     parser.add_argument("--base", required=True, help="base GGUF file, or 'smollm2' for SmolLM2-135M")
     expert = parser.add_mutually_exclusive_group(required=expert_required)
-    expert.add_argument("--gateway", metavar="URL", help="expert gateway URL (POST /v1/score, /v1/continue)")
+    expert.add_argument("--gateway", metavar="URL", help="URL of the expert gateway")
     expert.add_argument("--expert-gguf", type=Path, help="run this expert GGUF in-process instead")
     parser.add_argument("--expert-model", default="toy-expert", help="expert model name at the gateway")
-    parser.add_argument("--prompt-style", choices=("auto", "plain", "chat"), default="auto")
+    parser.add_argument("--prompt-style", choices=("auto", "plain", "chat"), default="auto",
+                        help="chat: the base's chat template; auto: chat when the base has one")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context window for the models")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for llama.cpp")
-    parser.add_argument("--policy", type=Path, help="policy.toml governing egress to the expert")
+    parser.add_argument("--policy", type=Path, help="policy.toml: what may be sent to the expert")
     parser.add_argument("--audit-log", type=Path, help="audit log for egress (default: by policy or --out)")
     parser.add_argument("--limit", type=int, help="use only the first N corpus lines")
 
@@ -74,9 +75,9 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def _register_collect(commands: Any) -> None:
-    parser = commands.add_parser("collect", help="base hidden states + base/expert log-probs of a corpus")
+    parser = commands.add_parser("collect", help="run both models over a corpus, store what training needs")
     parser.add_argument("--corpus", type=Path, required=True, help='JSONL of {"prompt", "answer"}')
-    parser.add_argument("--out", type=Path, required=True, help="output directory (resumable)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes)")
     parser.add_argument("--shard-size", type=int, default=64, help="examples per shard")
     _add_models(parser)
     parser.set_defaults(handler=collect_handler)
@@ -103,11 +104,12 @@ def _register_fit(commands: Any) -> None:
     parser.add_argument("--data", type=Path, required=True, help="directory written by `train collect`")
     parser.add_argument("--validation-data", type=Path, help="collected validation data (default: split)")
     parser.add_argument("--out", type=Path, required=True, help="head file to write (head.pt)")
-    parser.add_argument("--head", choices=("linear", "mlp"), default="linear")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-epochs", type=int, default=200)
+    parser.add_argument("--head", choices=("linear", "mlp"), default="linear",
+                        help="linear: the paper's head; mlp: one hidden layer, plus base features")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--init-epochs", type=int, default=200, help="weak-supervision epochs")
     parser.add_argument("--epochs", type=int, default=300, help="marginal-likelihood epochs")
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.02, help="learning rate")
     parser.set_defaults(handler=fit_handler)
 
 
@@ -125,14 +127,16 @@ def fit_handler(args: argparse.Namespace) -> int:
 
 
 def _register_calibrate(commands: Any) -> None:
-    parser = commands.add_parser("calibrate", help="thresholds by deferral rate and by accuracy")
+    parser = commands.add_parser("calibrate", help="choose the deferral threshold")
     parser.add_argument("--head", type=Path, required=True, help="head.pt from `train fit`")
     parser.add_argument("--data", type=Path, required=True, help="collected validation data")
     parser.add_argument("--corpus", type=Path, help="validation corpus for the decoding sweep")
     parser.add_argument("--out", type=Path, required=True, help="calibration JSON to write")
     parser.add_argument("--png", type=Path, help="plot of accuracy against deferral")
     parser.add_argument("--rates", type=_rates, help="target deferral rates, e.g. 0.05,0.1,0.2")
-    parser.add_argument("--pick", choices=("accuracy", "max-deferral"), default="accuracy")
+    parser.add_argument("--pick", choices=("accuracy", "max-deferral"), default="accuracy",
+                        help="the most accurate threshold (within --max-deferral when given); "
+                        "max-deferral requires --max-deferral")
     parser.add_argument("--max-deferral", type=float, help="largest acceptable share of deferred tokens")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length cap in the sweep")
     _add_models(parser, expert_required=False)
@@ -168,9 +172,10 @@ def calibrate_handler(args: argparse.Namespace) -> int:
 
 
 def _register_pipeline(commands: Any) -> None:
-    parser = commands.add_parser("pipeline", help="collect, fit, calibrate, export, eval on the toy pair")
+    parser = commands.add_parser("pipeline", help="every step on the toy pair: collect, fit, calibrate, "
+                                 "export, eval")
     parser.add_argument("--out", type=Path, help="directory for every artifact (default: the cache)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.set_defaults(handler=pipeline_handler)
 
 
@@ -210,7 +215,8 @@ def onnx_handler(args: argparse.Namespace) -> int:
 
 
 def _register_eval(subparsers: Any) -> None:
-    parser = subparsers.add_parser("eval", help="base, expert, Co-LLM and random deferral on a corpus")
+    parser = subparsers.add_parser("eval", help="compare base alone, expert alone, Co-LLM and random "
+                                   "deferral on a corpus")
     parser.add_argument("--corpus", type=Path, required=True, help='JSONL of {"prompt", "answer"}')
     parser.add_argument("--switch", type=Path, required=True, help="switch.onnx")
     parser.add_argument("--threshold", type=float, help="override the head's threshold")

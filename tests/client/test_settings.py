@@ -49,3 +49,32 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("[decoding\n")
     with pytest.raises(ConfigError, match="broken.toml"):
         load_settings(ClientSettings, broken)
+
+
+def test_daemon_services_take_their_defaults_from_the_settings() -> None:
+    """One source per default: a daemon built without a value behaves as the settings say."""
+    from dataclasses import fields
+
+    from client.daemon import DaemonServices
+    from client.settings import DaemonSettings, DecodingSettings
+
+    defaults = {field.name: field.default for field in fields(DaemonServices)}
+    daemon, decoding = DaemonSettings(), DecodingSettings()
+    assert defaults["max_queue_per_client"] == daemon.max_queue_per_client
+    assert defaults["max_queue"] == daemon.max_queue
+    assert defaults["max_upload_bytes"] == daemon.max_upload_bytes
+    assert defaults["default_max_tokens"] == decoding.max_tokens
+    assert defaults["default_temperature"] == decoding.temperature
+
+
+def test_decoding_defaults_agree_with_the_settings() -> None:
+    """DecodingOptions and Question still repeat decoding fields; their defaults must not drift."""
+    from client.assistant import Question
+    from client.decoding import DecodingOptions
+    from client.settings import DecodingSettings
+
+    decoding, options, question = DecodingSettings(), DecodingOptions(), Question()
+    assert (options.max_tokens, options.temperature, options.lookahead, options.compose,
+            options.top_logprobs) == (decoding.max_tokens, decoding.temperature, decoding.lookahead,
+                                      decoding.compose, decoding.top_logprobs)
+    assert (question.max_tokens, question.temperature) == (decoding.max_tokens, decoding.temperature)
