@@ -48,15 +48,19 @@ class Access:
 
     def refusal(self, request: Request) -> ApiError | None:
         """401 for a locked daemon's routes without the key or a live session."""
-        if not self.locked or request.url.path in OPEN_PATHS:
-            return None
-        if self._key_matches(_bearer(request.headers.get("authorization", ""))):
-            return None
-        if self._session_alive(request.cookies.get(SESSION_COOKIE, "")):
+        if request.url.path in OPEN_PATHS or self.authenticated(request):
             return None
         return ApiError(401, "this daemon is locked: send `Authorization: Bearer <key>` or log in "
                         "on the web page (the key: `tandem keys get daemon-api --reveal`)",
                         error_type="authentication_error")
+
+    def authenticated(self, request: Request) -> bool:
+        """Whether the request carries the key or a live session (always, when open)."""
+        if not self.locked:
+            return True
+        if self._key_matches(_bearer(request.headers.get("authorization", ""))):
+            return True
+        return self._session_alive(request.cookies.get(SESSION_COOKIE, ""))
 
     def login(self, offered: str) -> str | None:
         """A new session token for the right key, else None."""
@@ -94,7 +98,7 @@ def add_access_routes(app: FastAPI, access: Access) -> None:
 
     @app.get("/v1/session")
     async def session(request: Request) -> dict[str, Any]:
-        return {"locked": access.locked, "authenticated": access.refusal(request) is None}
+        return {"locked": access.locked, "authenticated": access.authenticated(request)}
 
     @app.post("/login")
     async def login(request: Request) -> Response:

@@ -24,7 +24,14 @@ from pydantic import SecretStr
 from client.documents import DocumentStore, Passage
 from client.egress import EgressSummary
 from client.errors import ConfigError
-from client.prompting import ASSISTANT_TURN, Segment, join_public, passage_segment, plain_prompt
+from client.prompting import Segment
+from client.provenance import (
+    ASSISTANT_TURN,
+    join_public,
+    passage_segment,
+    plain_prompt_with_sources,
+    private,
+)
 from client.settings import ClientSettings, PolicySettings
 from client.tokens import GeneratedToken, Provenance
 
@@ -149,8 +156,7 @@ class Assistant:
 
     def segments(self, question: Question, passages: Sequence[Passage]) -> list[Segment]:
         return self.prompt_builder(self.mark(question), [
-            Segment(passage.text, private=True, source=f"passage:{passage.document_name}")
-            for passage in passages])
+            private(passage.text, f"passage:{passage.document_name}") for passage in passages])
 
     def mark(self, question: Question) -> Question:
         """The question with assistant turns and repeats of stored documents marked private."""
@@ -160,7 +166,7 @@ class Assistant:
 
     def _turn_parts(self, turn: ChatTurn) -> list[Segment]:
         if turn.role == "assistant":
-            return [Segment(turn.content, private=True, source=ASSISTANT_TURN)]
+            return [private(turn.content, ASSISTANT_TURN)]
         return self._repeat_parts(turn.content)
 
     def _repeat_parts(self, text: str) -> list[Segment]:
@@ -171,8 +177,7 @@ class Assistant:
         position = 0
         for repeat in self.documents.repeats(text, min_chars=self.repeat_min_chars):
             parts += [Segment(text[position:repeat.start]),
-                      Segment(text[repeat.start:repeat.end], private=True,
-                              source=f"repeat:{repeat.document_name}")]
+                      private(text[repeat.start:repeat.end], f"repeat:{repeat.document_name}")]
             position = repeat.end
         parts.append(Segment(text[position:]))
         return [part for part in parts if part.text]
@@ -302,7 +307,7 @@ def plain_prompt_builder(question: Question, passages: Sequence[str | Segment]) 
     """
     if question.prompt is not None:
         return [*_document_segments(passages), *join_public(question.prompt_segments())]
-    return plain_prompt(passages, question.last_user_segments())
+    return plain_prompt_with_sources(passages, question.last_user_segments())
 
 
 def _document_segments(passages: Sequence[str | Segment]) -> list[Segment]:
@@ -337,14 +342,14 @@ class ChatTemplatePrompt:
         if question.prompt is not None:
             return [*_document_segments(passages), *join_public(question.prompt_segments())]
         nonce = uuid.uuid4().hex[:16]
-        private: list[Segment] = []
+        hidden_parts: list[Segment] = []
 
         def marked(segments: Sequence[Segment]) -> str:
             pieces = []
             for segment in segments:
                 if segment.private:
-                    pieces.append(f"\x1etandem-private-{nonce}-{len(private)}\x1e")
-                    private.append(segment)
+                    pieces.append(f"\x1etandem-private-{nonce}-{len(hidden_parts)}\x1e")
+                    hidden_parts.append(segment)
                 else:
                     pieces.append(segment.text)
             return "".join(pieces)
@@ -356,14 +361,14 @@ class ChatTemplatePrompt:
             last_user = max(i for i, turn in enumerate(messages) if turn["role"] == "user")
             documents = ""
             for passage in passages:
-                passage_marks.append(len(private))
+                passage_marks.append(len(hidden_parts))
                 documents += f"Document: {marked([passage_segment(passage)])}\n"
             messages[last_user]["content"] = f"{documents}\n{messages[last_user]['content']}"
         rendered = self._template.render(
             messages=messages, add_generation_prompt=True,
             bos_token=self._bos_token, eos_token=self._eos_token,
         )
-        return _split_marks(rendered, nonce, private, passage_marks)
+        return _split_marks(rendered, nonce, hidden_parts, passage_marks)
 
 
 def _split_marks(rendered: str, nonce: str, private: Sequence[Segment],

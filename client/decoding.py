@@ -38,6 +38,7 @@ from client.egress import (
 from client.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from client.expert import Expert, ExpertReply, Gated
 from client.prompting import Segment
+from client.provenance import source_of
 from client.settings import ClientSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
@@ -174,7 +175,7 @@ class CoDecoder:
                 ids = self.base.tokenize(segment.text, special=not segment.private)
                 tokens += ids
                 mask += [segment.private] * len(ids)
-                sources += [segment.source if segment.private else ""] * len(ids)
+                sources += [source_of(segment) if segment.private else ""] * len(ids)
             return tokens, mask, sources
         ids = [int(token) for token in prompt]  # type: ignore[arg-type]
         return ids, [False] * len(ids), [""] * len(ids)

@@ -216,7 +216,8 @@ class Policy:
         if redacted:
             record["redacted"] = redacted
         if view is None:
-            record["derived_values"] = _values_of(marks.derived, marks.derived)
+            record["derived_values"] = _values_of(
+                marks.derived, [index for index in marks.derived if not marks.rule[index]])
             return record
         sent_sources = view.sources[send_from:]
         derived_sent = [index for index, local in enumerate(sent_sources) if local in marks.derived]

@@ -23,6 +23,7 @@ from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment
+from client.provenance import source_of
 from client.tokens import GeneratedToken
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
 
@@ -64,7 +65,7 @@ def test_plain_prompt_marks_the_retrieved_passage_private(store: DocumentStore) 
         Segment("invoice 4417", private=True),  # the user's words repeat the stored document
         Segment(" in total?\nAnswer:"),
     ]
-    assert [s.source for s in decoder.prompts[0] if s.private] == [
+    assert [source_of(s) for s in decoder.prompts[0] if s.private] == [
         "passage:invoice.txt", "repeat:invoice.txt"]
     assert answer.text == " = HOW MANY CRATES ARE ON INVOICE 4417 IN TOTAL?"
     assert [p.document_name for p in answer.passages] == ["invoice.txt"]

@@ -22,6 +22,7 @@ from client.documents import DocumentStore
 from client.egress import EgressDecision, EgressRequest
 from client.policy import Policy
 from client.prompting import Segment
+from client.provenance import SourcedSegment, source_of
 from client.settings import PolicySettings
 from client.usage import UsageStore
 from client.values import PrivateValues, find_values
@@ -153,7 +154,7 @@ def test_chat_history_is_marked_by_source(tmp_path: Path) -> None:
         ChatTurn("assistant", DIAGNOSIS),
         ChatTurn("user", "How many crates are on invoice 4417?")])
     assistant.answer(question, request_id="r")
-    private = [(s.text, s.source) for s in decoder.prompts[0] if s.private]
+    private = [(s.text, source_of(s)) for s in decoder.prompts[0] if s.private]
     assert (DIAGNOSIS, "assistant-turn") in private
     assert ("Dana Whitfield was diagnosed with type 2 diabetes", "repeat:dana.txt") in private
     assert (INVOICE, "passage:invoice-4417.txt") in private
@@ -167,7 +168,7 @@ def test_a_raw_prompt_repeating_a_document_is_private(tmp_path: Path) -> None:
                               retrieve=False), request_id="r")
     segments = decoder.prompts[0]
     assert [s.private for s in segments] == [False, True, False]
-    assert segments[1].source == "repeat:dana.txt"
+    assert source_of(segments[1]) == "repeat:dana.txt"
     assert segments[1].text.startswith("Dana Whitfield was diagnosed")
 
 
@@ -189,8 +190,10 @@ def test_describe_egress_names_the_values_that_left() -> None:
 
 def test_prompt_segments_keep_their_source_through_encoding() -> None:
     segments = plain_prompt_builder(Question(messages=[ChatTurn("user", "q?")]),
-                                    [Segment("secret", private=True, source="passage:a.txt")])
-    assert [(s.private, s.source) for s in segments if s.private] == [(True, "passage:a.txt")]
+                                    [SourcedSegment("secret", True, "passage:a.txt")])
+    assert [(s.private, source_of(s)) for s in segments if s.private] == [(True, "passage:a.txt")]
+    assert segments == [Segment("Document: "), Segment("secret", private=True), Segment("\n"),
+                        Segment("Question: q?\nAnswer:")]  # the toy format, segment for segment
 
 
 # -- against the real thing: llama.cpp, a real gateway, uvicorn -------------------------------------
