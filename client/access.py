@@ -39,7 +39,7 @@ class Access:
     session_ttl_s: float = 12 * 3600
 
     def __post_init__(self) -> None:
-        self._sessions: dict[str, float] = {}  # sha256 of the session token -> expiry
+        self._sessions: dict[bytes, float] = {}  # sha256 of the session token -> expiry
         self._lock = threading.Lock()
 
     @property

@@ -5,8 +5,8 @@ every assistant turn the client sends back (an earlier answer may quote a docume
 piece of the user's own text (system, history, question, raw prompt) that repeats a stored
 document enter the prompt as private segments with their source, so the egress policy can keep
 them on the machine (policy.toml may open the last two). The toy pair reads the plain format it
-was trained on, chat models their GGUF chat template. The decoder is a seam (``TokenSource``): ``build_runtime`` wires the real CoDecoder for
-the daemon and ``tandem ask``; tests pass fakes.
+was trained on, chat models their GGUF chat template. The decoder is a seam (``TokenSource``):
+``build_runtime`` wires the real CoDecoder for the daemon and ``tandem ask``; tests pass fakes.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ store safe to share between the daemon's request threads and its model worker.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import sqlite3
 import threading
@@ -185,7 +186,7 @@ class DocumentStore:
         words = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(text)]
         if not words:
             return []
-        pairs = {(a[2], b[2]) for a, b in zip(words, words[1:], strict=False)
+        pairs = {(a[2], b[2]) for a, b in itertools.pairwise(words)
                  if not (a[2] in _STOPWORDS and b[2] in _STOPWORDS)}
         singles = {word for _, _, word in words if len(word) >= min_chars}
         found_pairs, found_singles = self._stored_pairs(pairs, singles)
@@ -219,7 +220,7 @@ class DocumentStore:
                     (match, _CANDIDATE_PASSAGES)).fetchall()
             for passage, name in rows:
                 stored = [m.group().lower() for m in _WORD.finditer(passage)]
-                for pair in zip(stored, stored[1:], strict=False):
+                for pair in itertools.pairwise(stored):
                     if pair in pairs:
                         found_pairs.setdefault(pair, name)
                 for word in stored:

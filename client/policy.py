@@ -440,7 +440,7 @@ def _widen_to_words(text: str, chars: set[int]) -> set[int]:
     for start, end in word_spans(text):
         if any(char in chars for char in range(start, end)):
             widened.update(range(start, end))
-    trimmed = set()
+    trimmed: set[int] = set()
     for start, end in _runs([index in widened for index in range(len(text))], True):
         while start < end and text[start].isspace():
             start += 1

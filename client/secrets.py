@@ -5,8 +5,9 @@ keyring is asked first; when it has nothing, or no keyring backend works on this
 environment variable is used, then a 0600 file ``<files_dir>/<name>.key`` (a store created with
 ``files_dir``, normally ``<data_dir>/secrets``). Keys only Tandem uses (the audit HMAC key, the
 daemon's API key) are created on first start: in the keyring when one works, else in that file,
-because a headless server usually has no keyring and must still start. keyring's exceptions are translated here, in ``_keyring_call``,
-and nowhere else. Secret values travel as ``SecretStr`` and never appear in messages.
+because a headless server usually has no keyring and must still start. keyring's exceptions
+are translated here, in ``_keyring_call``, and nowhere else. Secret values travel as
+``SecretStr`` and never appear in messages.
 """
 
 from __future__ import annotations
