@@ -119,3 +119,63 @@ def test_headless_first_start_creates_the_audit_key_in_a_private_file(
     locked = ClientSettings(daemon=DaemonSettings(data_dir=tmp_path / "data", require_api_key=True))
     assert api_key_for("127.0.0.1", locked) is not None
     assert (tmp_path / "data" / "secrets" / "daemon-api.key").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tandem_serve_on_a_headless_server_first_start(toy_pair: object, tmp_path: Path) -> None:
+    """The real `tandem serve --lock` with no keyring: it starts, creates both keys in 0600 files,
+    says where, says that access is locked, and answers only with the key."""
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    config = tmp_path / "client.toml"
+    config.write_text(f'[base]\npreset = "path"\npath = "{toy_pair.base_gguf}"\nn_ctx = 512\n'  # type: ignore[attr-defined]
+                      f'[daemon]\ndata_dir = "{data}"\n')
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring",
+           "TANDEM_POLICY_USAGE_DB": str(data / "usage.sqlite3"),
+           "TANDEM_POLICY_AUDIT_LOG": str(data / "audit" / "audit.jsonl")}
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from client.cli import main; raise SystemExit(main())",
+         "serve", "--config", str(config), "--port", str(port), "--lock"],
+        cwd=Path(__file__).resolve().parents[2], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        assert server.stderr is not None
+        while not any("serving" in line for line in lines):
+            line = server.stderr.readline()
+            assert line or server.poll() is None, "".join(lines)
+            lines.append(line)
+        startup = "".join(lines)
+        audit_file, api_file = data / "secrets" / "audit-hmac.key", data / "secrets" / "daemon-api.key"
+        assert f"created the audit log's HMAC key in {audit_file} (mode 0600" in startup
+        assert "tandem keys set audit-hmac" in startup and "TANDEM_AUDIT_HMAC_KEY" in startup
+        assert f"created the daemon's API key in the file {api_file}" in startup
+        assert "access: LOCKED" in startup
+        for path in (audit_file, api_file):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        key = api_file.read_text().strip()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                refused = httpx.get(f"{url}/v1/documents")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert refused.status_code == 401
+        allowed = httpx.get(f"{url}/v1/documents", headers={"authorization": f"Bearer {key}"})
+        assert allowed.status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stderr is not None:
+            server.stderr.close()
