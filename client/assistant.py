@@ -1,13 +1,17 @@
 """The private document assistant: retrieve passages, build a prompt with private spans, decode.
 
-Retrieved passages enter the prompt as private segments, so the egress policy can keep them on
-the machine; the toy pair reads the plain format it was trained on, chat models their GGUF chat
-template. The decoder is a seam (``TokenSource``): ``build_runtime`` wires the real CoDecoder for
-the daemon and ``tandem ask``; tests pass fakes.
+Prompt text is marked by where it came from, not by which turn it is in: retrieved passages,
+every assistant turn the client sends back (an earlier answer may quote a document), and any
+piece of the user's own text (system, history, question, raw prompt) that repeats a stored
+document enter the prompt as private segments with their source, so the egress policy can keep
+them on the machine (policy.toml may open the last two). The toy pair reads the plain format it
+was trained on, chat models their GGUF chat template. The decoder is a seam (``TokenSource``):
+``build_runtime`` wires the real CoDecoder for the daemon and ``tandem ask``; tests pass fakes.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +24,14 @@ from pydantic import SecretStr
 from client.documents import DocumentStore, Passage
 from client.egress import EgressSummary
 from client.errors import ConfigError
-from client.prompting import Segment, plain_prompt
+from client.prompting import Segment
+from client.provenance import (
+    ASSISTANT_TURN,
+    join_public,
+    passage_segment,
+    plain_prompt_with_sources,
+    private,
+)
 from client.settings import ClientSettings, PolicySettings
 from client.tokens import GeneratedToken, Provenance
 
@@ -31,6 +42,10 @@ Role = Literal["system", "user", "assistant", "developer", "tool"]
 class ChatTurn:
     role: Role
     content: str
+    parts: tuple[Segment, ...] = ()  # the content with its private pieces marked (Assistant)
+
+    def segments(self) -> list[Segment]:
+        return list(self.parts) if self.parts else [Segment(self.content)]
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,16 @@ class Question:
     seed: int | None = None
     stop: Sequence[str] = ()
     retrieve: bool = True
+    prompt_parts: tuple[Segment, ...] = ()  # the raw prompt with its private pieces marked
+
+    def prompt_segments(self) -> list[Segment]:
+        if self.prompt_parts:
+            return list(self.prompt_parts)
+        return [Segment(self.prompt)] if self.prompt else []
+
+    def last_user_segments(self) -> list[Segment]:
+        users = [turn for turn in self.messages if turn.role == "user"]
+        return users[-1].segments() if users else []
 
     @property
     def query(self) -> str:
@@ -103,7 +128,7 @@ class EgressLedger(Protocol):
 
 
 class PromptBuilder(Protocol):
-    def __call__(self, question: Question, passages: Sequence[str]) -> list[Segment]:
+    def __call__(self, question: Question, passages: Sequence[str | Segment]) -> list[Segment]:
         ...
 
 
@@ -116,12 +141,13 @@ class Assistant:
 
     def __init__(self, *, decoder: TokenSource, documents: DocumentStore | None,
                  prompt_builder: PromptBuilder, ledger: EgressLedger | None = None,
-                 retrieve_passages: int = 1) -> None:
+                 retrieve_passages: int = 1, repeat_min_chars: int = 12) -> None:
         self.decoder = decoder
         self.documents = documents
         self.prompt_builder = prompt_builder
         self.ledger = ledger
         self.retrieve_passages = retrieve_passages
+        self.repeat_min_chars = repeat_min_chars
 
     def retrieve(self, question: Question) -> list[Passage]:
         if not question.retrieve or self.documents is None or self.retrieve_passages == 0:
@@ -129,7 +155,32 @@ class Assistant:
         return self.documents.search(question.query, self.retrieve_passages)
 
     def segments(self, question: Question, passages: Sequence[Passage]) -> list[Segment]:
-        return self.prompt_builder(question, [passage.text for passage in passages])
+        return self.prompt_builder(self.mark(question), [
+            private(passage.text, f"passage:{passage.document_name}") for passage in passages])
+
+    def mark(self, question: Question) -> Question:
+        """The question with assistant turns and repeats of stored documents marked private."""
+        turns = [replace(turn, parts=tuple(self._turn_parts(turn))) for turn in question.messages]
+        prompt_parts = tuple(self._repeat_parts(question.prompt)) if question.prompt else ()
+        return replace(question, messages=turns, prompt_parts=prompt_parts)
+
+    def _turn_parts(self, turn: ChatTurn) -> list[Segment]:
+        if turn.role == "assistant":
+            return [private(turn.content, ASSISTANT_TURN)]
+        return self._repeat_parts(turn.content)
+
+    def _repeat_parts(self, text: str) -> list[Segment]:
+        """``text`` split so each run repeating a stored document is a private segment."""
+        if self.documents is None or not text:
+            return [Segment(text)]
+        parts: list[Segment] = []
+        position = 0
+        for repeat in self.documents.repeats(text, min_chars=self.repeat_min_chars):
+            parts += [Segment(text[position:repeat.start]),
+                      private(text[repeat.start:repeat.end], f"repeat:{repeat.document_name}")]
+            position = repeat.end
+        parts.append(Segment(text[position:]))
+        return [part for part in parts if part.text]
 
     def answer(self, question: Question, *, request_id: str | None = None,
                on_token: Callable[[AnswerToken], None] | None = None,
@@ -249,29 +300,34 @@ class StopCutter:
         return released
 
 
-def plain_prompt_builder(question: Question, passages: Sequence[str]) -> list[Segment]:
-    """The toy format: passages, then the question (a raw prompt is used as it is)."""
+def plain_prompt_builder(question: Question, passages: Sequence[str | Segment]) -> list[Segment]:
+    """The toy format: passages, then the question (a raw prompt is used as it is).
+
+    The toy format has one question per prompt, so earlier turns are not part of it.
+    """
     if question.prompt is not None:
-        return [*_document_segments(passages), Segment(question.prompt)]
-    return plain_prompt(passages, question.query)
+        return [*_document_segments(passages), *join_public(question.prompt_segments())]
+    return plain_prompt_with_sources(passages, question.last_user_segments())
 
 
-def _document_segments(passages: Sequence[str]) -> list[Segment]:
+def _document_segments(passages: Sequence[str | Segment]) -> list[Segment]:
     segments: list[Segment] = []
     for passage in passages:
-        segments += [Segment("Document: "), Segment(passage, private=True), Segment("\n")]
+        segments += [Segment("Document: "), passage_segment(passage), Segment("\n")]
     return segments
 
 
-_PASSAGE_MARK = "\x1etandem-private-passage-{index}\x1e"
+_MARK = re.compile("\x1etandem-private-([0-9a-f]{16})-([0-9]+)\x1e")
 
 
 class ChatTemplatePrompt:
-    """Renders a GGUF chat template; passages become separate private segments.
+    """Renders a GGUF chat template; every private piece becomes its own private segment.
 
-    The passages go into the last user turn as marker strings, the template is rendered once,
-    and the rendered text is split at the markers, so the template's own control text stays
-    public and each passage is exactly one private segment.
+    Passages go into the last user turn, and the private pieces of each turn (assistant turns,
+    repeats of stored documents) stay where they are, as marker strings; the template is
+    rendered once and the rendered text split at the markers, so the template's own control
+    text stays public and each private piece is exactly one private segment. The markers carry
+    a fresh random nonce, so text in a message cannot forge one.
     """
 
     def __init__(self, template: str, *, bos_token: str = "", eos_token: str = "") -> None:
@@ -282,35 +338,57 @@ class ChatTemplatePrompt:
         self._bos_token = bos_token
         self._eos_token = eos_token
 
-    def __call__(self, question: Question, passages: Sequence[str]) -> list[Segment]:
+    def __call__(self, question: Question, passages: Sequence[str | Segment]) -> list[Segment]:
         if question.prompt is not None:
-            return [*_document_segments(passages), Segment(question.prompt)]
-        messages = [{"role": turn.role, "content": turn.content} for turn in question.messages]
-        marks = [_PASSAGE_MARK.format(index=index) for index in range(len(passages))]
-        if marks:
+            return [*_document_segments(passages), *join_public(question.prompt_segments())]
+        nonce = uuid.uuid4().hex[:16]
+        hidden_parts: list[Segment] = []
+
+        def marked(segments: Sequence[Segment]) -> str:
+            pieces = []
+            for segment in segments:
+                if segment.private:
+                    pieces.append(f"\x1etandem-private-{nonce}-{len(hidden_parts)}\x1e")
+                    hidden_parts.append(segment)
+                else:
+                    pieces.append(segment.text)
+            return "".join(pieces)
+
+        messages = [{"role": turn.role, "content": marked(turn.segments())}
+                    for turn in question.messages]
+        passage_marks = []
+        if passages:
             last_user = max(i for i, turn in enumerate(messages) if turn["role"] == "user")
-            documents = "".join(f"Document: {mark}\n" for mark in marks)
+            documents = ""
+            for passage in passages:
+                passage_marks.append(len(hidden_parts))
+                documents += f"Document: {marked([passage_segment(passage)])}\n"
             messages[last_user]["content"] = f"{documents}\n{messages[last_user]['content']}"
         rendered = self._template.render(
             messages=messages, add_generation_prompt=True,
             bos_token=self._bos_token, eos_token=self._eos_token,
         )
-        return _split_marks(rendered, marks, passages)
+        return _split_marks(rendered, nonce, hidden_parts, passage_marks)
 
 
-def _split_marks(rendered: str, marks: Sequence[str], passages: Sequence[str]) -> list[Segment]:
+def _split_marks(rendered: str, nonce: str, private: Sequence[Segment],
+                 required: Sequence[int]) -> list[Segment]:
+    """The rendered template as segments: markers become their private segments again."""
     segments: list[Segment] = []
-    rest = rendered
-    for mark, passage in zip(marks, passages, strict=True):
-        before, found, rest = rest.partition(mark)
-        if not found:
-            raise ConfigError("the base model's chat template dropped a document passage")
-        if before:
-            segments.append(Segment(before))
-        segments.append(Segment(passage, private=True))
-    if rest:
-        segments.append(Segment(rest))
-    return segments
+    seen: set[int] = set()
+    position = 0
+    for match in _MARK.finditer(rendered):
+        if match.group(1) != nonce:
+            continue
+        index = int(match.group(2))
+        segments.append(Segment(rendered[position:match.start()]))
+        segments.append(private[index])
+        seen.add(index)
+        position = match.end()
+    segments.append(Segment(rendered[position:]))
+    if any(index not in seen for index in required):
+        raise ConfigError("the base model's chat template dropped a document passage")
+    return [segment for segment in segments if segment.text]
 
 
 # -- wiring the real parts ------------------------------------------------------------------------
@@ -396,6 +474,63 @@ def summarize_egress(records: Sequence[dict[str, Any]]) -> EgressSummary:
     )
 
 
+_RULE_WORDS = {"repeat": "repeats", "copy": "copies", "sensitive": "matches a protected pattern in",
+               "derived": "is a value from", "pattern": "matched a deny pattern"}
+
+
+def describe_egress(records: Sequence[dict[str, Any]]) -> list[str]:
+    """What left the machine for one request, in plain words, from its audit records.
+
+    The same sentences appear in ``tandem ask``, the demo and (in JavaScript) the web page: the
+    values copied from private text that were sent, by source; the calls the policy refused
+    because such values were in view; the user's own words that were redacted; and what stayed
+    home. It never says "nothing private" when derived values went out.
+    """
+    egress = [record for record in records if record.get("kind") == "egress"]
+    sent = [record for record in egress if record.get("sent")]
+    lines: list[str] = []
+    derived: dict[str, list[str]] = {}
+    policy = ""
+    for record in sent:
+        privacy = record.get("privacy") or {}
+        policy = privacy.get("rules", {}).get("derived", policy)
+        for item in privacy.get("derived_sent", []):
+            values = derived.setdefault(str(item.get("source", "")), [])
+            if item.get("value") not in values:
+                values.append(str(item.get("value")))
+    for source, values in derived.items():
+        noun = "value" if len(values) == 1 else "values"
+        verb = "was" if len(values) == 1 else "were"
+        lines.append(f"{len(values)} {noun} copied from {source} {verb} sent: "
+                     f"{', '.join(values)} (policy: derived = {policy or 'send'})")
+    refused = [record for record in egress
+               if record.get("decision", {}).get("reason") == "derived"]
+    if refused:
+        sources = sorted({str(item.get("source", "")) for record in refused
+                          for item in (record.get("privacy") or {}).get("derived_values", [])})
+        values = sorted({str(item.get("value", "")) for record in refused
+                         for item in (record.get("privacy") or {}).get("derived_values", [])})
+        lines.append(f"the expert was not asked {len(refused)} time(s): values from "
+                     f"{', '.join(sources) or 'private text'} ({', '.join(values)}) were in the "
+                     f"text it would see (policy: derived = deny); those tokens are to double-check")
+    redacted: dict[tuple[str, str, str], None] = {}
+    kept: set[str] = set()
+    for record in egress:
+        privacy = record.get("privacy") or {}
+        for item in privacy.get("redacted", []):
+            redacted.setdefault((str(item.get("text", "")), str(item.get("rule", "")),
+                                 str(item.get("source", ""))), None)
+        kept.update(str(source) for source in privacy.get("private_sources", []))
+    for text, rule, source in redacted:
+        why = _RULE_WORDS.get(rule, rule) + (f" {source}" if source else "")
+        lines.append(f"redacted before sending: \u201c{text}\u201d ({why.strip()})")
+    if kept:
+        lines.append(f"kept on this machine: {', '.join(sorted(kept))}")
+    if sent and not derived and all(record.get("privacy") for record in sent):
+        lines.append("no value or text copied from private documents was in what was sent")
+    return lines
+
+
 @dataclass
 class Runtime:
     """The loaded parts behind the assistant; ``close`` releases them in reverse order."""
@@ -445,7 +580,8 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
         source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log)
         assistant = Assistant(decoder=source, documents=documents,
                               prompt_builder=prompt_builder_for(base, settings.base.prompt_style),
-                              ledger=source, retrieve_passages=settings.daemon.retrieve_passages)
+                              ledger=source, retrieve_passages=settings.daemon.retrieve_passages,
+                              repeat_min_chars=policy_settings.taint_min_chars)
     except BaseException:
         for close in reversed(closers):
             close()

@@ -140,6 +140,8 @@ class AuditLog:
             "sent_text": record.sent_text if sent else "",
             "sent_bytes": len(record.sent_text.encode()) if sent else 0,
         }
+        if decision.privacy:  # issue 14: rules applied, derived tokens sent (client.policy)
+            body["privacy"] = dict(decision.privacy)
         if decision.dry_run:
             would_send = record.sent_tokens or decision.new_tokens
             body["dry_run_tokens"] = [int(token) for token in would_send]

@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--config", type=Path, help="client.toml (default: built-in settings)")
     serve.add_argument("--host", help="address to listen on (default: daemon.host in client.toml)")
     serve.add_argument("--port", type=int, help="port to listen on (default: daemon.port in client.toml)")
+    serve.add_argument("--lock", action="store_true",
+                       help="require an API key for every request (created on first use; the page "
+                       "asks for it once)")
     serve.set_defaults(handler=_serve)
 
     ask = subparsers.add_parser("ask", help="answer one question over the local documents")
@@ -123,10 +126,27 @@ def _toy_head(toy: Any) -> Path:
     return Path(_export_module("pipeline").ensure_toy_head(toy, progress=True))
 
 
-def audit_key() -> SecretStr:
+def secret_store(settings: ClientSettings | None = None) -> Any:
+    """The secret store, with ``<data_dir>/secrets`` as the fallback folder for created keys."""
     from client.secrets import SecretStore
 
-    return SecretStore().get_or_create("audit-hmac")
+    data_dir = (settings or load_settings(ClientSettings, None)).daemon.data_dir
+    return SecretStore(files_dir=data_dir / "secrets")
+
+
+def audit_key(settings: ClientSettings | None = None) -> SecretStr:
+    """The audit HMAC key; created on first start (keyring, else a 0600 file), said where."""
+    store = secret_store(settings)
+    key, created = store.ensure("audit-hmac")
+    if created is not None and created.source == "file":
+        print(f"tandem: created the audit log's HMAC key in {created.path} (mode 0600; no OS "
+              f"keyring on this machine). To move it into a keyring: `tandem keys set audit-hmac "
+              f"< {created.path}` and delete the file; or keep it in your secrets manager and pass "
+              f"it as TANDEM_AUDIT_HMAC_KEY.", file=sys.stderr)
+    elif created is not None:
+        print("tandem: created the audit log's HMAC key in the OS keyring (tandem/audit-hmac)",
+              file=sys.stderr)
+    return key
 
 
 def gateway_token() -> SecretStr | None:
@@ -141,7 +161,7 @@ def gateway_token() -> SecretStr | None:
 def load_runtime(settings: ClientSettings, policy: PolicySettings) -> Runtime:
     base_path, switch_path = model_paths(settings)
     return build_runtime(settings, policy, base_path=base_path, switch_path=switch_path,
-                         audit_key=audit_key(), gateway_token=gateway_token())
+                         audit_key=audit_key(settings), gateway_token=gateway_token())
 
 
 def daemon_services(runtime: Runtime, settings: ClientSettings, *, api_key: SecretStr | None,
@@ -169,17 +189,41 @@ def is_loopback(host: str) -> bool:
         return False  # a host name may resolve anywhere
 
 
-def api_key_for(host: str) -> SecretStr | None:
-    """The daemon-api key when one is configured; required for any non-loopback bind."""
-    from client.secrets import SecretStore, missing_message
+def api_key_for(host: str, settings: ClientSettings | None = None, *,
+                lock: bool = False) -> SecretStr | None:
+    """The daemon-api key when one is configured or the daemon is locked; required off loopback.
 
+    ``lock`` (or ``daemon.require_api_key``) creates the key when none exists: in the keyring,
+    else in ``<data_dir>/secrets/daemon-api.key`` (0600).
+    """
+    from client.secrets import missing_message
+
+    store = secret_store(settings)
+    if lock or (settings is not None and settings.daemon.require_api_key):
+        key, created = store.ensure("daemon-api")
+        if created is not None:
+            print(f"tandem: created the daemon's API key in {created.where()}; show it with "
+                  f"`tandem keys get daemon-api --reveal`", file=sys.stderr)
+        return SecretStr(key.get_secret_value())
     try:
-        return SecretStore().get("daemon-api")
+        return SecretStr(store.get("daemon-api").get_secret_value())
     except SecretMissingError as exc:
         if is_loopback(host):
             return None
         raise ConfigError(f"refusing to listen on {host} without an API key: "
-                          f"{missing_message('daemon-api')}") from exc
+                          f"{missing_message('daemon-api')}, or start with `tandem serve --lock`"
+                          ) from exc
+
+
+def access_line(api_key: SecretStr | None, settings: ClientSettings | None = None) -> str:
+    """The start-up line's plain statement of who may use the daemon."""
+    if api_key is None:
+        return ("access: OPEN - no API key; any user or process on this machine can list, upload "
+                "and ask about the documents (lock it: `tandem serve --lock` or "
+                "daemon.require_api_key = true)")
+    status = secret_store(settings).status("daemon-api")
+    return (f"access: LOCKED - every request needs the daemon-api key (from {status.where()}); "
+            f"API clients send `Authorization: Bearer <key>`, the web page asks for it once")
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -192,31 +236,37 @@ def _serve(args: argparse.Namespace) -> int:
     settings, policy = load_client_settings(args.config)
     host = args.host or settings.daemon.host
     port = settings.daemon.port if args.port is None else args.port
-    api_key = api_key_for(host)  # before loading anything: refuse early
+    api_key = api_key_for(host, settings, lock=args.lock)  # before loading anything: refuse early
     runtime = load_runtime(settings, policy)
     app = create_app(daemon_services(runtime, settings, api_key=api_key, host=host))
-    print(f"tandem: serving {runtime.model_name} on http://{host}:{port}/", file=sys.stderr)
+    print(f"tandem: serving {runtime.model_name} on http://{host}:{port}/ | "
+          f"{access_line(api_key, settings)}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
     settings, policy = load_client_settings(args.config)
+    from client.assistant import audit_records, describe_egress
+
     runtime = load_runtime(settings, policy)
     try:
         question = Question(messages=[ChatTurn("user", args.question)],
                             max_tokens=args.max_tokens or settings.decoding.max_tokens,
                             temperature=settings.decoding.temperature)
         answer = runtime.assistant.answer(question)
+        disclosure = describe_egress(audit_records(runtime.audit_path, answer.request_id))
     finally:
         runtime.close()
     if args.json:
-        print(json.dumps(answer_json(answer), indent=2))
+        print(json.dumps({**answer_json(answer), "what_left": disclosure}, indent=2))
     else:
         print(render_answer(answer, color=sys.stdout.isatty()))
         if answer.passages:
             print("sources: " + ", ".join(p.document_name for p in answer.passages))
         print(egress_line(answer))
+        for line in disclosure:
+            print(f"  {line}")
     return 0
 
 
@@ -274,25 +324,46 @@ def _demo(args: argparse.Namespace) -> int:
 
 def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gateway_url: str,
              wait: bool) -> int:
+    """Ask the demo question twice: under the given policy, then with ``derived = "send"``.
+
+    The two runs show the trade between privacy and usefulness: by default the invoice's
+    numbers stay home, the expert is not asked and the answer is marked double-check; opened,
+    the expert computes the sum and the report names the two values that left.
+    """
     from client.daemon import create_app
 
-    runtime = build_runtime(settings, policy, base_path=settings.base.path or toy.base_gguf,
-                            switch_path=settings.switch.path, audit_key=_demo_audit_key())
-    server = _start_daemon(create_app(daemon_services(runtime, settings, api_key=None)),
-                           settings.daemon.port)
-    try:
+    data_dir = settings.daemon.data_dir
+    print(f"expert gateway: {gateway_url}\ndata and audit log: {data_dir}")
+    runs = [("1", f"the policy as configured (derived = {policy.derived!r})", settings, policy)]
+    if policy.derived != "send":
+        opened_dir = data_dir / "derived-send"
+        opened_settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(
+            update={"data_dir": opened_dir, "port": 0})})
+        opened = policy.model_copy(update={"derived": "send",
+                                           "usage_db": opened_dir / "usage.sqlite3",
+                                           "audit_log": opened_dir / "audit" / "audit.jsonl"})
+        runs.append(("2", 'the policy opened: derived = "send"', opened_settings, opened))
+    ok = True
+    for number, title, run_settings, run_policy in runs:
+        runtime = build_runtime(run_settings, run_policy,
+                                base_path=run_settings.base.path or toy.base_gguf,
+                                switch_path=run_settings.switch.path,
+                                audit_key=_demo_audit_key(run_settings))
+        server = _start_daemon(create_app(daemon_services(runtime, run_settings, api_key=None)),
+                               run_settings.daemon.port)
         url = server.start()
-        print(f"expert gateway: {gateway_url}\nlocal daemon:   {url}/\n"
-              f"data and audit log: {settings.daemon.data_dir}")
-        ok = _demo_session(url, toy, policy)
-        if wait:
-            print(f"\nOpen {url}/ to chat with your documents. Ctrl-C stops the demo.")
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
-        return 0 if ok else 1
-    finally:
-        server.stop()
+        print(f"\n=== run {number}: {title} | local daemon {url}/")
+        try:
+            ok = _demo_session(url, toy, run_policy) and ok
+            if wait and number == "1":
+                print(f"\nOpen {url}/ to chat with your documents (run 1's policy). "
+                      f"Ctrl-C continues with run 2 / stops the demo.")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        time.sleep(3600)
+        finally:
+            server.stop()
+    return 0 if ok else 1
 
 
 def _start_daemon(app: Any, port: int) -> Any:
@@ -308,9 +379,9 @@ def _start_daemon(app: Any, port: int) -> Any:
     return ServerThread(app, host="127.0.0.1", port=port)
 
 
-def _demo_audit_key() -> SecretStr:
+def _demo_audit_key(settings: ClientSettings) -> SecretStr:
     try:
-        return audit_key()
+        return audit_key(settings)
     except (SecretMissingError, ConfigError):
         # No usable keyring (a bare container): sign this demo's log with a one-off key.
         key = _random.token_hex(32)
@@ -332,7 +403,6 @@ def _demo_session(url: str, toy: Any, policy: PolicySettings) -> bool:
         print(f"ingested {len(documents)} private documents: "
               f"{', '.join(path.name for path in documents)}")
         demo = questions[0]
-        print(f"\nquestion: {demo['question']}  (needs numbers from {demo['document']})")
         reply = http.post("/v1/chat/completions", json={
             "model": "tandem", "messages": [{"role": "user", "content": demo["question"]}]})
         reply.raise_for_status()
@@ -343,12 +413,18 @@ def _demo_session(url: str, toy: Any, policy: PolicySettings) -> bool:
 
 def _report(body: dict[str, Any], records: list[dict[str, Any]], demo: dict[str, str],
             documents: list[Path], policy: PolicySettings) -> bool:
-    from client.assistant import AnswerToken, summarize_egress
+    """Print the answer and what left; check the audit log's account against the sent text.
+
+    The claims come from an independent reading of the sent text (document pieces and values
+    found in it), and must agree with what the policy recorded as derived.
+    """
+    from client.assistant import AnswerToken, describe_egress, summarize_egress
 
     extra = body["tandem"]
     tokens = [AnswerToken(0, t["text"], t["provenance"], t["deferral_probability"])
               for t in extra["tokens"]]
     text = body["choices"][0]["message"]["content"]
+    print(f"question: {demo['question']}  (needs numbers from {demo['document']})")
     print(f"answer:   {render_answer(_as_answer(text, tokens), color=sys.stdout.isatty())}")
     print("          (marked tokens came from the expert; fallback/denied ones: double-check)")
     print(f"provenance: {extra['provenance']}")
@@ -360,13 +436,43 @@ def _report(body: dict[str, Any], records: list[dict[str, Any]], demo: dict[str,
                   f"{record.get('sent_text', '')!r} -> {record.get('destination')}")
     summary = summarize_egress(records)
     print(f"  total: {summary.calls} calls, {summary.tokens_sent} tokens")
+    for line in describe_egress(records):
+        print(f"  {line}")
     correct = demo["answer"].strip() in text
+    double_check = extra["provenance"].get("denied", 0) + extra["provenance"].get("fallback", 0)
     leaked = leaked_private_text(records, documents, min_chars=policy.taint_min_chars,
                                  public=demo["question"])
-    print(f"\ncheck: answer is correct ({demo['answer'].strip()!r}): {'yes' if correct else 'NO'}")
-    print(f"check: no private document text left the machine: "
-          f"{'yes' if not leaked else 'NO: ' + repr(leaked)}")
-    return correct and not leaked
+    values = leaked_values(records, documents)
+    recorded = sorted({str(item["value"]) for record in records if record.get("sent")
+                       for item in (record.get("privacy") or {}).get("derived_sent", [])})
+    if values or leaked:
+        what = [f"values {', '.join(values)}"] if values else []
+        what += [f"text {leaked!r}"] if leaked else []
+        print(f"\ncheck: from private documents, these left the machine: {'; '.join(what)} "
+              f"(policy: derived = {policy.derived}); the audit log records "
+              f"{', '.join(recorded) or 'no values'}: "
+              f"{'agrees' if recorded == values and not leaked else 'DISAGREES'}")
+    else:
+        print("\ncheck: nothing from a private document (no text, no value) left the machine: yes")
+    if policy.derived == "send":
+        print(f"check: answer is correct ({demo['answer'].strip()!r}): {'yes' if correct else 'NO'}")
+        return correct and not leaked and recorded == values
+    print(f"check: the expert was kept from the invoice's numbers; {double_check} answer token(s) "
+          f"marked double-check (answer correct: {'yes' if correct else 'no'})")
+    return not leaked and not values and not recorded
+
+
+def leaked_values(records: list[dict[str, Any]], documents: list[Path]) -> list[str]:
+    """Whole values of the documents (numbers, dates, IDs, names) found in the sent text."""
+    from client.values import PrivateValues, find_values
+
+    values = PrivateValues.of([(path.read_text("utf-8"), path.name) for path in documents])
+    found: set[str] = set()
+    for record in records:
+        if record.get("sent"):
+            found.update(value.text for value in find_values(str(record.get("sent_text", "")),
+                                                             values))
+    return sorted(found)
 
 
 def _as_answer(text: str, tokens: list[Any]) -> Answer:

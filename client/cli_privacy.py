@@ -87,6 +87,14 @@ def _since(value: str) -> date:
         raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD or Nd, got {value!r}") from None
 
 
+def _store() -> SecretStore:
+    """The secret store, with the data folder's 0600 key files as the last fallback."""
+    from client.settings import ClientSettings
+
+    data_dir = load_settings(ClientSettings, None).daemon.data_dir
+    return SecretStore(files_dir=data_dir / "secrets")
+
+
 def _keys_set(args: argparse.Namespace) -> int:
     if args.generate:
         value = _random.token_hex(32)
@@ -100,14 +108,14 @@ def _keys_set(args: argparse.Namespace) -> int:
 
 
 def _keys_get(args: argparse.Namespace) -> int:
-    store = SecretStore()
+    store = _store()
     if args.reveal:
         print(store.get(args.name).get_secret_value())
         return 0
     status = store.status(args.name)
     if status.source == "missing":
         store.get(args.name)  # raises SecretMissingError, whose message is the fix
-    print(f"{args.name}: set (from the {status.source})")
+    print(f"{args.name}: set (from {status.where()})")
     return 0
 
 
@@ -129,7 +137,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     path = _log_path(args)
     if not log_files(path):
         raise AuditError(f"no audit log at {path}")
-    report = verify(path, key=SecretStore().get("audit-hmac"))
+    report = verify(path, key=_store().get("audit-hmac"))
     print(f"ok: {report.records} records in {report.files} file(s) under {path}")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
@@ -26,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from client.access import Access, add_access_routes
 from client.assistant import (
     Answer,
     AnswerToken,
@@ -206,7 +206,9 @@ def create_app(services: DaemonServices) -> FastAPI:
     app = FastAPI(title="Tandem", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.daemon = daemon
     _install_error_handlers(app)
-    _install_middleware(app, daemon)
+    access = Access(services.api_key)
+    _install_middleware(app, daemon, access)
+    add_access_routes(app, access)
     _add_page_routes(app, daemon)
     _add_completion_routes(app, daemon)
     _add_document_routes(app, daemon)
@@ -239,13 +241,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(error_for(exc))
 
 
-def _install_middleware(app: FastAPI, daemon: Daemon) -> None:
+def _install_middleware(app: FastAPI, daemon: Daemon, access: Access) -> None:
     services = daemon.services
 
     @app.middleware("http")
     async def guard_and_count(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
-        refusal = _refusal(request, services)
+        refusal = _refusal(request, services, access)
         response = error_response(refusal) if refusal else await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -253,7 +255,7 @@ def _install_middleware(app: FastAPI, daemon: Daemon) -> None:
         return response
 
 
-def _refusal(request: Request, services: DaemonServices) -> ApiError | None:
+def _refusal(request: Request, services: DaemonServices, access: Access) -> ApiError | None:
     """Why a request is refused before routing: foreign Host or Origin, API key, body size."""
     host = request.headers.get("host", "")
     if services.trusted_hosts is not None and _hostname(host) not in services.trusted_hosts:
@@ -264,13 +266,9 @@ def _refusal(request: Request, services: DaemonServices) -> ApiError | None:
             and origin.split("://", 1)[-1] != host:
         # Web pages elsewhere may not upload, delete or ask on the user's behalf.
         return ApiError(403, f"cross-origin request from {origin} refused", error_type="forbidden")
-    api_key = services.api_key
-    if api_key is not None and request.url.path.startswith(("/v1/", "/metrics")):
-        offered = request.headers.get("authorization", "")
-        expected = f"Bearer {api_key.get_secret_value()}"
-        if not hmac.compare_digest(offered.encode(), expected.encode()):
-            return ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                            error_type="authentication_error")
+    refused = access.refusal(request)  # the API key or a login session (client.access)
+    if refused is not None:
+        return refused
     declared = request.headers.get("content-length", "")
     if request.url.path.endswith("completions") and declared.isdigit() \
             and int(declared) > _MAX_JSON_BYTES:

@@ -38,6 +38,7 @@ from client.egress import (
 from client.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from client.expert import Expert, ExpertReply, Gated
 from client.prompting import Segment
+from client.provenance import source_of
 from client.settings import ClientSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
@@ -117,6 +118,7 @@ class _Answer:
     finish: FinishReason | None = None
     stop_at: int | None = None  # byte offset where a stop sequence begins
     counters: dict[str, int] = field(default_factory=dict)
+    private_sources: list[str] = field(default_factory=list)  # per token; "" when public
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -155,20 +157,28 @@ class CoDecoder:
 
     def encode(self, prompt: Sequence[Segment] | Sequence[int]) -> tuple[list[int], list[bool]]:
         """Token ids and private mask of a prompt given as segments or as token ids."""
+        tokens, mask, _ = self.encode_with_sources(prompt)
+        return tokens, mask
+
+    def encode_with_sources(self, prompt: Sequence[Segment] | Sequence[int]
+                            ) -> tuple[list[int], list[bool], list[str]]:
+        """Token ids, private mask and each private token's source (its segment's)."""
         if len(prompt) == 0:
             raise ModelError("the prompt is empty")
         if all(isinstance(part, Segment) for part in prompt):
             tokens: list[int] = list(self.base.tokenize("", add_bos=True))
             mask = [False] * len(tokens)
+            sources = [""] * len(tokens)
             for segment in prompt:
                 assert isinstance(segment, Segment)
                 # Control tokens are parsed only in public text: a passage cannot forge them.
                 ids = self.base.tokenize(segment.text, special=not segment.private)
                 tokens += ids
                 mask += [segment.private] * len(ids)
-            return tokens, mask
+                sources += [source_of(segment) if segment.private else ""] * len(ids)
+            return tokens, mask, sources
         ids = [int(token) for token in prompt]  # type: ignore[arg-type]
-        return ids, [False] * len(ids)
+        return ids, [False] * len(ids), [""] * len(ids)
 
     def prompt_length(self, prompt: Sequence[Segment] | Sequence[int]) -> int:
         return len(self.encode(prompt)[0])
@@ -192,7 +202,7 @@ class CoDecoder:
         """Yield tokens as they are accepted; the generator's return value is the result."""
         options = replace(self.options, **{key: value for key, value in overrides.items()
                                            if value is not None})
-        tokens, mask = self.encode(prompt)
+        tokens, mask, sources = self.encode_with_sources(prompt)
         if not tokens:
             raise ModelError("the prompt has no tokens")
         if len(tokens) >= self.base.n_ctx:
@@ -200,7 +210,8 @@ class CoDecoder:
                                        f"window holds {self.base.n_ctx}")
         answer = _Answer(request_id or f"req-{uuid.uuid4().hex[:24]}",
                          f"tandem-{uuid.uuid4().hex}", tokens, mask, len(tokens),
-                         min(options.max_tokens, self.base.n_ctx - len(tokens)), options)
+                         min(options.max_tokens, self.base.n_ctx - len(tokens)), options,
+                         private_sources=sources)
         return self._locked_run(answer)
 
     def _locked_run(self, answer: _Answer) -> Generator[GeneratedToken, None, DecodeResult]:
@@ -253,6 +264,7 @@ class CoDecoder:
     def _accept(self, answer: _Answer, token: int, provenance: Provenance, score: float) -> None:
         answer.tokens.append(token)
         answer.private_mask.append(False)
+        answer.private_sources.append("")
         answer.generated.append(GeneratedToken(token, self.base.token_bytes(token), provenance,
                                                score))
         if self.base.is_end_of_generation(token) or self._find_stop(answer):
@@ -400,7 +412,8 @@ class CoDecoder:
 
     def _authorize(self, answer: _Answer) -> tuple[EgressDecision, str | None]:
         request = EgressRequest(answer.request_id, answer.session, list(answer.tokens),
-                                list(answer.private_mask), list(answer.held_view))
+                                list(answer.private_mask), list(answer.held_view),
+                                list(answer.private_sources))
         decision = self.policy.decide(request)
         if self.audit is None:
             return decision, None

@@ -8,6 +8,7 @@ store safe to share between the daemon's request threads and its model worker.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import sqlite3
 import threading
@@ -44,6 +45,9 @@ _STOPWORDS = frozenset({
     "than", "that", "the", "their", "them", "then", "there", "these", "this", "to", "was", "we",
     "what", "when", "where", "which", "who", "why", "will", "with", "you", "your",
 })
+_WORD = re.compile(r"\w+")
+_PHRASES_PER_QUERY = 200  # FTS5 parses each query; bounded so a long prompt stays cheap
+_CANDIDATE_PASSAGES = 2000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     id TEXT PRIMARY KEY,
@@ -71,6 +75,15 @@ class DocumentInfo:
     characters: int
     passages: int
     created_at: float
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """Characters ``[start, end)`` of a text that repeat words of the stored ``document_name``."""
+
+    start: int
+    end: int
+    document_name: str
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,61 @@ class DocumentStore:
                 (match, k),
             ).fetchall()
         return [Passage(row[0], row[1], int(row[2]), row[3], float(row[4])) for row in rows]
+
+    def repeats(self, text: str, *, min_chars: int = 12) -> list[Repeat]:
+        """Runs of whole words in ``text`` that repeat a stored document (any of them).
+
+        A run is at least ``min_chars`` characters of consecutive words (case and spacing
+        ignored) where each neighbouring pair of words also stands together in some stored
+        passage; a single word counts when it alone is that long. FTS5 finds the candidate
+        passages with one phrase query per word pair, so the whole store is searched, not only
+        the passages retrieved for a question. Pairs chained across two documents still count:
+        for privacy, over-marking is the safe side.
+        """
+        words = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(text)]
+        if not words:
+            return []
+        pairs = {(a[2], b[2]) for a, b in itertools.pairwise(words)
+                 if not (a[2] in _STOPWORDS and b[2] in _STOPWORDS)}
+        singles = {word for _, _, word in words if len(word) >= min_chars}
+        found_pairs, found_singles = self._stored_pairs(pairs, singles)
+        repeats: list[Repeat] = []
+        index = 0
+        while index < len(words):
+            end = index
+            while end + 1 < len(words) and (words[end][2], words[end + 1][2]) in found_pairs:
+                end += 1
+            start_char, end_char = words[index][0], words[end][1]
+            if end > index and end_char - start_char >= min_chars:
+                pair = (words[index][2], words[index + 1][2])
+                repeats.append(Repeat(start_char, end_char, found_pairs[pair]))
+            elif end == index and words[index][2] in found_singles:
+                repeats.append(Repeat(start_char, end_char, found_singles[words[index][2]]))
+            index = end + 1
+        return repeats
+
+    def _stored_pairs(self, pairs: set[tuple[str, str]], singles: set[str]
+                      ) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
+        """Which word pairs (and long words) stand in some passage, with that document's name."""
+        phrases = [f'"{a} {b}"' for a, b in sorted(pairs)] + [f'"{w}"' for w in sorted(singles)]
+        found_pairs: dict[tuple[str, str], str] = {}
+        found_singles: dict[str, str] = {}
+        for batch in range(0, len(phrases), _PHRASES_PER_QUERY):
+            match = " OR ".join(phrases[batch:batch + _PHRASES_PER_QUERY])
+            with self._query() as connection:
+                rows = connection.execute(
+                    "SELECT p.text, d.name FROM passages AS p JOIN documents AS d "
+                    "ON d.id = p.document_id WHERE passages MATCH ? LIMIT ?",
+                    (match, _CANDIDATE_PASSAGES)).fetchall()
+            for passage, name in rows:
+                stored = [m.group().lower() for m in _WORD.finditer(passage)]
+                for pair in itertools.pairwise(stored):
+                    if pair in pairs:
+                        found_pairs.setdefault(pair, name)
+                for word in stored:
+                    if word in singles:
+                        found_singles.setdefault(word, name)
+        return found_pairs, found_singles
 
     def _store(self, name: str, media_type: str, size_bytes: int, text: str) -> DocumentInfo:
         chunks = chunk_text(text, max_chars=self.passage_chars)

@@ -8,9 +8,9 @@ much of it is new; the decoder sends only ``decision.remote_view[decision.send_f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class EgressRequest:
     local_tokens: Sequence[int]
     private_mask: Sequence[bool]
     held_view: Sequence[int]  # the remote view the expert session already holds
+    # Per local token, why a private token is private ("passage:<document>", "assistant-turn",
+    # "repeat:<document>"); empty: no sources known. Added for issue 14 (privacy provenance).
+    private_sources: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class EgressDecision:
     remote_view: Sequence[int] = ()
     send_from: int = 0  # tokens of remote_view the session already holds
     dry_run: bool = False
+    # What the policy hid and why, and which sent tokens were derived from private values
+    # (client.policy.Policy._privacy); written to the audit record as "privacy".
+    privacy: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> Sequence[int]:

@@ -95,6 +95,11 @@ class DaemonSettings(_Section):
         "(`tandem keys set daemon-api` or TANDEM_DAEMON_API_KEY)",
     )
     port: int = Field(default=8300, ge=0, le=65535, description="TCP port (0: any free port)")
+    require_api_key: bool = Field(
+        default=False,
+        description="lock the daemon on loopback too: every request needs the daemon-api key "
+        "(created on first start when missing); the web page asks for it once",
+    )
     data_dir: Path = Field(default=Path(".tandem"), description="documents, usage counters, audit log")
     max_upload_bytes: int = Field(
         default=10 * 1024 * 1024, ge=1024, le=1024**3, description="largest accepted document"
@@ -256,6 +261,26 @@ class PolicySettings(TomlSettings):
         default=3, ge=2, le=100,
         description="public text that repeats this many letters or digits of a deny-pattern "
         "match inside a private span is private (stops copies before the pattern completes)",
+    )
+    assistant_turns: Literal["private", "public"] = Field(
+        default="private",
+        description="earlier assistant answers the client sends back: private (never sent; they "
+        "may quote documents) or public (sent like the user's words)",
+    )
+    document_repeats: Literal["private", "public"] = Field(
+        default="private",
+        description="prompt text (system, history, question) that repeats taint_min_chars of any "
+        "stored document: private (never sent) or public",
+    )
+    derived: Literal["deny", "redact", "send"] = Field(
+        default="deny",
+        description="public tokens that copy a value (number, date, ID, name) of private text: "
+        "deny: no expert call while one is in view; redact: hide them; send: let them go "
+        "(marked in the audit record)",
+    )
+    value_min_chars: int = Field(
+        default=2, ge=1, le=64,
+        description="shortest value (letters and digits, separators ignored) that counts as copied",
     )
     dry_run: bool = Field(default=False, description="decide and audit every call but send nothing")
     usage_db: Path = Field(

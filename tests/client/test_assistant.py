@@ -23,6 +23,7 @@ from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.errors import ConfigError
 from client.prompting import Segment
+from client.provenance import source_of
 from client.tokens import GeneratedToken
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
 
@@ -60,8 +61,12 @@ def test_plain_prompt_marks_the_retrieved_passage_private(store: DocumentStore) 
         Segment("Invoice 4417 from Harbor Supply: 37 crates of bolts and 48 crates of pears.",
                 private=True),
         Segment("\n"),
-        Segment("Question: How many crates are on invoice 4417 in total?\nAnswer:"),
+        Segment("Question: How many crates are on "),
+        Segment("invoice 4417", private=True),  # the user's words repeat the stored document
+        Segment(" in total?\nAnswer:"),
     ]
+    assert [source_of(s) for s in decoder.prompts[0] if s.private] == [
+        "passage:invoice.txt", "repeat:invoice.txt"]
     assert answer.text == " = HOW MANY CRATES ARE ON INVOICE 4417 IN TOTAL?"
     assert [p.document_name for p in answer.passages] == ["invoice.txt"]
     assert answer.egress.calls == 1 and answer.request_id == "req-1"
@@ -72,9 +77,10 @@ def test_raw_prompts_skip_retrieval_unless_asked(store: DocumentStore) -> None:
     decoder = FakeDecoder()
     assistant = Assistant(decoder=decoder, documents=store, prompt_builder=plain_prompt_builder)
     assistant.answer(Question(prompt="Question: invoice 4417?\nAnswer:", retrieve=False))
-    assert decoder.prompts[-1] == [Segment("Question: invoice 4417?\nAnswer:")]
+    assert decoder.prompts[-1] == [Segment("Question: "), Segment("invoice 4417", private=True),
+                                   Segment("?\nAnswer:")]  # no passage; the repeat is private
     assistant.answer(Question(prompt="Question: invoice 4417?\nAnswer:", retrieve=True))
-    assert [s.private for s in decoder.prompts[-1]] == [False, True, False, False]
+    assert [s.private for s in decoder.prompts[-1]] == [False, True, False, False, True, False]
 
 
 def test_chat_template_keeps_each_passage_one_private_segment() -> None:

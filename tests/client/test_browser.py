@@ -124,3 +124,69 @@ def test_real_toy_answer_in_the_browser(toy_daemon: ToyDaemon, tmp_path: Path) -
             page.screenshot(path=str(tmp_path / "tandem-toy-page.png"), full_page=True)
         finally:
             browser.close()
+
+
+LOCK_KEY = "browser-lock-key-0123456789"
+
+
+def derived_records(request_id: str) -> list[dict[str, object]]:
+    """An audit log's account of a call that sent two values copied from a private document."""
+    return [
+        {"kind": "egress", "id": "e1", "request_id": request_id, "sent": True,
+         "destination": "http://127.0.0.1:8400", "decision": {"allowed": True, "reason": "ok"},
+         "sent_tokens": list(range(12)), "sent_text": "Answer: Total: 37+48=",
+         "privacy": {"rules": {"derived": "send"}, "private_sources": ["invoice-4417.txt"],
+                     "redacted": [{"text": "invoice 4417", "rule": "repeat",
+                                   "source": "invoice-4417.txt"}],
+                     "derived_sent": [{"value": "37", "source": "invoice-4417.txt"},
+                                      {"value": "48", "source": "invoice-4417.txt"}]}},
+    ]
+
+
+def test_a_locked_daemon_works_in_the_browser_without_keeping_the_key(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+    from pydantic import SecretStr
+
+    services = fake_services(tmp_path / "daemon", decoder=FakeDecoder(delay_s=0.01),
+                             egress_reader=derived_records, api_key=SecretStr(LOCK_KEY))
+    server = ServerThread(create_app(services))
+    url = server.start()
+    document = tmp_path / "invoice-4417.txt"
+    document.write_text("Invoice 4417 from Harbor Supply: 37 crates of bolts.\n")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                context = browser.new_context(viewport={"width": 1400, "height": 900})
+                page = context.new_page()
+                page.goto(url)
+                expect(page.locator("#login")).to_be_visible()
+                page.fill("#login-key", "wrong")
+                page.click("#login-send")
+                expect(page.locator("#login-error")).to_contain_text("wrong key")
+                page.fill("#login-key", LOCK_KEY)
+                page.click("#login-send")
+                expect(page.locator("#login")).to_be_hidden()
+                page.set_input_files("#file", str(document))
+                expect(page.locator("#doc-list li .name")).to_have_text(["invoice-4417.txt"])
+                page.fill("#question", "How many crates are on invoice 4417?")
+                page.click("#send")
+                answer = page.locator(".msg.assistant").last
+                expect(answer.locator(".stats")).to_contain_text("expert")
+                panel = page.locator("#egress .disclosure li")
+                expect(panel.first).to_have_text(
+                    "2 values copied from invoice-4417.txt were sent: 37, 48 (policy: derived = send)")
+                expect(page.locator("#egress .disclosure")).to_contain_text(
+                    "redacted before sending: \u201cinvoice 4417\u201d (repeats invoice-4417.txt)")
+                assert "no value" not in page.locator("#egress .disclosure").inner_text()
+                assert page.evaluate("localStorage.length + sessionStorage.length") == 0
+                assert "tandem_session" not in page.evaluate("document.cookie")  # HttpOnly
+                cookies = {cookie["name"]: cookie for cookie in context.cookies()}
+                assert cookies["tandem_session"]["httpOnly"] is True
+                assert cookies["tandem_session"]["sameSite"] == "Strict"
+                assert LOCK_KEY not in cookies["tandem_session"]["value"]
+                page.screenshot(path=str(tmp_path / "tandem-locked.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.stop()

@@ -473,7 +473,10 @@ def toy_daemon(toy_pair: object,
             base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf, n_ctx=512),  # type: ignore[attr-defined]
             switch=SwitchSettings(path=head), expert=ExpertSettings(url=gateway_url),
             daemon=DaemonSettings(data_dir=root))
-        policy = PolicySettings(usage_db=root / "usage.sqlite3", audit_log=root / "audit.jsonl")
+        # These tests need the expert to add the invoice's numbers: the policy opens derived
+        # values (the default keeps them home; tests/client/test_privacy.py checks that).
+        policy = PolicySettings(usage_db=root / "usage.sqlite3", audit_log=root / "audit.jsonl",
+                                derived="send")
         runtime = build_runtime(settings, policy, base_path=toy_pair.base_gguf,  # type: ignore[attr-defined]
                                 switch_path=head, audit_key=SecretStr("toy-daemon-audit-key-0123456789"))
         server = ServerThread(create_app(daemon_services(runtime, settings, api_key=None)))
@@ -536,8 +539,20 @@ def test_demo_command_end_to_end(toy_pair: object, tmp_path: Path,
 
     code = main(["demo", "--no-wait", "--port", "0", "--data-dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
-    assert "check: answer is correct" in out and "answer is correct" in out
-    assert "check: no private document text left the machine: yes" in out
+    careful, opened = out.split("=== run 2")
+    # Run 1, the default policy: the invoice's numbers stay home; the answer is to double-check.
+    assert "=== run 1: the policy as configured (derived = 'deny')" in careful
+    assert "(policy: derived = deny); those tokens are to double-check" in careful
+    assert "check: nothing from a private document (no text, no value) left the machine: yes" \
+        in careful
+    assert "marked double-check" in careful and "were sent:" not in careful
+    # Run 2, derived = "send": the expert adds them, and the report names exactly what left.
+    assert "2 values copied from invoice-4417.txt were sent: 37, 48 (policy: derived = send)" \
+        in opened
+    assert "these left the machine: values 37, 48 (policy: derived = send); the audit log " \
+        "records 37, 48: agrees" in opened
+    assert "check: answer is correct ('Total: 37+48=85.'): yes" in opened
+    assert "nothing from a private document" not in opened
     assert "what left the machine" in out and "sent:" in out
     assert code == 0
     assert (tmp_path / "demo" / "audit" / "audit.jsonl").exists()

@@ -243,8 +243,9 @@ def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Ga
     from client.policy import Policy
 
     proxy = CapturingProxy(gateway.address)
-    settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3",
-                              audit_log=tmp_path / "audit.jsonl", **policy_settings)
+    # The corpus answers copy the passage's numbers: derived = "send" lets those calls go.
+    settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3", audit_log=tmp_path / "audit.jsonl",
+                              **{"derived": "send", **policy_settings})
     policy = Policy.from_settings(settings, tokenizer=base)
     audit = AuditLog(settings.audit_log, key=AUDIT_KEY)
     expert = HttpExpert(f"http://127.0.0.1:{proxy.port}", model=gateway.model,
@@ -314,7 +315,8 @@ def _check_first_calls(run: Run, stack: Stack, base: Any, tmp_path: Path) -> Non
     from client.policy import Policy
     from client.usage import UsageStore
 
-    viewer = Policy(PolicySettings(), tokenizer=base, usage=UsageStore(tmp_path / "viewer.db"))
+    viewer = Policy(PolicySettings(derived="send"), tokenizer=base,
+                    usage=UsageStore(tmp_path / "viewer.db"))
     first_calls: dict[str, list[int]] = {}
     for body in continue_calls(run):
         first_calls.setdefault(body["session"], body["tokens"])
@@ -379,7 +381,7 @@ from client.switch import OnnxSwitch
 
 setup = json.loads(sys.argv[1])
 base = LlamaModel(setup["base"], n_ctx=1024)
-settings = PolicySettings(usage_db=Path(setup["dir"]) / "usage.sqlite3")
+settings = PolicySettings(usage_db=Path(setup["dir"]) / "usage.sqlite3", derived="send")
 decoder = CoDecoder(
     base=base, switch=OnnxSwitch.for_base(Path(setup["switch"]), base),
     expert=HttpExpert(setup["url"], model=setup["model"], tokenizer=base.fingerprint,

@@ -209,7 +209,7 @@ def test_answer_copying_a_private_sentence_is_private(tmp_path: Path) -> None:
     tokens, mask = sequence(*PROMPT, (" by Friday, said the landlord", False))
     view = text_of(ask(policy, tokens, mask).remote_view)
     assert "landlord" not in view
-    assert view.endswith("Answer:[private]")
+    assert view.endswith("Answer: [private]")  # whole words hidden; the space before stays
 
 
 def test_short_overlaps_with_private_text_are_not_tainted(tmp_path: Path) -> None:
