@@ -28,6 +28,7 @@ LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUTES = frozenset({
     "/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/egress/{request_id}",
     "/v1/chat/completions", "/v1/completions", "/v1/documents", "/v1/documents/{document_id}",
+    "/login", "/logout", "/v1/session",
 })
 UNMATCHED = "unmatched"
 OTHER = "other"
