@@ -21,10 +21,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DEFAULT_LIMIT = 8 * 1024 * 1024
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """413 for bodies over the limit of their path (the longest matching prefix wins)."""
 
@@ -49,33 +45,42 @@ class BodyLimit:
                 await _refuse(send, 400, "bad Content-Length header", "invalid_request_error")
                 return
             if int(declared) > limit:
-                await _refuse(send, 413, f"the request body is larger than {limit} bytes",
+                await _refuse(send, 413, f"the request body is larger than the limit of {limit} bytes",
                               "too_large")
                 return
         received = 0
-        started = False
+        started = tripped = False
 
         async def counted() -> Message:
-            nonlocal received
+            # Past the limit the app is told the client left, so it stops reading; whatever
+            # it answers then is replaced by the 413. (Raising here would reach FastAPI's
+            # body parsing wrapped in an ExceptionGroup and come out as a 400.)
+            nonlocal received, tripped
+            if tripped:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _TooLarge
+                    tripped = True
+                    return {"type": "http.disconnect"}
             return message
 
         async def watched(message: Message) -> None:
             nonlocal started
+            if tripped and not started:
+                return  # the app's answer to a cut-off body is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counted, watched)
-        except _TooLarge:
-            if started:
+        except Exception:
+            if not tripped or started:
                 raise
-            await _refuse(send, 413, f"the request body is larger than {limit} bytes",
+        if tripped and not started:
+            await _refuse(send, 413, f"the request body is larger than the limit of {limit} bytes",
                           "too_large")
 
 
