@@ -207,9 +207,13 @@ class RetryGate(Protocol):
         ...
 
 
-def parse_error(status: int, content: bytes, headers: httpx.Headers | None = None) -> ExpertError:
-    """Turn a gateway error response (status + ``{error: {type, message}}``) into an error."""
-    error_type, message = _error_fields(content)
+def parse_error(response: httpx.Response, content: bytes | None = None) -> ExpertError:
+    """Turn a gateway error response (status + ``{error: {type, message}}``) into an error.
+
+    ``content``: the body when it was streamed (and capped) rather than read by httpx.
+    """
+    status, headers = response.status_code, response.headers
+    error_type, message = _error_fields(response.content if content is None else content)
     text = f"expert gateway answered {status} {error_type}: {message}".rstrip(": ")
     if status in (401, 403):
         return ExpertAuthError(text + "; check the token (`tandem keys set gateway`)",
@@ -232,9 +236,9 @@ def _error_fields(content: bytes) -> tuple[str, str]:
         return "", content[:MAX_ERROR_TEXT].decode("utf-8", "replace")
 
 
-def _retry_after(headers: httpx.Headers | None) -> float | None:
+def _retry_after(headers: httpx.Headers) -> float | None:
     try:
-        return max(0.0, float((headers or {}).get("retry-after", "")))
+        return max(0.0, float(headers.get("retry-after", "")))
     except ValueError:
         return None
 
@@ -400,7 +404,7 @@ class HttpExpert:
             exc.delivered = delivery.delivered
             raise
         if response.status_code >= 400:
-            raise _answered(parse_error(response.status_code, content, response.headers))
+            raise _answered(parse_error(response, content))
         try:
             return parse(content)
         except ValidationError as exc:

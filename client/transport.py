@@ -117,12 +117,15 @@ def is_loopback_host(host: str) -> bool:
 
 def check_gateway_url(url: str, *, allow_insecure_http: bool) -> None:
     """Refuse plain ``http://`` to another machine: tokens and the bearer key would go in clear."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as exc:
+        raise ConfigError(f"bad expert gateway URL {url}: {exc}") from exc
     if parts.scheme not in ("http", "https"):
         raise ConfigError(f"expert gateway URL {url} needs http:// or https://")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname or "") \
-            and not allow_insecure_http:
+    if parts.scheme == "http" and not is_loopback_host(host) and not allow_insecure_http:
         raise ConfigError(
-            f"refusing plain http:// to {parts.hostname}: prompts and the gateway key would "
+            f"refusing plain http:// to {host}: prompts and the gateway key would "
             "cross the network unencrypted. Use https://, or set expert.allow_insecure_http = "
             "true if the link is otherwise protected (VPN, private network)")

@@ -324,3 +324,7 @@ def test_plain_http_to_another_machine_is_refused() -> None:
                 "http://[::1]:9"):
         expert_for(url).close()
     expert_for("http://10.20.30.40:8400", allow_insecure_http=True).close()
+    from client.settings import ExpertSettings
+
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        HttpExpert.from_settings(ExpertSettings(url="http://gpu-box:8400"), tokenizer="ab" * 32)
