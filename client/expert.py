@@ -203,7 +203,7 @@ class RetryGate(Protocol):
     the decoder writes a fresh audit record and counts the attempt against the caps here.
     """
 
-    def __call__(self, attempt: int, error: ExpertError) -> None:
+    def __call__(self, attempt: int, error: ExpertError, /) -> None:
         ...
 
 
@@ -394,12 +394,12 @@ class HttpExpert:
         url = self.destination + path
         delivery = _Delivery()
         try:
-            with map_httpx_errors(url, self._timeout_s), call_deadline(deadline):
-                with self._client.stream(method, url, json=body, headers=self._headers,
-                                         timeout=self._timeout,
-                                         extensions={"trace": delivery}) as response:
-                    delivery.delivered = True  # a status line came back: the request got there
-                    content = self._read_capped(response, url)
+            with map_httpx_errors(url, self._timeout_s), call_deadline(deadline), \
+                    self._client.stream(method, url, json=body, headers=self._headers,
+                                        timeout=self._timeout,
+                                        extensions={"trace": delivery}) as response:
+                delivery.delivered = True  # a status line came back: the request got there
+                content = self._read_capped(response, url)
         except ExpertError as exc:
             exc.delivered = delivery.delivered
             raise

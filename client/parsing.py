@@ -13,6 +13,7 @@ Plain text needs no parser and is decoded in the calling thread, with the same t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import threading
 from dataclasses import dataclass
@@ -119,10 +120,8 @@ def serve(connection: Connection, memory_bytes: int) -> None:
 
     from client.documents import extract_text
 
-    try:
+    with contextlib.suppress(ValueError, OSError):  # a lower hard limit is already in place
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    except (ValueError, OSError):
-        pass  # a lower hard limit is already in place
     while True:
         try:
             data, media_type, limit = connection.recv()

@@ -130,7 +130,7 @@ def test_every_retry_is_audited_before_it_is_sent_and_counted(tmp_path: Path,
 def test_a_retry_past_the_cap_is_denied_not_sent(tmp_path: Path, gateway_url: str) -> None:
     with FaultProxy(gateway_url, schedule=["status_503"] * 5) as proxy:
         expert = expert_for(proxy.url, retries=4, sleep=lambda _: None)
-        decoder, rules, audit_path = decoder_for(tmp_path, expert, per_request_calls=2)
+        decoder, rules, _ = decoder_for(tmp_path, expert, per_request_calls=2)
         result = decoder.generate([7, 8, 9], request_id="capped")
         expert.close()
     rules.close()
