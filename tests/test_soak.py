@@ -8,6 +8,7 @@ verifies, and the daemon's memory does not grow by 10% between the middle and th
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def test_short_soak_under_faults(toy_pair: object, tmp_path: Path) -> None:
         "soak", Path(__file__).resolve().parents[1] / "bench" / "soak.py")
     assert spec is not None and spec.loader is not None
     soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = soak  # dataclasses look their module up while the class is built
     spec.loader.exec_module(soak)
     result = soak.run_soak(clients=16, duration_s=25, fault_rate=0.10, seed=3,
                            work_dir=tmp_path / "soak", progress=False)
