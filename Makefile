@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # because its build step would download prebuilt files.
 LLAMA_SERVER_BUILD := CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF" LLAMA_CPP_BUILD_JOBS=2
 
-.PHONY: demo test lint pytest browser toy clean
+.PHONY: demo test lint pytest browser toy soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ pytest: $(STAMP) browser toy
 	$(BIN)/python -m pytest -q
 
 test: lint pytest
+
+# 32 clients for 2 minutes against the daemon with the toy pair, 10% faults on the expert wire;
+# prints a table and one JSON line, exits 1 unless every criterion holds (bench/soak.py).
+soak: $(STAMP) toy
+	$(BIN)/python bench/soak.py --clients 32 --duration 120 --fault-rate 0.10
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

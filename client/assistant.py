@@ -464,9 +464,18 @@ def audit_records(audit_path: Path, request_id: str) -> list[dict[str, Any]]:
 def summarize_egress(records: Sequence[dict[str, Any]]) -> EgressSummary:
     egress = [record for record in records if record.get("kind") == "egress"]
     sent = [record for record in egress if record.get("sent")]
+    outcomes = {record.get("egress_id"): record for record in records
+                if record.get("kind") == "outcome"}
+    # A call without an outcome (the answer was cut short mid-call) may have been delivered.
+    delivered = [record for record in sent
+                 if outcomes.get(record.get("id"), {}).get("delivered", True)]
     return EgressSummary(
         calls=len(sent),
         tokens_sent=sum(len(record.get("sent_tokens", [])) for record in sent),
+        delivered=len(delivered),
+        tokens_delivered=sum(len(record.get("sent_tokens", [])) for record in delivered),
+        answered=sum(1 for record in sent
+                     if outcomes.get(record.get("id"), {}).get("answered", False)),
         denials=sum(1 for record in egress if not record.get("decision", {}).get("allowed")),
         failures=sum(1 for record in records
                      if record.get("kind") == "outcome" and record.get("error")),
@@ -540,6 +549,7 @@ class Runtime:
     model_name: str
     audit_path: Path
     closers: list[Callable[[], None]] = field(default_factory=list)
+    expert: Any = None  # the HttpExpert, for the start-up reachability line
 
     def close(self) -> None:
         while self.closers:
@@ -587,7 +597,7 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
             close()
         raise
     name = f"tandem-{settings.base.preset}"
-    return Runtime(assistant, documents, name, policy_settings.audit_log, closers)
+    return Runtime(assistant, documents, name, policy_settings.audit_log, closers, expert)
 
 
 def prompt_builder_for(base: Any, style: str) -> PromptBuilder:

@@ -40,6 +40,7 @@ GENESIS = "0" * 64
 FORMAT_VERSION = 1
 _TAIL_CHUNK = 64 * 1024
 _REMEMBERED_CALLS = 4096
+MAX_ERROR_CHARS = 500  # a hostile gateway's error text must not swell the log
 _REQUIRED = ("v", "seq", "id", "kind", "time", "key_id", "prev", "hmac")
 
 
@@ -164,11 +165,14 @@ class AuditLog:
             "received_tokens": [int(token) for token in outcome.received_tokens],
             "accepted_tokens": outcome.accepted_tokens,
             "latency_s": round(outcome.latency_s, 6),
-            "error": outcome.error,
+            "error": _capped(outcome.error),
+            "delivered": outcome.delivered,
+            "answered": outcome.answered,
             "extra": outcome.extra,
         })
 
     def _append(self, body: dict[str, Any]) -> str:
+        """Sign, append and fsync one record; AuditError (nothing sent) when that fails."""
         record_id = uuid.uuid4().hex
         stamp = datetime.fromtimestamp(self._clock(), tz=UTC).isoformat(timespec="milliseconds")
         with self._lock, self._file_lock():
@@ -224,6 +228,12 @@ class AuditLog:
         number = int(rotated[-1].name.rsplit(".", 1)[1]) + 1 if rotated else 1
         os.rename(self._path, self._path.with_name(f"{self._path.name}.{number:06d}"))
         _fsync_directory(self._path.parent)
+
+
+def _capped(error: str | None) -> str | None:
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return error[:MAX_ERROR_CHARS] + f"... [{len(error) - MAX_ERROR_CHARS} more characters]"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -404,26 +414,39 @@ def format_request(records: list[dict[str, Any]]) -> str:
             if record.get("sent"):
                 lines.append(f"    text: {record.get('sent_text', '')!r}")
         else:
-            outcome = (f"error={record['error']}" if record.get("error") else
+            outcome = (f"{_delivery(record)} error={record['error']}" if record.get("error") else
                        f"received={len(record.get('received_tokens', []))} "
                        f"accepted={record.get('accepted_tokens', 0)}")
             lines.append(f"{record['time']}  OUTCOME {outcome} latency={record.get('latency_s', 0)}s")
     return "\n".join(lines)
 
 
+def _delivery(outcome: dict[str, Any]) -> str:
+    if outcome.get("answered", True):
+        return "answered"
+    return "delivered, no answer" if outcome.get("delivered", True) else "NOT DELIVERED"
+
+
 @dataclass
 class SummaryRow:
+    """``calls``/``tokens``/``bytes`` count attempts; ``undelivered`` those that never left."""
+
     day: str
     destination: str
     calls: int = 0
     denied: int = 0
     tokens: int = 0
     bytes: int = 0
+    undelivered: int = 0
 
 
 def summary(path: Path, *, since: date | None = None) -> list[SummaryRow]:
-    """Calls sent, calls denied, tokens and bytes sent, per UTC day and gateway."""
+    """Calls attempted and denied, tokens and bytes sent, per UTC day and gateway."""
     rows: dict[tuple[str, str], SummaryRow] = {}
+    undelivered: set[str] = set()
+    for record in read_records(path):
+        if record.get("kind") == "outcome" and record.get("delivered") is False:
+            undelivered.add(str(record.get("egress_id")))
     for record in read_records(path):
         if record.get("kind") != "egress":
             continue
@@ -436,6 +459,7 @@ def summary(path: Path, *, since: date | None = None) -> list[SummaryRow]:
             row.calls += 1
             row.tokens += len(record.get("sent_tokens", []))
             row.bytes += int(record.get("sent_bytes", 0))
+            row.undelivered += record.get("id") in undelivered
         else:
             row.denied += 1
     return [rows[key] for key in sorted(rows)]

@@ -241,8 +241,23 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(daemon_services(runtime, settings, api_key=api_key, host=host))
     print(f"tandem: serving {runtime.model_name} on http://{host}:{port}/ | "
           f"{access_line(api_key, settings)}", file=sys.stderr)
+    print(f"tandem: {expert_status(runtime)}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0
+
+
+def expert_status(runtime: Runtime) -> str:
+    """One plain line: can the expert gateway be reached right now?"""
+    from client.expert import HttpExpert
+
+    expert = getattr(runtime, "expert", None)
+    if not isinstance(expert, HttpExpert):
+        return "no expert gateway configured: the base model answers alone"
+    problem = expert.probe()
+    if problem is None:
+        return f"expert gateway {expert.destination} is reachable"
+    return (f"expert gateway {expert.destination} is UNREACHABLE ({problem}): answers come "
+            "from the base model alone and nothing is sent until it is back")
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -296,11 +311,17 @@ def render_answer(answer: Answer, *, color: bool) -> str:
 
 
 def egress_line(answer: Answer) -> str:
+    """Token provenance and what really left: attempted, delivered and answered calls."""
     egress = answer.egress
     counts = answer.provenance_counts
-    return (f"tokens: {counts['base']} base, {counts['expert']} expert, {counts['fallback']} "
-            f"fallback, {counts['denied']} denied | egress: {egress.calls} calls, "
-            f"{egress.tokens_sent} tokens sent, {egress.denials} denied")
+    line = (f"tokens: {counts['base']} base, {counts['expert']} expert, {counts['fallback']} "
+            f"fallback, {counts['denied']} denied | egress: {egress.calls} calls attempted, "
+            f"{egress.delivered} delivered, {egress.answered} answered; "
+            f"{egress.tokens_delivered} tokens delivered, {egress.denials} denied")
+    if egress.calls and not egress.delivered:
+        line += (f"\nexpert unreachable: nothing left the machine"
+                 f"{' (' + egress.last_error + ')' if egress.last_error else ''}")
+    return line
 
 
 # -- the demo ------------------------------------------------------------------------------------

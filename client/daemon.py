@@ -212,7 +212,19 @@ def create_app(services: DaemonServices) -> FastAPI:
     _add_page_routes(app, daemon)
     _add_completion_routes(app, daemon)
     _add_document_routes(app, daemon)
+    _install_guards(app, services)
     return app
+
+
+def _install_guards(app: FastAPI, services: DaemonServices) -> None:
+    """Outermost layers: bounded request bodies, then the browser security headers."""
+    from client.body_limit import BodyLimit
+    from client.security_headers import SecurityHeaders, page_csp
+
+    app.add_middleware(BodyLimit, default_bytes=_MAX_JSON_BYTES, path_bytes={
+        "/v1/documents": services.max_upload_bytes + _MULTIPART_SLACK})
+    html = resources.files("client").joinpath("static/index.html").read_text("utf-8")
+    app.add_middleware(SecurityHeaders, csp=page_csp(html))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

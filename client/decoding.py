@@ -15,6 +15,7 @@ it; only the tokens the expert session does not hold yet are sent.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -35,8 +36,15 @@ from client.egress import (
     SendEverything,
     common_prefix_length,
 )
-from client.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
-from client.expert import Expert, ExpertReply, Gated
+from client.errors import (
+    AuditError,
+    ContextOverflowError,
+    ExpertDeniedError,
+    ExpertError,
+    ModelError,
+    SessionLostError,
+)
+from client.expert import Expert, ExpertReply, Gated, reply_problem
 from client.prompting import Segment
 from client.provenance import source_of
 from client.settings import ClientSettings
@@ -44,6 +52,7 @@ from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
 from expert_gateway.protocol import TokenLogprob, sample_from_logits
 
+logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 DEFAULT_THRESHOLD = 0.5
 
@@ -119,6 +128,7 @@ class _Answer:
     stop_at: int | None = None  # byte offset where a stop sequence begins
     counters: dict[str, int] = field(default_factory=dict)
     private_sources: list[str] = field(default_factory=list)  # per token; "" when public
+    last_error: str = ""
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -297,7 +307,13 @@ class CoDecoder:
                                 tokens_received=counters.get("tokens_received", 0),
                                 denials=counters.get("denials", 0),
                                 failures=counters.get("failures", 0),
-                                deferred_positions=counters.get("deferred", 0))
+                                deferred_positions=counters.get("deferred", 0),
+                                delivered=counters.get("delivered", 0),
+                                tokens_delivered=counters.get("tokens_delivered", 0),
+                                answered=counters.get("answered", 0),
+                                denial_reasons=tuple(sorted(
+                                    name[7:] for name in counters if name.startswith("denied:"))),
+                                last_error=answer.last_error)
         assert answer.finish is not None
         return DecodeResult(answer.request_id, answer.generated,
                             text.decode("utf-8", errors="replace"), answer.finish,
@@ -375,29 +391,50 @@ class CoDecoder:
             decision, egress_id = self._authorize(answer)
             if not decision.allowed:
                 answer.count("denials")
+                answer.count(f"denied:{decision.reason}")
                 return "denied"
             started = time.monotonic()
             new_tokens = list(decision.new_tokens)
             answer.count("calls")
             answer.count("tokens_sent", len(new_tokens))
+
+            def before_retry(_: int, error: ExpertError, sent: list[int] = new_tokens) -> None:
+                # A retry is another request on the wire: its own audit record and cap count.
+                nonlocal egress_id, started
+                self._record_failure(egress_id, error, started, answer, len(sent))
+                retry, egress_id = self._authorize(answer)
+                if not retry.allowed or list(retry.new_tokens) != sent:
+                    raise ExpertDeniedError(retry.reason if not retry.allowed else "view changed")
+                started = time.monotonic()
+                answer.count("calls")
+                answer.count("tokens_sent", len(sent))
+
             try:
                 reply = self.expert.continue_(
                     session=answer.session, held=decision.send_from, tokens=new_tokens,
                     max_tokens=span, temperature=answer.options.temperature,
                     seed=answer.options.seed,
-                    top_logprobs=answer.options.top_logprobs if answer.options.compose else 0)
+                    top_logprobs=answer.options.top_logprobs if answer.options.compose else 0,
+                    before_retry=before_retry)
                 self._check_reply(reply, span)
+            except ExpertDeniedError as exc:
+                answer.count("denials")
+                answer.count(f"denied:{exc.reason}")
+                return "denied"
             except SessionLostError as exc:
-                self._record_failure(egress_id, exc, started)
+                self._record_failure(egress_id, exc, started, answer, len(new_tokens))
                 answer.held_view = []  # resend the whole allowed prefix, once
                 if attempt == 0:
                     continue
                 answer.count("failures")
                 return "fallback"
             except ExpertError as exc:
-                self._record_failure(egress_id, exc, started)
+                self._record_failure(egress_id, exc, started, answer, len(new_tokens))
                 answer.count("failures")
                 return "fallback"
+            answer.count("delivered")
+            answer.count("answered")
+            answer.count("tokens_delivered", len(new_tokens))
             answer.count("tokens_received", len(reply.tokens))
             answer.held_view = (list(decision.remote_view) + list(reply.tokens))[:reply.held]
             return reply, egress_id, started
@@ -409,6 +446,9 @@ class CoDecoder:
         outside = [token for token in reply.tokens if not 0 <= token < self.base.vocab_size]
         if outside:
             raise ExpertError(f"expert returned token {outside[0]} outside the base vocabulary")
+        problem = reply_problem(reply, self.base.vocab_size)  # top-logprob ids and values
+        if problem is not None:
+            raise ExpertError(problem)
 
     def _authorize(self, answer: _Answer) -> tuple[EgressDecision, str | None]:
         request = EgressRequest(answer.request_id, answer.session, list(answer.tokens),
@@ -417,6 +457,14 @@ class CoDecoder:
         decision = self.policy.decide(request)
         if self.audit is None:
             return decision, None
+        try:
+            return decision, self._audit_decision(answer, decision)
+        except AuditError as exc:  # fail closed: no durable record, no request
+            logger.error("expert call not sent: %s", exc)
+            return EgressDecision(False, "audit_unavailable"), None
+
+    def _audit_decision(self, answer: _Answer, decision: EgressDecision) -> str:
+        assert self.audit is not None
         sent = list(decision.new_tokens) if decision.allowed else []
         record = EgressRecord(
             request_id=answer.request_id, session=answer.session,
@@ -425,15 +473,26 @@ class CoDecoder:
             sent_tokens=sent,
             sent_text=self.base.detokenize(sent).decode("utf-8", errors="replace"),
             held=decision.send_from if decision.allowed else 0)
-        return decision, self.audit.record_egress(record)
+        return self.audit.record_egress(record)
 
-    def _record_failure(self, egress_id: str | None, exc: ExpertError, started: float) -> None:
+    def _record_failure(self, egress_id: str | None, exc: ExpertError, started: float,
+                        answer: _Answer, tokens: int) -> None:
+        if exc.delivered:
+            answer.count("delivered")
+            answer.count("tokens_delivered", tokens)
+        if exc.answered:
+            answer.count("answered")
+        answer.last_error = f"{type(exc).__name__}: {exc}"
         self._record_outcome(egress_id, EgressOutcome(
-            latency_s=time.monotonic() - started, error=f"{type(exc).__name__}: {exc}"))
+            latency_s=time.monotonic() - started, error=answer.last_error,
+            delivered=exc.delivered, answered=exc.answered))
 
     def _record_outcome(self, egress_id: str | None, outcome: EgressOutcome) -> None:
         if self.audit is not None and egress_id is not None:
-            self.audit.record_outcome(egress_id, outcome)
+            try:
+                self.audit.record_outcome(egress_id, outcome)
+            except AuditError as exc:  # the call already happened; its egress record stands
+                logger.error("outcome of expert call %s not recorded: %s", egress_id, exc)
 
 
 def compose_distribution(base_logits: np.ndarray, score: float, expert_token: int,
@@ -448,7 +507,8 @@ def compose_distribution(base_logits: np.ndarray, score: float, expert_token: in
     expert = np.zeros_like(base)
     if top is not None and top.top:
         ids = np.array([token for token, _ in top.top], dtype=np.int64)
-        weights = np.exp(np.array([logprob for _, logprob in top.top], dtype=np.float64))
+        logprobs = np.array([logprob for _, logprob in top.top], dtype=np.float64)
+        weights = np.exp(logprobs - logprobs.max())  # shifted: no overflow, never all zero
         expert[ids] += weights / weights.sum()
     else:
         expert[expert_token] = 1.0

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 from client.errors import (
@@ -26,6 +25,7 @@ from client.errors import (
     DocumentParseError,
     DocumentTooLargeError,
 )
+from client.parsing import TextExtractor, shared_worker
 
 MEDIA_TYPES = {
     ".txt": "text/plain",
@@ -101,8 +101,9 @@ class DocumentStore:
     """Documents and their passages in one SQLite database with a full-text index."""
 
     def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024,
-                 passage_chars: int = 600) -> None:
+                 passage_chars: int = 600, parser: TextExtractor | None = None) -> None:
         self.path = path
+        self._parser = parser
         self.max_bytes = max_bytes
         self.passage_chars = passage_chars
         self._lock = threading.Lock()
@@ -125,7 +126,8 @@ class DocumentStore:
                 f"{name} is {len(data)} bytes; the limit is {self.max_bytes} bytes"
             )
         kind = detect_media_type(name, data, media_type)
-        text = extract_text(data, kind)
+        # In a worker process with a time limit; the store's lock is not held meanwhile.
+        text = (self._parser or shared_worker()).extract(data, kind)
         return self._store(name, kind, len(data), text)
 
     def add_text(self, name: str, text: str, *, media_type: str = "text/plain") -> DocumentInfo:
@@ -282,15 +284,23 @@ def detect_media_type(name: str, data: bytes, declared: str | None) -> str:
     )
 
 
-def extract_text(data: bytes, media_type: str) -> str:
-    """Plain text of a document of a supported media type."""
+def extract_text(data: bytes, media_type: str, *, max_chars: int | None = None) -> str:
+    """Plain text of a document of a supported media type, at most ``max_chars`` long.
+
+    Runs in the calling process: the daemon calls it through ``client.parsing``, in a worker
+    process with a time limit, so a parser bomb cannot stall the daemon.
+    """
     if media_type == "application/pdf":
-        return _pdf_text(data)
-    text = _decode_utf8(data)
-    if media_type == "text/html":
-        return html_text(text)
-    if media_type == "text/markdown":
-        return markdown_text(text)
+        text = _pdf_text(data, max_chars)
+    else:
+        text = _decode_utf8(data)
+        if media_type == "text/html":
+            text = html_text(text)
+        elif media_type == "text/markdown":
+            text = markdown_text(text)
+    if max_chars is not None and len(text) > max_chars:
+        raise DocumentTooLargeError(
+            f"the document's text is {len(text)} characters; the limit is {max_chars}")
     return text
 
 
@@ -301,74 +311,94 @@ def _decode_utf8(data: bytes) -> str:
         raise DocumentParseError(f"the document is not UTF-8 text (byte {exc.start})") from exc
 
 
-def _pdf_text(data: bytes) -> str:
+def _pdf_text(data: bytes, max_chars: int | None) -> str:
+    """Page by page, stopping as soon as the text passes ``max_chars`` (a PDF can expand 1000x)."""
     from pypdf import PdfReader
 
+    pages: list[str] = []
+    total = 0
     try:
         reader = PdfReader(io.BytesIO(data))
-        pages = [page.extract_text() or "" for page in reader.pages]
+        for page in reader.pages:
+            text = (page.extract_text() or "").strip()
+            pages.append(text)
+            total += len(text) + 2
+            if max_chars is not None and total > max_chars:
+                raise DocumentTooLargeError(
+                    f"the PDF's text passes the limit of {max_chars} characters "
+                    f"by page {len(pages)}")
+    except DocumentTooLargeError:
+        raise
     except Exception as exc:  # pypdf raises many unrelated types on malformed files
         raise DocumentParseError(f"the PDF could not be read: {type(exc).__name__}: {exc}") from exc
-    return "\n\n".join(page.strip() for page in pages)
+    return "\n\n".join(pages)
 
 
-class _TextCollector(HTMLParser):
-    _SKIPPED = frozenset({"script", "style", "head", "template", "noscript"})
-    _BLOCKS = frozenset({
-        "p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
-        "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "title",
-    })
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skip_depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIPPED:
-            self._skip_depth += 1
-        elif tag in self._BLOCKS:
-            self.parts.append("\n\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIPPED:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag in self._BLOCKS:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if self._skip_depth == 0:
-            self.parts.append(data)
+_SKIPPED = frozenset({"script", "style", "head", "template", "noscript"})
+_BLOCKS = frozenset({
+    "p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header",
+    "footer", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "title",
+})
 
 
 def html_text(source: str) -> str:
-    """Visible text of an HTML page; block elements become paragraph breaks."""
-    collector = _TextCollector()
-    collector.feed(source)
-    collector.close()
-    paragraphs = re.split(r"\n\s*\n", "".join(collector.parts))
+    """Visible text of an HTML page; block elements become paragraph breaks.
+
+    lxml (libxml2's HTML parser, linear time) replaces ``html.parser``, which rescans
+    unterminated tags and took seconds on 120 KB of ``<a``.
+    """
+    from lxml import etree
+    from lxml import html as lxml_html
+
+    if not source.strip():
+        return ""
+    try:
+        root = lxml_html.document_fromstring(source)
+    except (etree.ParserError, ValueError):
+        return ""
+    parts: list[str] = []
+    skip_depth = 0
+    for event, element in etree.iterwalk(root, events=("start", "end")):
+        tag = element.tag.lower() if isinstance(element.tag, str) else None  # None: a comment
+        if event == "start":
+            if tag in _SKIPPED:
+                skip_depth += 1
+            elif tag in _BLOCKS:
+                parts.append("\n\n")
+            if skip_depth == 0 and tag is not None and element.text:
+                parts.append(element.text)
+        else:
+            if tag in _SKIPPED:
+                skip_depth -= 1
+            elif tag in _BLOCKS:
+                parts.append("\n\n")
+            if skip_depth == 0 and element.tail:
+                parts.append(element.tail)
+    paragraphs = re.split(r"\n\s*\n", "".join(parts))
     return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
 
-_MARKDOWN_RULES = (
-    (re.compile(r"^```.*$", re.MULTILINE), ""),
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),
-    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),
-    (re.compile(r"^\s{0,3}#{1,6}\s+", re.MULTILINE), ""),
-    (re.compile(r"^\s{0,3}>\s?", re.MULTILINE), ""),
-    (re.compile(r"^\s*[-*+]\s+", re.MULTILINE), ""),
-    (re.compile(r"(\*\*|__)(.+?)\1"), r"\2"),
-    (re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])"), r"\1"),
-    (re.compile(r"`([^`]*)`"), r"\1"),
-)
-
-
 def markdown_text(source: str) -> str:
-    """Markdown with its markup removed: headings, emphasis, links and code fences."""
-    text = source
-    for pattern, replacement in _MARKDOWN_RULES:
-        text = pattern.sub(replacement, text)
-    return text
+    """Markdown with its markup removed: headings, emphasis, links, images and code fences.
+
+    markdown-it-py (a CommonMark parser with linear-time delimiter handling) replaces a chain
+    of regular expressions, one of which was quadratic on runs of ``' *a'``.
+    """
+    from markdown_it import MarkdownIt
+
+    parts: list[str] = []
+    for token in MarkdownIt("commonmark").parse(source):
+        if token.type == "inline":
+            for child in token.children or ():
+                if child.type in ("text", "code_inline", "image"):
+                    parts.append(child.content)
+                elif child.type in ("softbreak", "hardbreak"):
+                    parts.append("\n")
+        elif token.type in ("fence", "code_block", "html_block"):
+            parts.append(token.content)
+        elif token.nesting == -1 and token.block:
+            parts.append("\n\n")
+    return re.sub(r"\n{3,}", "\n\n", "".join(parts)).strip()
 
 
 def chunk_text(text: str, *, max_chars: int = 600) -> list[str]:

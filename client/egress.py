@@ -68,19 +68,28 @@ class EgressOutcome:
     latency_s: float = 0.0
     error: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    delivered: bool = True  # the request body was (or may have been) written to the socket
+    answered: bool = True  # the gateway sent a reply (possibly an error)
 
 
 @dataclass(frozen=True)
 class EgressSummary:
     """What one answer sent to the expert.
 
-    The decoder counts every field as it runs; read back from the audit log (an answer cut
-    short), only calls, tokens sent, denials, failures and destinations are known and the
-    rest stay 0.
+    ``calls`` and ``tokens_sent`` count attempts (every request released to the wire, retries
+    included); ``delivered`` counts requests whose body was written to the socket (a refused
+    connection delivers nothing) and ``answered`` those the gateway replied to. The decoder
+    counts every field as it runs; read back from the audit log (an answer cut short), the
+    counts known from the log are filled in and the rest stay 0.
     """
 
     calls: int = 0
     tokens_sent: int = 0
+    delivered: int = 0
+    tokens_delivered: int = 0
+    answered: int = 0
+    denial_reasons: tuple[str, ...] = ()
+    last_error: str = ""
     tokens_received: int = 0
     denials: int = 0
     failures: int = 0

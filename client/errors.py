@@ -99,7 +99,24 @@ class SwitchMismatchError(SwitchError):
 
 
 class ExpertError(TandemError):
-    """A call to the remote expert failed."""
+    """A call to the remote expert failed.
+
+    ``delivered``: the request body may have reached the gateway (True unless the client knows
+    it did not, e.g. the connection was refused). ``answered``: the gateway sent a reply.
+    """
+
+    delivered: bool = True
+    answered: bool = False
+
+
+class ExpertDeniedError(ExpertError):
+    """The policy or the audit log refused a retry of a call; nothing more is sent."""
+
+    delivered = False
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"retry not sent: {reason}")
+        self.reason = reason
 
 
 class ExpertUnavailableError(ExpertError):

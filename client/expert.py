@@ -13,6 +13,8 @@ gateway error replies become ``client.errors`` exceptions.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ from client.errors import (
     SessionLostError,
 )
 from client.settings import ExpertSettings
+from client.transport import DeadlineTransport, call_deadline, check_gateway_url
 from expert_gateway.protocol import (
     ContinueReply,
     ContinueRequest,
@@ -61,7 +64,7 @@ class Expert(Protocol):
 
     def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
                   temperature: float = 0.0, seed: int | None = None,
-                  top_logprobs: int = 0) -> ExpertReply:
+                  top_logprobs: int = 0, before_retry: RetryGate | None = None) -> ExpertReply:
         ...
 
 
@@ -99,7 +102,7 @@ class InProcessExpert:
 
     def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
                   temperature: float = 0.0, seed: int | None = None,
-                  top_logprobs: int = 0) -> ExpertReply:
+                  top_logprobs: int = 0, before_retry: RetryGate | None = None) -> ExpertReply:
         self.calls.append(ExpertCall(session, held, tuple(tokens), max_tokens))
         history = self._sessions.get(session, [])
         if held > len(history):
@@ -189,10 +192,28 @@ class CircuitBreaker:
             self._opened_at = self._clock()
 
 
-def parse_error(response: httpx.Response) -> ExpertError:
-    """Turn a gateway error response (status + ``{error: {type, message}}``) into an error."""
-    status = response.status_code
-    error_type, message = _error_fields(response)
+MAX_ERROR_TEXT = 300  # characters of a gateway's error message kept (audit log, exceptions)
+DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+class RetryGate(Protocol):
+    """Called before each retry of a call; raises (e.g. ``ExpertDeniedError``) to stop it.
+
+    Every attempt is a request on the wire, so whoever authorizes calls must see each one:
+    the decoder writes a fresh audit record and counts the attempt against the caps here.
+    """
+
+    def __call__(self, attempt: int, error: ExpertError, /) -> None:
+        ...
+
+
+def parse_error(response: httpx.Response, content: bytes | None = None) -> ExpertError:
+    """Turn a gateway error response (status + ``{error: {type, message}}``) into an error.
+
+    ``content``: the body when it was streamed (and capped) rather than read by httpx.
+    """
+    status, headers = response.status_code, response.headers
+    error_type, message = _error_fields(response.content if content is None else content)
     text = f"expert gateway answered {status} {error_type}: {message}".rstrip(": ")
     if status in (401, 403):
         return ExpertAuthError(text + "; check the token (`tandem keys set gateway`)",
@@ -201,24 +222,23 @@ def parse_error(response: httpx.Response) -> ExpertError:
         return SessionLostError(text, status_code=status, error_type=error_type)
     if status == 429:
         return ExpertRateLimitedError(text, status_code=status, error_type=error_type,
-                                      retry_after=_retry_after(response))
+                                      retry_after=_retry_after(headers))
     if status >= 500:
         return ExpertUnavailableError(text)
     return ExpertRejectedError(text, status_code=status, error_type=error_type)
 
 
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
+def _error_fields(content: bytes) -> tuple[str, str]:
     try:
-        body = response.json()
-        error = body["error"]
-        return str(error.get("type", "")), str(error.get("message", ""))
+        error = json.loads(content)["error"]
+        return str(error.get("type", ""))[:64], str(error.get("message", ""))[:MAX_ERROR_TEXT]
     except (ValueError, KeyError, TypeError, AttributeError):
-        return "", response.text[:200]
+        return "", content[:MAX_ERROR_TEXT].decode("utf-8", "replace")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(headers: httpx.Headers) -> float | None:
     try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
+        return max(0.0, float(headers.get("retry-after", "")))
     except ValueError:
         return None
 
@@ -244,23 +264,44 @@ def map_httpx_errors(url: str, timeout_s: float) -> Iterator[None]:
         raise ExpertError(f"expert gateway {url}: {exc}") from exc
 
 
+class _Delivery:
+    """Watches httpcore's trace events: did the request body reach the socket?"""
+
+    def __init__(self) -> None:
+        self.delivered = False
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event in ("http11.send_request_body.complete", "http2.send_request_body.complete"):
+            self.delivered = True
+
+
 class HttpExpert:
-    """An expert behind the gateway's HTTP API, with deadlines, retries and a circuit breaker."""
+    """An expert behind the gateway's HTTP API, with deadlines, retries and a circuit breaker.
+
+    ``timeout_s`` is a total deadline for one call, retries included: every socket operation is
+    clamped to the time left (``client.transport``). Replies larger than ``max_reply_bytes`` are
+    refused while they stream in, before anything is parsed. Each failure says whether the
+    request was delivered (its body written to the socket) and whether anything answered.
+    """
 
     def __init__(self, url: str, *, model: str, tokenizer: str, token: SecretStr | None = None,
                  client: httpx.Client | None = None, connect_timeout_s: float = 2.0,
                  timeout_s: float = 10.0, retries: int = 1, breaker: CircuitBreaker | None = None,
-                 sleep: Callable[[float], None] = time.sleep, verify_tls: bool = True) -> None:
+                 sleep: Callable[[float], None] = time.sleep, verify_tls: bool = True,
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+                 allow_insecure_http: bool = False) -> None:
+        check_gateway_url(url, allow_insecure_http=allow_insecure_http)
         self.destination = url.rstrip("/")
         self.model = model
         self.tokenizer = tokenizer
         self.retries = retries
         self.breaker = breaker or CircuitBreaker()
+        self.max_reply_bytes = max_reply_bytes
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._owns_client = client is None
-        self._client = client or httpx.Client(verify=verify_tls)
+        self._client = client or httpx.Client(transport=DeadlineTransport(verify=verify_tls))
         self._headers = {"authorization": f"Bearer {token.get_secret_value()}"} if token else {}
 
     @classmethod
@@ -272,7 +313,8 @@ class HttpExpert:
                    timeout_s=settings.timeout_s, retries=settings.retries,
                    breaker=CircuitBreaker(failures=settings.breaker_failures,
                                           reset_s=settings.breaker_reset_s),
-                   verify_tls=settings.verify_tls)
+                   verify_tls=settings.verify_tls, max_reply_bytes=settings.max_reply_bytes,
+                   allow_insecure_http=settings.allow_insecure_http)
 
     def ready(self) -> bool:
         return not self.breaker.is_open
@@ -281,9 +323,21 @@ class HttpExpert:
         if self._owns_client:
             self._client.close()
 
+    def probe(self, *, timeout_s: float = 2.0) -> str | None:
+        """Why the gateway cannot be reached right now, or None when it answers ``/health``."""
+        url = self.destination + "/health"
+        try:
+            with map_httpx_errors(url, timeout_s), call_deadline(time.monotonic() + timeout_s):
+                response = self._client.get(url, timeout=timeout_s)
+        except (ExpertError, ConfigError) as exc:
+            return str(exc)
+        if response.status_code >= 500:
+            return f"{url} answered {response.status_code}"
+        return None
+
     def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
                   temperature: float = 0.0, seed: int | None = None,
-                  top_logprobs: int = 0) -> ExpertReply:
+                  top_logprobs: int = 0, before_retry: RetryGate | None = None) -> ExpertReply:
         try:
             request = ContinueRequest(session=session, model=self.model, held=held,
                                       tokens=list(tokens), max_tokens=max_tokens,
@@ -292,9 +346,9 @@ class HttpExpert:
         except ValidationError as exc:
             raise ExpertRejectedError(f"invalid expert request: {exc.errors()[0]['msg']}",
                                       status_code=422, error_type="invalid_request") from exc
-        reply = self._post("/v1/continue", request.model_dump(mode="json"), ContinueReply)
-        if len(reply.tokens) > max_tokens:
-            raise ExpertError(f"expert returned {len(reply.tokens)} tokens, asked for {max_tokens}")
+        reply = self._post("/v1/continue", request.model_dump(mode="json"), ContinueReply,
+                           before_retry)
+        _check_continue_reply(reply, max_tokens, top_logprobs)
         return reply
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[ScoreResult]:
@@ -309,36 +363,113 @@ class HttpExpert:
 
         return self._send("GET", "/v1/models", None, TypeAdapter(list[ModelInfo]).validate_json)
 
-    def _post(self, path: str, body: dict[str, Any], reply_type: Any) -> Any:
-        return self._send("POST", path, body, reply_type.model_validate_json)
+    def _post(self, path: str, body: dict[str, Any], reply_type: Any,
+              before_retry: RetryGate | None = None) -> Any:
+        return self._send("POST", path, body, reply_type.model_validate_json, before_retry)
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None,
-              parse: Callable[[bytes], Any]) -> Any:
+              parse: Callable[[bytes], Any], before_retry: RetryGate | None = None) -> Any:
         self.breaker.check()
+        deadline = time.monotonic() + self._timeout_s
         attempt = 0
         while True:
             try:
-                result = self._attempt(method, path, body, parse)
-            except ExpertUnavailableError:
+                result = self._attempt(method, path, body, parse, deadline)
+            except ExpertUnavailableError as exc:
                 self.breaker.record_failure()
-                if attempt >= self.retries or self.breaker.is_open:
+                pause = min(2.0, 0.1 * 2**attempt)
+                if attempt >= self.retries or self.breaker.is_open \
+                        or time.monotonic() + pause >= deadline:
                     raise
-                self._sleep(min(2.0, 0.1 * 2**attempt))
+                self._sleep(pause)
                 attempt += 1
+                if before_retry is not None:
+                    before_retry(attempt, exc)  # audits and counts the retry, or stops it
             else:
                 self.breaker.record_success()
                 return result
 
     def _attempt(self, method: str, path: str, body: dict[str, Any] | None,
-                 parse: Callable[[bytes], Any]) -> Any:
+                 parse: Callable[[bytes], Any], deadline: float) -> Any:
         url = self.destination + path
-        with map_httpx_errors(url, self._timeout_s):
-            response = self._client.request(method, url, json=body, headers=self._headers,
-                                            timeout=self._timeout)
-        if response.status_code >= 400:
-            raise parse_error(response)
+        delivery = _Delivery()
         try:
-            return parse(response.content)
+            with map_httpx_errors(url, self._timeout_s), call_deadline(deadline), \
+                    self._client.stream(method, url, json=body, headers=self._headers,
+                                        timeout=self._timeout,
+                                        extensions={"trace": delivery}) as response:
+                delivery.delivered = True  # a status line came back: the request got there
+                content = self._read_capped(response, url)
+        except ExpertError as exc:
+            exc.delivered = delivery.delivered
+            raise
+        if response.status_code >= 400:
+            raise _answered(parse_error(response, content))
+        try:
+            return parse(content)
         except ValidationError as exc:
-            raise ExpertError(f"expert gateway {url} sent a malformed reply: "
-                              f"{exc.errors()[0]['msg']}") from exc
+            raise _answered(ExpertError(f"expert gateway {url} sent a malformed reply: "
+                                        f"{_first_error(exc)}")) from exc
+
+    def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+        limit = self.max_reply_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _answered(ExpertError(
+                f"expert gateway {url} announced a {declared}-byte reply; the limit is {limit}"))
+        chunks: list[bytes] = []
+        received = 0
+        for chunk in response.iter_bytes():
+            received += len(chunk)
+            if received > limit:
+                raise _answered(ExpertError(
+                    f"expert gateway {url} sent more than {limit} bytes; reply refused"))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _answered(exc: ExpertError) -> ExpertError:
+    exc.delivered = True
+    exc.answered = True
+    return exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    problem = exc.errors()[0]
+    where = ".".join(str(part) for part in problem.get("loc", ()))
+    return f"{where}: {problem['msg']}"[:MAX_ERROR_TEXT] if where else problem["msg"][:MAX_ERROR_TEXT]
+
+
+def reply_problem(reply: ContinueReply, vocab_size: int) -> str | None:
+    """Why a reply cannot be used with a base of ``vocab_size`` tokens, or None.
+
+    Top-logprob ids are token ids too (compose mode indexes the base's distribution with
+    them), and log-probs must be real log-probabilities: finite and at most 0.
+    """
+    for entry in reply.logprobs or ():
+        for token in (entry.token, *(token for token, _ in entry.top)):
+            if not 0 <= token < vocab_size:
+                return f"expert returned top-logprob token {token} outside the base vocabulary"
+        for logprob in (entry.logprob, *(logprob for _, logprob in entry.top)):
+            if not (math.isfinite(logprob) and logprob <= _LOGPROB_SLACK):
+                return f"expert returned log-prob {logprob!r}, not a log-probability"
+    return None
+
+
+_LOGPROB_SLACK = 1e-4  # rounding can put log(1) a hair above 0
+
+
+def _check_continue_reply(reply: ContinueReply, max_tokens: int, top_logprobs: int) -> None:
+    """What the schema cannot say: counts agree with the request, log-probs are real log-probs."""
+    if len(reply.tokens) > max_tokens:
+        raise _answered(ExpertError(
+            f"expert returned {len(reply.tokens)} tokens, asked for {max_tokens}"))
+    if reply.logprobs is None:
+        return
+    if len(reply.logprobs) > len(reply.tokens):
+        raise _answered(ExpertError(
+            f"expert returned {len(reply.logprobs)} log-prob entries for {len(reply.tokens)} tokens"))
+    for entry in reply.logprobs:
+        if len(entry.top) > max(top_logprobs, 1) * 2:
+            raise _answered(ExpertError(
+                f"expert returned {len(entry.top)} top log-probs, asked for {top_logprobs}"))

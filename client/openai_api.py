@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client.assistant import Answer, AnswerToken
 from client.egress import EgressSummary
@@ -42,14 +42,23 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# Bounds on what one request may carry. A prompt longer than the model's context window is
+# refused anyway; these stop a hostile body from costing memory and time before that check.
+MAX_CONTENT_CHARS = 200_000
+MAX_CONTENT_PARTS = 64
+MAX_MESSAGES = 512
+MAX_PROMPT_CHARS = 400_000
+
+
 class TextPart(_Body):
     type: Literal["text"]
-    text: str = Field(max_length=200_000)
+    text: str = Field(max_length=MAX_CONTENT_CHARS)
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = Field(default=None)
+    content: (Annotated[str, Field(max_length=MAX_CONTENT_CHARS)]
+              | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None) = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -87,12 +96,21 @@ class GenerationBody(_Body):
 
 
 class ChatCompletionBody(GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+
+    @model_validator(mode="after")
+    def _bounded_conversation(self) -> ChatCompletionBody:
+        total = sum(len(message.text()) for message in self.messages)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages hold {total} characters; at most {MAX_PROMPT_CHARS}")
+        return self
 
 
 class CompletionBody(GenerationBody):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+    prompt: (Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+             | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+                         Field(min_length=1, max_length=1)]) = Field(
         description="the text to continue; a list may hold one prompt")
     echo: bool = False
 
@@ -100,7 +118,7 @@ class CompletionBody(GenerationBody):
 class TextDocumentBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=256)
-    text: str
+    text: str = Field(max_length=64 * 1024 * 1024)
     media_type: Literal["text/plain", "text/markdown", "text/html"] = "text/plain"
 
 
@@ -121,7 +139,9 @@ def tandem_extra(answer: Answer) -> dict[str, Any]:
 def egress_json(egress: EgressSummary) -> dict[str, Any]:
     """The fields the audit log can also tell, so a reply reads the same however it ended."""
     return {"calls": egress.calls, "tokens_sent": egress.tokens_sent, "denials": egress.denials,
-            "failures": egress.failures, "destinations": egress.destinations}
+            "failures": egress.failures, "destinations": egress.destinations,
+            "attempted": egress.calls, "delivered": egress.delivered,
+            "tokens_delivered": egress.tokens_delivered, "answered": egress.answered}
 
 
 def token_json(token: AnswerToken) -> dict[str, Any]:

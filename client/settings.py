@@ -72,6 +72,14 @@ class ExpertSettings(_Section):
         default=30.0, gt=0, le=3600, description="how long an open circuit skips the expert"
     )
     verify_tls: bool = Field(default=True, description="verify the gateway's TLS certificate")
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="allow plain http:// to a gateway on another machine (tokens and key in clear)",
+    )
+    max_reply_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="largest gateway reply read; larger replies are refused before parsing",
+    )
 
 
 class DecodingSettings(_Section):

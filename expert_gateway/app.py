@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,15 +93,22 @@ def create_app(settings: GatewaySettings, backend: ExpertBackend | None = None) 
         finally:
             if state.owns_backend and state.backend is not None:
                 state.backend.close()
+            if state.authenticator is not None:
+                state.authenticator.close()
 
-    app = FastAPI(title="Tandem expert gateway", version="1", lifespan=lifespan)
+    # The API description helps attackers as much as users: served only when asked for.
+    docs = settings.server.api_docs
+    app = FastAPI(title="Tandem expert gateway", version="1", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.gateway = state
     handled: tuple[type[Exception], ...] = (GatewayError, *SHARED_ERRORS, RequestValidationError,
                                             HTTPException, Exception)
     for error_class in handled:
         app.add_exception_handler(error_class, handle_exception)
     _add_routes(app, state)
-    app.add_middleware(_Auth, authenticator=state.authenticator)
+    app.add_middleware(_Auth, authenticator=state.authenticator,
+                       metrics_need_key=settings.auth.metrics_require_key)
     app.add_middleware(_BodyLimit, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(_RequestMetrics, metrics=state.metrics)
     return app
@@ -120,7 +127,8 @@ def _build_state(settings: GatewaySettings, backend: ExpertBackend | None) -> Ga
         authenticator = Authenticator(KeyStore(settings.auth.keys_file),
                                       extra_hashes=settings.auth.key_hashes,
                                       requests_per_minute=settings.auth.requests_per_minute,
-                                      tokens_per_day=settings.auth.tokens_per_day)
+                                      tokens_per_day=settings.auth.tokens_per_day,
+                                      usage_path=settings.auth.quota_path)
     metrics = GatewayMetrics(active_sessions=lambda: len(sessions),
                              held_tokens=lambda: sessions.held_total)
     state = GatewayState(settings=settings, backend=backend, owns_backend=backend is None,
@@ -201,9 +209,10 @@ async def _continue(state: GatewayState, request: ContinueRequest, key: ApiKey |
     _check_tokens(info, request.tokens)
     options = ContinueOptions(max_tokens=request.max_tokens, temperature=request.temperature,
                               seed=request.seed, top_logprobs=request.top_logprobs, want_logprobs=True)
-    async with state.sessions.lock_for(request.session):
+    session = _scoped(key, request.session)
+    async with state.sessions.locked(session):
         try:
-            sequence = state.sessions.resolve(request.session, request.held, request.tokens)
+            sequence = state.sessions.resolve(session, request.held, request.tokens)
         except SessionLostError:
             state.metrics.session_conflicts.inc()
             raise
@@ -212,12 +221,15 @@ async def _continue(state: GatewayState, request: ContinueRequest, key: ApiKey |
                 f"a sequence of {len(sequence)} tokens plus max_tokens {request.max_tokens} exceeds "
                 f"the expert's context of {info.max_context} tokens"
             )
-        result = await _run_backend(state, "/v1/continue", lambda: backend.continue_(
-            request.session, sequence, options=options))
-        state.sessions.commit(request.session, sequence + result.tokens)
+        # Worst case: the backend re-reads the whole sequence and writes max_tokens.
+        with _quota(state, key, len(sequence) + request.max_tokens) as charge:
+            result = await _run_backend(state, "/v1/continue", lambda: backend.continue_(
+                session, sequence, options=options))
+            charge(result.prefilled_tokens + len(result.tokens))
+        state.sessions.commit(session, sequence + result.tokens)
     state.metrics.prefill_tokens.inc(result.prefilled_tokens)
     state.metrics.prefill_saved.inc(result.reused_tokens)
-    _count_tokens(state, key, "/v1/continue", len(request.tokens), len(result.tokens))
+    _count_tokens(state, "/v1/continue", len(request.tokens), len(result.tokens))
     return ContinueReply(tokens=result.tokens, logprobs=result.logprobs,
                          held=len(sequence) + len(result.tokens), model=info.name)
 
@@ -234,18 +246,47 @@ async def _score(state: GatewayState, request: ScoreRequest, key: ApiKey | None)
         if item.start > len(item.tokens):
             raise InvalidRequestError(f"start {item.start} is past the end of a sequence of "
                                       f"{len(item.tokens)} tokens")
-    results = await _run_backend(state, "/v1/score", lambda: backend.score(request.sequences))
-    scored = sum(len(result.logprobs) for result in results)
-    _count_tokens(state, key, "/v1/score", sum(len(item.tokens) for item in request.sequences), scored)
+    tokens_in = sum(len(item.tokens) for item in request.sequences)
+    most = tokens_in + sum(len(item.tokens) - item.start for item in request.sequences)
+    with _quota(state, key, most) as charge:
+        results = await _run_backend(state, "/v1/score", lambda: backend.score(request.sequences))
+        scored = sum(len(result.logprobs) for result in results)
+        charge(tokens_in + scored)  # every sequence is read in full
+    _count_tokens(state, "/v1/score", tokens_in, scored)
     return ScoreReply(results=results)
 
 
-def _count_tokens(state: GatewayState, key: ApiKey | None, route: str, tokens_in: int,
-                  tokens_out: int) -> None:
+def _scoped(key: ApiKey | None, session: str) -> str:
+    """The session's id inside the gateway: each key has its own namespace of sessions.
+
+    ``/`` cannot occur in a wire session id, so no key can name another key's session.
+    """
+    return session if key is None else f"{key.key_id}/{session}"
+
+
+@contextlib.contextmanager
+def _quota(state: GatewayState, key: ApiKey | None,
+           worst_case: int) -> Iterator[Callable[[int], None]]:
+    """Reserve ``worst_case`` tokens of the key's daily quota; settle with what was charged.
+
+    Reserving before the call is what keeps concurrent calls inside the quota: each one sees
+    the others' reservations. A failed call is charged nothing.
+    """
+    if key is None or state.authenticator is None:
+        yield lambda tokens: None
+        return
+    authenticator = state.authenticator
+    reservation = authenticator.reserve(key, worst_case)
+    cost = [0]
+    try:
+        yield lambda tokens: cost.__setitem__(0, tokens)
+    finally:
+        authenticator.settle(reservation, cost[0])
+
+
+def _count_tokens(state: GatewayState, route: str, tokens_in: int, tokens_out: int) -> None:
     state.metrics.tokens_in.inc(tokens_in, route=route)
     state.metrics.tokens_out.inc(tokens_out, route=route)
-    if key is not None and state.authenticator is not None:
-        state.authenticator.charge(key, tokens_in + tokens_out)
 
 
 class _BodyLimit:
@@ -281,18 +322,25 @@ class _BodyLimit:
 class _Auth:
     """Bearer key and request quota for /v1/*, checked before the body is even read."""
 
-    def __init__(self, app: ASGIApp, *, authenticator: Authenticator | None) -> None:
+    def __init__(self, app: ASGIApp, *, authenticator: Authenticator | None,
+                 metrics_need_key: bool = False) -> None:
         self.app = app
         self.authenticator = authenticator
+        self.metrics_need_key = metrics_need_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.authenticator is None or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or self.authenticator is None:
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics_need_key and scope["path"] == "/metrics"
+        if not metrics and not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers", [])).get(b"authorization")
         try:
             key = self.authenticator.authenticate(header.decode("latin-1") if header else None)
-            self.authenticator.admit(key)
+            if not metrics:
+                self.authenticator.admit(key)
         except GatewayError as exc:
             await response_for(exc)(scope, receive, send)
             return

@@ -13,10 +13,12 @@ import hashlib
 import math
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -110,11 +112,78 @@ def _short(exc: Exception) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens set aside for one call before it runs; ``Authenticator.settle`` closes it."""
+
+    key_id: str
+    day: int
+    tokens: int
+
+
+class QuotaLedger:
+    """Tokens used per key and UTC day, in SQLite so a restart does not reset the quota.
+
+    One connection, serialised by the authenticator's lock; WAL with synchronous=NORMAL keeps
+    every settled count across process crashes and restarts.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        if path is None:
+            self._memory: dict[tuple[str, int], int] = {}
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS quota (key_id TEXT NOT NULL, "
+                             "day INTEGER NOT NULL, used INTEGER NOT NULL, "
+                             "PRIMARY KEY (key_id, day))")
+            self._db.execute("DELETE FROM quota WHERE day < ?", (math.floor(time.time() / 86400) - 7,))
+        except (OSError, sqlite3.Error) as exc:
+            raise KeyStoreError(f"cannot open the quota database {path}: {exc}") from exc
+
+    def used(self, key_id: str, day: int) -> int:
+        if self._db is None:
+            return self._memory.get((key_id, day), 0)
+        row = self._execute("SELECT used FROM quota WHERE key_id = ? AND day = ?",
+                            (key_id, day)).fetchone()
+        return int(row[0]) if row else 0
+
+    def add(self, key_id: str, day: int, tokens: int) -> None:
+        if self._db is None:
+            self._memory[(key_id, day)] = self._memory.get((key_id, day), 0) + tokens
+            return
+        self._execute("INSERT INTO quota (key_id, day, used) VALUES (?, ?, ?) ON CONFLICT "
+                      "(key_id, day) DO UPDATE SET used = used + excluded.used",
+                      (key_id, day, tokens))
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _execute(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
+        assert self._db is not None
+        try:
+            return self._db.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"quota database {self.path} failed: {exc}") from exc
+
+
 class Authenticator:
-    """Checks bearer keys and enforces per-key request and token quotas (in memory)."""
+    """Checks bearer keys and enforces per-key request and token quotas.
+
+    Token quotas are reserved before a call (its worst case) and settled after it with what it
+    really cost, under one lock, so concurrent calls can never spend more than the quota
+    between them. Settled counts persist in ``usage_path`` (SQLite) when given.
+    """
 
     def __init__(self, store: KeyStore, *, extra_hashes: list[str], requests_per_minute: int,
-                 tokens_per_day: int, clock: Callable[[], float] = time.time) -> None:
+                 tokens_per_day: int, clock: Callable[[], float] = time.time,
+                 usage_path: Path | None = None) -> None:
         self._store = store
         self._extra = [ApiKey(key_id=f"k_{digest[:8]}", name=f"env-{digest[:8]}", sha256=digest,
                               created="environment") for digest in extra_hashes]
@@ -125,7 +194,12 @@ class Authenticator:
         self._by_hash: dict[str, ApiKey] = {}
         self._stamp: tuple[float, int] | None = None
         self._recent: dict[str, deque[float]] = {}
-        self._tokens_today: dict[str, tuple[int, int]] = {}  # key id -> (UTC day, tokens)
+        self._ledger = QuotaLedger(usage_path)
+        self._reserved: dict[tuple[str, int], int] = {}  # (key id, UTC day) -> tokens in flight
+
+    def close(self) -> None:
+        with self._lock:
+            self._ledger.close()
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key behind an ``Authorization: Bearer ...`` header, or AuthError."""
@@ -156,25 +230,54 @@ class Authenticator:
             recent.append(now)
         self.check_tokens(key)
 
-    def check_tokens(self, key: ApiKey) -> None:
-        """429 when the key's tokens for this UTC day are spent."""
-        limit = key.tokens_per_day or self._default_tpd
-        day, used = self._today(key)
-        if used >= limit:
-            next_midnight = (day + 1) * 86400.0
-            raise RateLimitedError(f"key {key.key_id} used its {limit} tokens for today (UTC)",
-                                   retry_after=max(1.0, next_midnight - self._clock()))
+    def check_tokens(self, key: ApiKey, tokens: int = 0) -> None:
+        """429 when the key's tokens for this UTC day (settled and reserved) are spent."""
+        with self._lock:
+            self._check(key, self._day(), tokens)
+
+    def reserve(self, key: ApiKey, tokens: int) -> Reservation:
+        """Set ``tokens`` aside for a call, or 429 when they would pass today's quota."""
+        with self._lock:
+            day = self._day()
+            self._check(key, day, tokens)
+            slot = (key.key_id, day)
+            self._reserved[slot] = self._reserved.get(slot, 0) + tokens
+            return Reservation(key.key_id, day, tokens)
+
+    def settle(self, reservation: Reservation, tokens: int) -> None:
+        """Release a reservation and charge what the call really cost (0 when it failed)."""
+        with self._lock:
+            slot = (reservation.key_id, reservation.day)
+            left = self._reserved.get(slot, 0) - reservation.tokens
+            if left > 0:
+                self._reserved[slot] = left
+            else:
+                self._reserved.pop(slot, None)
+            if tokens:
+                self._ledger.add(reservation.key_id, reservation.day, tokens)
 
     def charge(self, key: ApiKey, tokens: int) -> None:
-        """Add tokens in and out of a finished call to the key's daily count."""
+        """Add the tokens of a finished call to the key's daily count."""
         with self._lock:
-            day, used = self._today(key)
-            self._tokens_today[key.key_id] = (day, used + tokens)
+            self._ledger.add(key.key_id, self._day(), tokens)
 
-    def _today(self, key: ApiKey) -> tuple[int, int]:
-        day = math.floor(self._clock() / 86400.0)
-        stored_day, used = self._tokens_today.get(key.key_id, (day, 0))
-        return day, used if stored_day == day else 0
+    def used_today(self, key: ApiKey) -> int:
+        with self._lock:
+            return self._ledger.used(key.key_id, self._day())
+
+    def _day(self) -> int:
+        return math.floor(self._clock() / 86400.0)
+
+    def _check(self, key: ApiKey, day: int, tokens: int) -> None:
+        limit = key.tokens_per_day or self._default_tpd
+        used = self._ledger.used(key.key_id, day) + self._reserved.get((key.key_id, day), 0)
+        if used >= limit or used + tokens > limit:
+            next_midnight = (day + 1) * 86400.0
+            raise RateLimitedError(
+                f"key {key.key_id} used its {limit} tokens for today (UTC)" if used >= limit else
+                f"key {key.key_id} has {limit - used} of its {limit} tokens left today (UTC); "
+                f"this call may cost {tokens}",
+                retry_after=max(1.0, next_midnight - self._clock()))
 
     def _refresh(self) -> None:
         """Re-read the keys file when it changed (revocations apply at once)."""

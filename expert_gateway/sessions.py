@@ -11,9 +11,10 @@ so both sides forget together. A request that builds on tokens the store no long
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from expert_gateway.errors import InvalidRequestError, SessionLostError
@@ -41,6 +42,7 @@ class SessionStore:
         self._clock = clock
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
         self._held_total = 0
         self.evictions = 0
 
@@ -55,12 +57,32 @@ class SessionStore:
         """Tokens held over all sessions."""
         return self._held_total
 
-    def lock_for(self, session_id: str) -> asyncio.Lock:
-        """The lock that serialises calls of one session (its sequence grows call by call)."""
+    @contextlib.asynccontextmanager
+    async def locked(self, session_id: str) -> AsyncIterator[None]:
+        """Serialise the calls of one session (its sequence grows call by call).
+
+        The lock exists only while some call holds or waits for it: a rejected or finished
+        call leaves nothing behind, so unknown session ids cannot pile up locks.
+        """
         lock = self._locks.get(session_id)
         if lock is None:
             lock = self._locks[session_id] = asyncio.Lock()
-        return lock
+        self._lock_users[session_id] = self._lock_users.get(session_id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._lock_users[session_id] - 1
+            if users:
+                self._lock_users[session_id] = users
+            else:
+                del self._lock_users[session_id]
+                del self._locks[session_id]
+
+    @property
+    def lock_count(self) -> int:
+        """Locks alive now (one per session with a call in progress or waiting)."""
+        return len(self._locks)
 
     def held(self, session_id: str) -> list[int]:
         """The sequence held for ``session_id`` (empty when unknown)."""
@@ -132,7 +154,4 @@ class SessionStore:
         session = self._sessions.pop(session_id)
         self._held_total -= len(session.held_tokens)
         self.evictions += 1
-        lock = self._locks.get(session_id)
-        if lock is not None and not lock.locked():
-            del self._locks[session_id]
         self._on_evict(session_id)

@@ -34,6 +34,9 @@ class ServerSettings(_Section):
     )
     tls_certfile: Path | None = Field(default=None, description="PEM certificate; TLS when set with keyfile")
     tls_keyfile: Path | None = Field(default=None, description="PEM private key for tls_certfile")
+    api_docs: bool = Field(
+        default=False, description="serve /docs and /openapi.json (off: they map the API for anyone)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="uvicorn log level; token content and keys are never logged"
     )
@@ -65,6 +68,20 @@ class AuthSettings(_Section):
     tokens_per_day: int = Field(
         default=5_000_000, ge=1, le=10**12, description="default per-key token quota per UTC day"
     )
+    quota_db: Path | None = Field(
+        default=None,
+        description="SQLite file keeping each key's daily token use across restarts "
+        "(default: next to keys_file, <name>-usage.sqlite3)",
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="/metrics answers only with a valid API key"
+    )
+
+    @property
+    def quota_path(self) -> Path:
+        if self.quota_db is not None:
+            return self.quota_db
+        return self.keys_file.with_name(self.keys_file.stem + "-usage.sqlite3")
 
     @model_validator(mode="after")
     def _hashes_are_sha256(self) -> AuthSettings:

@@ -60,7 +60,12 @@ def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) 
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(daemon_url)
+            blocked: list[str] = []  # the page must work under its own CSP
+            page.on("console", lambda message: blocked.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+            response = page.goto(daemon_url)
+            assert response is not None and "script-src 'sha256-" in \
+                response.headers["content-security-policy"]
             expect(page.locator("#status")).to_contain_text("tandem-fake")
             page.set_input_files("#file", str(document))
             expect(page.locator("#doc-list li .name")).to_have_text(["invoice.md"])
@@ -86,7 +91,9 @@ def test_upload_ask_highlight_and_egress_panel(daemon_url: str, tmp_path: Path) 
             expect(records.first).to_contain_text("accepted 2")
             expect(records.nth(1)).to_contain_text("DENIED")
             expect(records.nth(1)).to_contain_text("cap:per_request_calls")
+            expect(page.locator("#egress .summary")).to_contain_text("1 call attempted · 1 delivered")
             page.screenshot(path=str(tmp_path / "tandem-page.png"), full_page=True)
+            assert blocked == []
 
             page.locator("#doc-list li button").click()
             expect(page.locator("#doc-list li .name")).to_have_count(0)

@@ -167,4 +167,4 @@ def test_query_building_and_media_detection() -> None:
     assert detect_media_type("x", b"hi", "text/html; charset=utf-8") == "text/html"
     assert detect_media_type("notes.md", b"hi", "application/octet-stream") == "text/markdown"
     assert html_text("<p>a</p><p>b &lt; c</p>") == "a\n\nb < c"
-    assert markdown_text("## Title\n*x* and __y__") == "Title\nx and y"
+    assert markdown_text("## Title\n*x* and __y__") == "Title\n\nx and y"

@@ -233,24 +233,32 @@ class Run:
     proxy: CapturingProxy
     audit_path: Path
     answers: list[Any]
+    usage_calls: int = 0  # calls the usage database counted
 
 
 def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway, *,
                examples: int = EXAMPLES, lookahead: int = 4, threshold: float = THRESHOLD,
+               faults: list[str] | None = None, retries: int = 0,
                **policy_settings: Any) -> Run:
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from client.policy import Policy
+    from tests.fault_proxy import FaultProxy
 
-    proxy = CapturingProxy(gateway.address)
+    upstream = gateway.address
+    faulty = None
+    if faults is not None:  # the client's bytes are captured before the faults are injected
+        faulty = FaultProxy(f"http://{gateway.address[0]}:{gateway.address[1]}", schedule=faults)
+        upstream = ("127.0.0.1", faulty.port)
+    proxy = CapturingProxy(upstream)
     # The corpus answers copy the passage's numbers: derived = "send" lets those calls go.
     settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3", audit_log=tmp_path / "audit.jsonl",
                               **{"derived": "send", **policy_settings})
     policy = Policy.from_settings(settings, tokenizer=base)
     audit = AuditLog(settings.audit_log, key=AUDIT_KEY)
     expert = HttpExpert(f"http://127.0.0.1:{proxy.port}", model=gateway.model,
-                        tokenizer=base.fingerprint, token=SecretStr(gateway.key), retries=0,
-                        timeout_s=60)
+                        tokenizer=base.fingerprint, token=SecretStr(gateway.key), retries=retries,
+                        timeout_s=60, sleep=lambda _: None)
     decoder = CoDecoder(base=base, switch=switch, expert=expert, policy=policy, audit=audit,
                         options=DecodingOptions(threshold=threshold, lookahead=lookahead,
                                                 max_tokens=MAX_TOKENS))
@@ -258,11 +266,17 @@ def run_corpus(tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Ga
         answers = [decoder.generate(plain_prompt([line["passage"]], line["question"]),
                                     request_id=f"wire-{index}")
                    for index, line in enumerate(stack.lines[:examples])]
+        usage = policy._usage
+        run = Run(proxy, settings.audit_log, answers)
+        run.usage_calls = sum(usage.current(f"wire-{index}")["request"].calls
+                              for index in range(len(answers)))
     finally:
         expert.close()
         proxy.close()
+        if faulty is not None:
+            faulty.close()
         policy.close()
-    return Run(proxy, settings.audit_log, answers)
+    return run
 
 
 def continue_calls(run: Run) -> list[dict[str, Any]]:
@@ -336,6 +350,28 @@ def _check_first_calls(run: Run, stack: Stack, base: Any, tmp_path: Path) -> Non
 
 def _contains(sequence: list[int], part: list[int]) -> bool:
     return any(sequence[i:i + len(part)] == part for i in range(len(sequence) - len(part) + 1))
+
+
+def test_retries_are_on_the_wire_in_the_audit_log_and_in_the_caps(
+    tmp_path: Path, stack: Stack, base: Any, switch: Any, gateway: Gateway
+) -> None:
+    """Against a gateway answering 503, every request on the wire (retries included) has its own
+    egress record, written before it was sent, and counts against the caps."""
+    faults = ["status_503", "status_503", "pass", "status_503", "pass"] * 4
+    run = run_corpus(tmp_path, stack, base, switch, gateway, examples=2, retries=2,
+                     faults=faults, mode="redact_private")
+    calls = continue_calls(run)
+    verify(run.audit_path, key=AUDIT_KEY)
+    sent = [record for record in read_records(run.audit_path)
+            if record["kind"] == "egress" and record["sent"]]
+    assert len(calls) >= 5  # the retries went out
+    assert [(body["session"], body["held"], body["tokens"]) for body in calls] == [
+        (record["session"], record["held"], record["sent_tokens"]) for record in sent]
+    assert run.usage_calls == len(calls)
+    assert sum(answer.egress.calls for answer in run.answers) == len(calls)
+    failed = [record for record in read_records(run.audit_path)
+              if record["kind"] == "outcome" and record["error"]]
+    assert len(failed) >= 3 and all(record["delivered"] for record in failed)
 
 
 def test_dry_run_sends_nothing_but_audits_every_decision(

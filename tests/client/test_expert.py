@@ -33,7 +33,7 @@ from client.settings import ExpertSettings
 from expert_gateway.protocol import sample_from_logits
 
 FINGERPRINT = "ef" * 32
-URL = "http://gateway.test"
+URL = "https://gateway.test"
 
 
 class Clock:
@@ -260,7 +260,7 @@ def test_retries_stop_when_the_circuit_opens() -> None:
 
 def test_from_settings_uses_every_setting() -> None:
     settings = ExpertSettings(url="http://gpu-box:8400/", model="big", retries=4,
-                              breaker_failures=7, breaker_reset_s=9.0)
+                              breaker_failures=7, breaker_reset_s=9.0, allow_insecure_http=True)
     expert = HttpExpert.from_settings(settings, tokenizer=FINGERPRINT)
     assert expert.destination == "http://gpu-box:8400" and expert.model == "big"
     assert expert.retries == 4

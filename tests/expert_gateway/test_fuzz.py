@@ -29,7 +29,8 @@ FUZZ_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     keys_file = tmp_path_factory.mktemp("fuzz") / "keys.json"
     _, secret = KeyStore(keys_file).add("fuzz", requests_per_minute=1_000_000)
-    app = create_app(gateway_settings(keys_file, server={"max_body_bytes": 65536}), backend=FakeBackend())
+    app = create_app(gateway_settings(keys_file, server={"max_body_bytes": 65536, "api_docs": True}),
+                     backend=FakeBackend())
     with serve(app) as url:
         yield url, secret
 
