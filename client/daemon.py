@@ -73,6 +73,7 @@ class DaemonServices:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_queue: int = 64
     max_queue_per_client: int = 16
+    max_parallel: int = 1  # answers run at once (the decoder pool's size)
     trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host header
     default_max_tokens: int = 128
     default_temperature: float = 0.0
@@ -133,7 +134,8 @@ class Daemon:
         self.services = services
         self.metrics = Metrics()
         self.worker = ModelWorker(max_queue=services.max_queue,
-                                  max_per_client=services.max_queue_per_client)
+                                  max_per_client=services.max_queue_per_client,
+                                  max_parallel=services.max_parallel)
         self.started = time.time()
 
     def submit(self, question: Question, *, request_id: str, client: str) -> AnswerRun:
@@ -289,6 +291,7 @@ def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": services.model_name,
                 "queued": len(daemon.worker.queue), "busy": daemon.worker.busy,
+                "running": daemon.worker.running,
                 "uptime_s": round(time.time() - daemon.started, 3)}
 
     @app.get("/metrics")
@@ -296,6 +299,7 @@ def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
         gauges = {
             "tandem_queue_depth": (len(daemon.worker.queue), "requests waiting for the model"),
             "tandem_worker_busy": (int(daemon.worker.busy), "1 while the model is decoding"),
+            "tandem_answers_running": (daemon.worker.running, "answers decoding together now"),
             "tandem_documents": (len(services.documents.list_documents()), "stored documents"),
         }
         return PlainTextResponse(daemon.metrics.render(gauges),

@@ -39,7 +39,6 @@ def _direct_logits(backend: LlamaCppBackend, tokens: list[int]) -> np.ndarray:
     backend._model.reset(seq=0)
     logits = backend._model.decode(tokens, seq=0).logits
     backend._model.reset(seq=0)
-    backend._cached[0] = []
     return logits
 
 
