@@ -264,10 +264,10 @@ class DelayProxy:
 
 def smollm2_head(gguf: Path, work: Path, *, defer_share: float) -> tuple[Path, float]:
     """A random linear head and the threshold that defers ``defer_share`` of answer tokens."""
-    from bench.bench_decoding import write_head
-    from client.base_model import LlamaModel
+    from bench_decoding import write_head
 
     from client.assistant import ChatTurn, NeverDefer, Question, prompt_builder_for
+    from client.base_model import LlamaModel
     from client.decoding import CoDecoder
 
     model = LlamaModel(gguf, n_ctx=1024)
@@ -294,15 +294,16 @@ def smollm2_head(gguf: Path, work: Path, *, defer_share: float) -> tuple[Path, f
 
 
 def gateway_rows(gguf: Path, threads: int, calls: int) -> dict[str, Any]:
-    from bench.bench_gateway import served
-    from bench.bench_gateway import throughput as session_throughput
+    from bench_gateway import served
+    from bench_gateway import throughput as session_throughput
+
     from expert_gateway.backends.llama_cpp import LlamaCppBackend
 
     backend = LlamaCppBackend.open(gguf, name="bench", n_ctx=17 * 256, n_batch=256,
                                    n_threads=threads, slots=16)
     info = {"name": "bench", "vocab_size": backend.info.vocab_size,
             "tokenizer": backend.info.tokenizer}
-    rows = {}
+    rows: dict[int, list[float]] = {}
     with served(backend) as client:
         for sessions in (1, 16, 1, 16):
             result = session_throughput(client, info, sessions=sessions, calls=calls,
@@ -349,6 +350,67 @@ def audit_rows(work: Path, big: int) -> dict[str, float]:
     return result
 
 
+class LockedExpert:
+    """An in-process expert shared by answer threads (one llama.cpp context: one call at a time)."""
+
+    def __init__(self, model: Any) -> None:
+        from client.expert import InProcessExpert
+
+        self.inner = InProcessExpert(model)
+        self.destination, self.model = "in-process", "bench-expert"
+        self.lock = threading.Lock()
+
+    def continue_(self, **kwargs: Any) -> Any:
+        with self.lock:
+            return self.inner.continue_(**kwargs)
+
+
+def exactness_rows(gguf: Path, head: Path | None, *, parallel: int, answers: int,
+                   threads: int) -> dict[str, Any]:
+    """Share of greedy answers identical token for token decoded together and alone."""
+    from client.assistant import ChatTurn, NeverDefer, Question, prompt_builder_for
+    from client.base_model import LlamaModel
+    from client.batch_engine import BatchEngine
+    from client.decoding import CoDecoder, DecodingOptions
+    from client.serving import DecoderPool
+    from client.switch import OnnxSwitch
+
+    shared = LlamaModel(gguf, n_ctx=parallel * 512, n_seq_max=parallel, n_ctx_seq=512,
+                        n_threads=threads)
+    alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads)
+    expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads))
+    switch: Any = NeverDefer() if head is None else OnnxSwitch.for_base(head, shared)
+    options = DecodingOptions(max_tokens=ANSWER_TOKENS, lookahead=4)
+    build = prompt_builder_for(shared, "auto")
+    prompts = [build(Question(messages=[ChatTurn("user", PROMPTS[index % len(PROMPTS)])]), [])
+               for index in range(answers)]
+    engine = BatchEngine(shared, scorer=switch)
+    pool = DecoderPool(engine, switch=switch, expert=expert, make=lambda view, scored, proxy: (
+        CoDecoder(base=view, switch=scored, expert=proxy, options=options, seq=view.seq)))
+
+    def together(index: int) -> list[int]:
+        with pool.checkout() as decoder:
+            return list(decoder.generate(prompts[index]).token_ids)
+
+    with concurrent.futures.ThreadPoolExecutor(parallel) as executor:
+        batched = list(executor.map(together, range(answers)))
+    engine.close()
+    alone = CoDecoder(base=alone_model, switch=switch, expert=expert, options=options)
+    same = 0
+    first_difference = []
+    for index in range(answers):
+        reference = alone.generate(prompts[index]).token_ids
+        same += int(reference == batched[index])
+        if reference != batched[index]:
+            first_difference.append(next(
+                (at for at, (a, b) in enumerate(zip(reference, batched[index], strict=False))
+                 if a != b), min(len(reference), len(batched[index]))))
+    for model in (shared, alone_model, expert.inner.base):
+        model.close()
+    return {"answers": answers, "identical": same, "share": same / answers,
+            "first_difference_at": first_difference, "max_batch": engine.stats.max_sequences}
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
@@ -364,8 +426,9 @@ def main() -> int:
     parser.add_argument("--gateway-calls", type=int, default=8)
     parser.add_argument("--audit-records", type=int, default=1_000_000)
     parser.add_argument("--threads-sweep", action="store_true")
+    parser.add_argument("--exact-answers", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["anchor", "deferral", "ttft", "gateway", "audit"])
+                        choices=["anchor", "deferral", "ttft", "gateway", "audit", "exact"])
     args = parser.parse_args()
 
     from client.base_model import smollm2_path
@@ -446,9 +509,17 @@ def main() -> int:
                               for key, value in deferral.items()}
         report["deferral_100ms_vs_0ms"] = ratio(deferral["100ms"]["tokens_per_s"],
                                                 deferral["0ms"]["tokens_per_s"])
-        for key, value in deferral.items():
-            rows.append((f"8 clients, ~10% deferred, expert +{key}, tok/s", value["tokens_per_s"],
-                         f"{value['deferred_share']:.1%} deferred"))
+        for key, row in deferral.items():
+            rows.append((f"8 clients, ~10% deferred, expert +{key}, tok/s", row["tokens_per_s"],
+                         f"{row['deferred_share']:.1%} deferred"))
+    if "exact" not in args.skip:
+        head = None if "deferral" in args.skip else smollm2_head(gguf, work, defer_share=0.10)[0]
+        report["exactness"] = exactness_rows(gguf, head, parallel=args.parallel,
+                                             answers=args.exact_answers, threads=args.threads)
+        rows.append(("greedy answers identical together vs alone, share",
+                     report["exactness"]["share"],
+                     f"{report['exactness']['identical']}/{report['exactness']['answers']}"
+                     f"{', ~10% deferred' if head else ''}"))
     if "gateway" not in args.skip:
         gateway = gateway_rows(gguf, args.threads, args.gateway_calls)
         report["gateway"] = {"one_tokens_per_s": gateway["one"],

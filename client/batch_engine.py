@@ -434,9 +434,9 @@ class SequenceSwitch:
                 or not np.shares_memory(hidden, source)):
             return None
         offset = hidden.ctypes.data - source.ctypes.data
-        if offset % source.strides[0] or hidden.shape[0] > 1 and hidden.strides[0] != source.strides[0]:
+        if offset % source.strides[0] or (hidden.shape[0] > 1 and hidden.strides[0] != source.strides[0]):
             return None
         first = offset // source.strides[0]
-        if not 0 <= first or first + hidden.shape[0] > source.shape[0]:
+        if not first >= 0 or first + hidden.shape[0] > source.shape[0]:
             return None
         return scores[first:first + hidden.shape[0]].astype(np.float32)

@@ -155,9 +155,9 @@ def test_caps_hold_exactly_under_concurrency(toy_pair: Any, gateway: str, tmp_pa
     proxy_server = ServerThread(proxy.app())
     proxy_url = proxy_server.start()
     try:
-        with toy_daemon(toy_pair, tmp_path, proxy_url, threshold=0.2, hourly_calls=5) as (url, _):
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                replies = list(pool.map(lambda index: ask(url, index), range(16)))
+        with toy_daemon(toy_pair, tmp_path, proxy_url, threshold=0.2, hourly_calls=5) as (
+                url, _), concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda index: ask(url, index), range(16)))
     finally:
         proxy_server.stop()
     records = list(audit.read_records(tmp_path / "audit.jsonl"))
