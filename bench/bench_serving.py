@@ -513,13 +513,13 @@ def main() -> int:
             rows.append((f"8 clients, ~10% deferred, expert +{key}, tok/s", row["tokens_per_s"],
                          f"{row['deferred_share']:.1%} deferred"))
     if "exact" not in args.skip:
-        head = None if "deferral" in args.skip else smollm2_head(gguf, work, defer_share=0.10)[0]
-        report["exactness"] = exactness_rows(gguf, head, parallel=args.parallel,
+        exact_head = None if "deferral" in args.skip else smollm2_head(gguf, work, defer_share=0.10)[0]
+        report["exactness"] = exactness_rows(gguf, exact_head, parallel=args.parallel,
                                              answers=args.exact_answers, threads=args.threads)
         rows.append(("greedy answers identical together vs alone, share",
                      report["exactness"]["share"],
                      f"{report['exactness']['identical']}/{report['exactness']['answers']}"
-                     f"{', ~10% deferred' if head else ''}"))
+                     f"{', ~10% deferred' if exact_head else ''}"))
     if "gateway" not in args.skip:
         gateway = gateway_rows(gguf, args.threads, args.gateway_calls)
         report["gateway"] = {"one_tokens_per_s": gateway["one"],
