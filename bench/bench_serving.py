@@ -365,10 +365,10 @@ class LockedExpert:
             return self.inner.continue_(**kwargs)
 
 
-def exactness_rows(gguf: Path, head: Path | None, *, parallel: int, answers: int,
+def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int,
                    threads: int) -> dict[str, Any]:
     """Share of greedy answers identical token for token decoded together and alone."""
-    from client.assistant import ChatTurn, NeverDefer, Question, prompt_builder_for
+    from client.assistant import ChatTurn, Question, prompt_builder_for
     from client.base_model import LlamaModel
     from client.batch_engine import BatchEngine
     from client.decoding import CoDecoder, DecodingOptions
@@ -379,7 +379,7 @@ def exactness_rows(gguf: Path, head: Path | None, *, parallel: int, answers: int
                         n_threads=threads)
     alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads)
     expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads))
-    switch: Any = NeverDefer() if head is None else OnnxSwitch.for_base(head, shared)
+    switch = OnnxSwitch.for_base(head, shared)
     options = DecodingOptions(max_tokens=ANSWER_TOKENS, lookahead=4)
     build = prompt_builder_for(shared, "auto")
     prompts = [build(Question(messages=[ChatTurn("user", PROMPTS[index % len(PROMPTS)])]), [])
@@ -513,13 +513,13 @@ def main() -> int:
             rows.append((f"8 clients, ~10% deferred, expert +{key}, tok/s", row["tokens_per_s"],
                          f"{row['deferred_share']:.1%} deferred"))
     if "exact" not in args.skip:
-        exact_head = None if "deferral" in args.skip else smollm2_head(gguf, work, defer_share=0.10)[0]
+        exact_head = smollm2_head(gguf, work, defer_share=0.10)[0]
         report["exactness"] = exactness_rows(gguf, exact_head, parallel=args.parallel,
                                              answers=args.exact_answers, threads=args.threads)
         rows.append(("greedy answers identical together vs alone, share",
                      report["exactness"]["share"],
                      f"{report['exactness']['identical']}/{report['exactness']['answers']}"
-                     f"{', ~10% deferred' if exact_head else ''}"))
+                     ", ~10% deferred"))
     if "gateway" not in args.skip:
         gateway = gateway_rows(gguf, args.threads, args.gateway_calls)
         report["gateway"] = {"one_tokens_per_s": gateway["one"],

@@ -124,8 +124,10 @@ class LlamaModel:
     """A GGUF model with one context; each sequence id is an independent KV stream."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
-                 n_threads: int = 2, n_seq_max: int = 1, n_ctx_seq: int | None = None) -> None:
+                 n_threads: int = 2, n_seq_max: int = 1, n_ctx_seq: int | None = None,
+                 kv_unified: bool = False) -> None:
         self.path = Path(path)
+        self.kv_unified = kv_unified and n_seq_max > 1
         self.n_threads = n_threads
         self.n_batch = n_batch
         self._lock = threading.RLock()
@@ -185,13 +187,20 @@ class LlamaModel:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
-        # One KV buffer for all sequences: llama_memory_seq_cp can then share a prompt prefix
-        # between sequences by reference (separate streams only copy whole sequences), and a
-        # batch mixing one long prefill with single decode rows stays one ubatch.
-        params.kv_unified = n_seq_max > 1
+        # One KV stream per sequence (the default): a row's attention then runs over its own
+        # sequence's cells only, laid out as when it decodes alone, so its logits are
+        # bit-identical however many other sequences share the step (a unified buffer moved
+        # SmolLM2's logits by up to 0.4 once other sequences' cells preceded them). Prefixes are
+        # still shared by copying a whole stream and cutting it back (``copy_prefix``).
+        params.kv_unified = self.kv_unified
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
+        # llama.cpp's CPU flash attention rounds a row differently with the number of rows in
+        # the batch (logits of SmolLM2 moved by up to 0.5), so an answer decoded among others, or
+        # after a chunked prefill, would not be the answer decoded alone. The plain attention
+        # path gives every row the same result whatever the batch (measured: bit-identical).
+        params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.pooling_type = self._lib.LLAMA_POOLING_TYPE_NONE
         params.no_perf = True
         context = self._lib.llama_init_from_model(self._model, params)
@@ -452,9 +461,10 @@ class LlamaModel:
             return DecodeOutput(np.stack(logits), np.stack(hidden))
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
-        """Make ``target`` hold the first ``length`` tokens of ``source`` by sharing their KV.
+        """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.
 
-        ``target`` is emptied first; the cells are shared (unified KV cache), not copied.
+        With a unified cache the cells are shared by reference; with one stream per sequence
+        llama.cpp copies only whole streams, so the copy is cut back to ``length``.
         """
         with self._lock:
             self._require_open()
@@ -465,8 +475,13 @@ class LlamaModel:
                                  f"with sequence {target}")
             self._remove_from(0, target)
             memory = self._lib.llama_get_memory(self._context)
-            self._lib.llama_memory_seq_cp(memory, source, target, 0, length)
-            self._cached[target] = list(self._cached[source][:length])
+            if self.kv_unified:
+                self._lib.llama_memory_seq_cp(memory, source, target, 0, length)
+                self._cached[target] = list(self._cached[source][:length])
+                return
+            self._lib.llama_memory_seq_cp(memory, source, target, -1, -1)
+            self._cached[target] = list(self._cached[source])
+            self._remove_from(length, target)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 K and V cache one token takes over all layers."""

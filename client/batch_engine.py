@@ -19,7 +19,7 @@ most ``prefill_chunk`` tokens a step, and finish over several steps. A new promp
 never freezes the running answers, and a new request's prefill starts at the next step.
 
 Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
-longer common prefix and shares its KV cells (``llama_memory_seq_cp`` on the unified cache).
+longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
 
 This module imports only the llama.cpp wrapper and the error tree, so it can move with them.
 """
@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_GATHER_S = 0.004
 DEFAULT_PREFILL_CHUNK = 128
 SHORT_REQUEST = 64  # requests up to this many tokens (decode rows, expert spans) go in whole
-MIN_SHARED_PREFIX = 16  # shorter shared prefixes cost more bookkeeping than they save
+# Shorter shared prefixes cost more than they save: with one KV stream per sequence a share
+# copies the whole stream (n_ctx_seq cells of every layer), about a 32-token prefill's worth.
+MIN_SHARED_PREFIX = 32
 
 
 class Scorer(Protocol):
