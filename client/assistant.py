@@ -11,6 +11,7 @@ was trained on, chat models their GGUF chat template. The decoder is a seam (``T
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import uuid
@@ -399,9 +400,11 @@ class CoDecoderSource:
     Control tokens (EOS, ``<|im_end|>``) carry no text and are not part of the answer.
     """
 
-    def __init__(self, decoder: Any, *, audit_path: Path | None = None) -> None:
+    def __init__(self, decoder: Any, *, audit_path: Path | None = None,
+                 pool: Any | None = None) -> None:
         self.decoder = decoder
         self.audit_path = audit_path
+        self.pool = pool  # client.serving.DecoderPool: one decoder per concurrent answer
         self._summaries: dict[str, EgressSummary] = {}
         self._lock = threading.Lock()
 
@@ -410,8 +413,16 @@ class CoDecoderSource:
 
     def generate(self, segments: Sequence[Segment], *, request_id: str, max_tokens: int,
                  temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
-        stream = self.decoder.stream(segments, request_id=request_id, max_tokens=max_tokens,
-                                     temperature=temperature, seed=seed)
+        lease = self.pool.checkout() if self.pool is not None else contextlib.nullcontext(self.decoder)
+        with lease as decoder:
+            yield from self._generate(decoder, segments, request_id=request_id,
+                                      max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+    def _generate(self, decoder: Any, segments: Sequence[Segment], *, request_id: str,
+                  max_tokens: int, temperature: float, seed: int | None
+                  ) -> Iterator[GeneratedToken]:
+        stream = decoder.stream(segments, request_id=request_id, max_tokens=max_tokens,
+                                temperature=temperature, seed=seed)
         try:
             while True:
                 try:
@@ -550,6 +561,7 @@ class Runtime:
     audit_path: Path
     closers: list[Callable[[], None]] = field(default_factory=list)
     expert: Any = None  # the HttpExpert, for the start-up reachability line
+    max_parallel: int = 1  # answers decoded together
 
     def close(self) -> None:
         while self.closers:
@@ -562,15 +574,19 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
     """Load base, head, expert client, policy, audit log and document store once."""
     from client.audit import AuditLog
     from client.base_model import LlamaModel
+    from client.batch_engine import BatchEngine
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from client.policy import Policy
+    from client.serving import DecoderPool
     from client.switch import OnnxSwitch
 
     closers: list[Callable[[], None]] = []
     try:
-        base = LlamaModel(base_path, n_ctx=settings.base.n_ctx, n_batch=settings.base.n_batch,
-                          n_threads=settings.base.n_threads)
+        parallel = settings.base.max_parallel
+        base = LlamaModel(base_path, n_ctx=settings.base.n_ctx * parallel,
+                          n_batch=settings.base.n_batch, n_threads=settings.base.n_threads,
+                          n_seq_max=parallel, n_ctx_seq=settings.base.n_ctx)
         closers.append(base.close)
         switch: Any = NeverDefer() if switch_path is None else OnnxSwitch.for_base(
             switch_path, base, provider=settings.switch.provider)
@@ -581,13 +597,18 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
         closers.append(policy.close)
         audit = AuditLog(policy_settings.audit_log, key=audit_key,
                          rotate_bytes=policy_settings.audit_rotate_bytes)
-        decoder = CoDecoder(base=base, switch=switch, expert=expert, policy=policy, audit=audit,
-                            options=DecodingOptions.from_settings(settings))
+        engine = BatchEngine(base, scorer=switch)
+        closers.append(engine.close)
+        options = DecodingOptions.from_settings(settings)
+        pool = DecoderPool(engine, switch=switch, expert=expert, make=lambda view, head, proxy: (
+            CoDecoder(base=view, switch=head, expert=proxy, policy=policy, audit=audit,
+                      options=options, seq=view.seq)))
+        decoder = pool.decoder
         documents = DocumentStore(settings.daemon.data_dir / "documents.sqlite3",
                                   max_bytes=settings.daemon.max_upload_bytes,
                                   passage_chars=settings.daemon.passage_chars)
         closers.append(documents.close)
-        source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log)
+        source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log, pool=pool)
         assistant = Assistant(decoder=source, documents=documents,
                               prompt_builder=prompt_builder_for(base, settings.base.prompt_style),
                               ledger=source, retrieve_passages=settings.daemon.retrieve_passages,
@@ -597,7 +618,8 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
             close()
         raise
     name = f"tandem-{settings.base.preset}"
-    return Runtime(assistant, documents, name, policy_settings.audit_log, closers, expert)
+    return Runtime(assistant, documents, name, policy_settings.audit_log, closers, expert,
+                   max_parallel=settings.base.max_parallel)
 
 
 def prompt_builder_for(base: Any, style: str) -> PromptBuilder:

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -35,6 +36,8 @@ from pydantic import SecretStr
 
 from client.egress import EgressOutcome, EgressRecord
 from client.errors import AuditError, AuditVerifyError
+
+logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 1
@@ -181,7 +184,9 @@ class AuditLog:
                 record = {**body, "v": FORMAT_VERSION, "seq": last_seq + 1, "id": record_id,
                           "time": stamp, "key_id": self._key_id, "prev": last_hash}
                 record["hmac"] = _sign(self._key, record)
-                self._write_line(_canonical(record) + b"\n")
+                line = _canonical(record) + b"\n"
+                self._write_line(line)
+                _index_append(self._path, record, len(line), previous_seq=last_seq)
             except OSError as exc:
                 raise AuditError(f"cannot write the audit log {self._path}: {exc}") from exc
         return record_id
@@ -387,6 +392,9 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 def show(path: Path, request_id: str) -> list[dict[str, Any]]:
     """The egress records of one request and the outcomes linked to them, in log order."""
+    indexed = _index_show(path, request_id)
+    if indexed is not None:
+        return indexed
     egress_ids: set[str] = set()
     found = []
     for record in read_records(path):
@@ -396,6 +404,33 @@ def show(path: Path, request_id: str) -> list[dict[str, Any]]:
         elif record.get("kind") == "outcome" and record.get("egress_id") in egress_ids:
             found.append(record)
     return found
+
+
+def _index_append(path: Path, record: dict[str, Any], length: int, *, previous_seq: int) -> None:
+    """Index the appended record (client.audit_index); the log stays right if this fails."""
+    import sqlite3
+
+    from client import audit_index
+
+    try:
+        audit_index.for_log(path).add(record, length, previous_seq=previous_seq)
+    except (sqlite3.Error, OSError) as exc:
+        logger.warning("audit index not updated (%s); lookups will rebuild it", exc)
+
+
+def _index_show(path: Path, request_id: str) -> list[dict[str, Any]] | None:
+    """``show`` through the index, at a cost independent of the log's length; None: scan."""
+    from client import audit_index
+
+    last_seq = -1
+    for candidate in reversed(log_files(path)):
+        last = _last_line(candidate, repair=False)
+        if last is not None:
+            last_seq = int(json.loads(last)["seq"])
+            break
+    if last_seq < 0:
+        return None
+    return audit_index.indexed_show(path, request_id, last_seq)
 
 
 def format_request(records: list[dict[str, Any]]) -> str:

@@ -100,12 +100,34 @@ def _llama() -> Any:
     return llama_cpp
 
 
+def kv_bytes_per_token(lib: Any, model: Any) -> int:
+    layers = int(lib.llama_model_n_layer(model))
+    embd = int(lib.llama_model_n_embd(model))
+    heads = max(1, int(lib.llama_model_n_head(model)))
+    kv_heads = int(lib.llama_model_n_head_kv(model))
+    return 2 * 2 * layers * (embd // heads) * kv_heads  # K and V, f16
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class LlamaModel:
     """A GGUF model with one context; each sequence id is an independent KV stream."""
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
-                 n_threads: int = 2, n_seq_max: int = 1) -> None:
+                 n_threads: int = 2, n_seq_max: int = 1, n_ctx_seq: int | None = None,
+                 kv_unified: bool = False) -> None:
         self.path = Path(path)
+        self.kv_unified = kv_unified and n_seq_max > 1
         self.n_threads = n_threads
         self.n_batch = n_batch
         self._lock = threading.RLock()
@@ -117,6 +139,7 @@ class LlamaModel:
         self._lib = _llama()
         self._load_model()
         try:
+            self._check_kv_fits(n_ctx, n_seq_max)
             self._create_context(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                                  n_seq_max=n_seq_max)
         except BaseException:
@@ -127,7 +150,10 @@ class LlamaModel:
         self.hidden_size = int(self._lib.llama_model_n_embd(self._model))
         self.n_ctx = int(self._lib.llama_n_ctx(self._context))
         self.n_seq_max = n_seq_max
-        self._seq_capacity = int(self._lib.llama_n_ctx_seq(self._context))
+        # With a unified KV cache every sequence may address the whole context; ``n_ctx_seq``
+        # keeps each one to its share, so max_parallel answers always fit together.
+        self._seq_capacity = min(int(self._lib.llama_n_ctx_seq(self._context)),
+                                 n_ctx_seq or self.n_ctx)
         self.bos_id = int(self._lib.llama_vocab_bos(self._vocab))
         self.eos_id = int(self._lib.llama_vocab_eos(self._vocab))
         self._cached: list[list[int]] = [[] for _ in range(n_seq_max)]
@@ -144,15 +170,37 @@ class LlamaModel:
             raise ModelLoadError(f"llama.cpp could not load {self.path} (not a valid GGUF model?)")
         self._model = model
 
+    def _check_kv_fits(self, n_ctx: int, n_seq_max: int) -> None:
+        """Refuse a KV cache larger than the memory the machine has free, before allocating it."""
+        need = kv_bytes_per_token(self._lib, self._model) * n_ctx
+        available = available_memory_bytes()
+        if available is not None and need > available:
+            raise ModelLoadError(
+                f"the KV cache of {n_ctx} tokens ({n_seq_max} sequence(s) of "
+                f"{n_ctx // max(1, n_seq_max)}) needs {need / 2**20:.0f} MiB but only "
+                f"{available / 2**20:.0f} MiB of memory is available; lower max_parallel or n_ctx"
+            )
+
     def _create_context(self, *, n_ctx: int, n_batch: int, n_threads: int, n_seq_max: int) -> None:
         params = self._lib.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
+        # One KV stream per sequence (the default): a row's attention then runs over its own
+        # sequence's cells only, laid out as when it decodes alone, so its logits are
+        # bit-identical however many other sequences share the step (a unified buffer moved
+        # SmolLM2's logits by up to 0.4 once other sequences' cells preceded them). Prefixes are
+        # still shared by copying a whole stream and cutting it back (``copy_prefix``).
+        params.kv_unified = self.kv_unified
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
+        # llama.cpp's CPU flash attention rounds a row differently with the number of rows in
+        # the batch (logits of SmolLM2 moved by up to 0.5), so an answer decoded among others, or
+        # after a chunked prefill, would not be the answer decoded alone. The plain attention
+        # path gives every row the same result whatever the batch (measured: bit-identical).
+        params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.pooling_type = self._lib.LLAMA_POOLING_TYPE_NONE
         params.no_perf = True
         context = self._lib.llama_init_from_model(self._model, params)
@@ -293,6 +341,12 @@ class LlamaModel:
                 hidden += rows[1]
             return DecodeOutput(np.stack(logits), np.stack(hidden))
 
+    def check_decode(self, tokens: Sequence[int], seq: int) -> None:
+        """Raise what ``decode`` would raise for these tokens before decoding anything."""
+        with self._lock:
+            self._require_open()
+            self._check_decode(tokens, seq)
+
     def _check_seq(self, seq: int) -> None:
         if not 0 <= seq < self.n_seq_max:
             raise ModelError(f"sequence id {seq} is outside 0..{self.n_seq_max - 1}")
@@ -348,6 +402,91 @@ class LlamaModel:
             logits.append(np.ctypeslib.as_array(logits_pointer, shape=(self.vocab_size,)).copy())
             hidden.append(np.ctypeslib.as_array(hidden_pointer, shape=(self.hidden_size,)).copy())
         return logits, hidden
+
+    @property
+    def seq_capacity(self) -> int:
+        """The most tokens one sequence may hold."""
+        return self._seq_capacity
+
+    def decode_pieces(self, pieces: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """ONE ``llama_decode`` over several sequences: ``(seq, tokens)`` pieces in batch order.
+
+        Batch row ``i`` is the ``i``-th token over all pieces; read its outputs with
+        ``read_rows``. Each piece goes after what its sequence holds; a failure leaves every
+        sequence as it was.
+        """
+        with self._lock:
+            self._require_open()
+            total = sum(len(tokens) for _, tokens in pieces)
+            if total == 0 or total > self.n_batch:
+                raise ModelError(f"a batch holds 1..{self.n_batch} tokens, not {total}")
+            seen: set[int] = set()
+            for seq, tokens in pieces:
+                if seq in seen:
+                    raise ModelError(f"sequence {seq} appears twice in one batch")
+                seen.add(seq)
+                self._check_decode(tokens, seq)
+            batch = self._batch
+            index = 0
+            for seq, tokens in pieces:
+                first_position = len(self._cached[seq])
+                for offset, token in enumerate(tokens):
+                    batch.token[index] = int(token)
+                    batch.pos[index] = first_position + offset
+                    batch.n_seq_id[index] = 1
+                    batch.seq_id[index][0] = seq
+                    batch.logits[index] = True
+                    index += 1
+            batch.n_tokens = total
+            status = self._lib.llama_decode(self._context, batch)
+            if status != 0:
+                for seq, _ in pieces:
+                    if status != 1:  # failed ubatches may stay in memory: drop them
+                        self._remove_from(len(self._cached[seq]), seq)
+                if status == 1:
+                    raise ContextOverflowError(f"llama.cpp found no KV slot for a batch of "
+                                               f"{total} tokens")
+                raise ModelError(f"llama_decode failed with status {status}")
+            for seq, tokens in pieces:
+                self._cached[seq].extend(int(token) for token in tokens)
+
+    def read_rows(self, rows: Sequence[int]) -> DecodeOutput:
+        """Logits and hidden states of batch rows of the last decode."""
+        with self._lock:
+            self._require_open()
+            logits, hidden = self._read_rows(list(rows))
+            if not rows:
+                return DecodeOutput(np.zeros((0, self.vocab_size), np.float32),
+                                    np.zeros((0, self.hidden_size), np.float32))
+            return DecodeOutput(np.stack(logits), np.stack(hidden))
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.
+
+        With a unified cache the cells are shared by reference; with one stream per sequence
+        llama.cpp copies only whole streams, so the copy is cut back to ``length``.
+        """
+        with self._lock:
+            self._require_open()
+            self._check_seq(source)
+            self._check_seq(target)
+            if not 0 < length <= len(self._cached[source]) or source == target:
+                raise ModelError(f"cannot share {length} tokens of sequence {source} "
+                                 f"with sequence {target}")
+            self._remove_from(0, target)
+            memory = self._lib.llama_get_memory(self._context)
+            if self.kv_unified:
+                self._lib.llama_memory_seq_cp(memory, source, target, 0, length)
+                self._cached[target] = list(self._cached[source][:length])
+                return
+            self._lib.llama_memory_seq_cp(memory, source, target, -1, -1)
+            self._cached[target] = list(self._cached[source])
+            self._remove_from(length, target)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 K and V cache one token takes over all layers."""
+        self._require_open()
+        return kv_bytes_per_token(self._lib, self._model)
 
     def rollback(self, to_position: int, *, seq: int = 0) -> None:
         """Forget every KV entry of ``seq`` from ``to_position`` on."""

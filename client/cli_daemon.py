@@ -174,7 +174,7 @@ def daemon_services(runtime: Runtime, settings: ClientSettings, *, api_key: Secr
         assistant=runtime.assistant, documents=runtime.documents, model_name=runtime.model_name,
         egress_reader=lambda request_id: audit_records(runtime.audit_path, request_id),
         api_key=api_key, max_upload_bytes=daemon.max_upload_bytes, max_queue=daemon.max_queue,
-        max_queue_per_client=daemon.max_queue_per_client,
+        max_queue_per_client=daemon.max_queue_per_client, max_parallel=runtime.max_parallel,
         trusted_hosts=LOOPBACK_HOSTS if is_loopback(host) else None,
         default_max_tokens=settings.decoding.max_tokens,
         default_temperature=settings.decoding.temperature, on_close=[runtime.close])

@@ -79,6 +79,7 @@ class DaemonServices:
     max_upload_bytes: int = _default(DaemonSettings, "max_upload_bytes")
     max_queue: int = _default(DaemonSettings, "max_queue")
     max_queue_per_client: int = _default(DaemonSettings, "max_queue_per_client")
+    max_parallel: int = 1  # answers run at once (the decoder pool's size)
     trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host header
     default_max_tokens: int = _default(DecodingSettings, "max_tokens")
     default_temperature: float = _default(DecodingSettings, "temperature")
@@ -139,9 +140,11 @@ class Daemon:
         self.services = services
         self.metrics = Metrics(queue_depth=lambda: len(self.worker.queue),
                                worker_busy=lambda: int(self.worker.busy),
+                               answers_running=lambda: self.worker.running,
                                documents=lambda: len(services.documents.list_documents()))
         self.worker = ModelWorker(max_queue=services.max_queue,
-                                  max_per_client=services.max_queue_per_client)
+                                  max_per_client=services.max_queue_per_client,
+                                  max_parallel=services.max_parallel)
         self.started = time.time()
 
     def submit(self, question: Question, *, request_id: str, client: str) -> AnswerRun:
@@ -307,6 +310,7 @@ def _add_page_routes(app: FastAPI, daemon: Daemon) -> None:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": services.model_name,
                 "queued": len(daemon.worker.queue), "busy": daemon.worker.busy,
+                "running": daemon.worker.running,
                 "uptime_s": round(time.time() - daemon.started, 3)}
 
     @app.get("/metrics")

@@ -46,7 +46,8 @@ class Metrics:
     """The daemon's counters, its request-latency histogram and gauges read at scrape time."""
 
     def __init__(self, *, queue_depth: Callable[[], float], worker_busy: Callable[[], float],
-                 documents: Callable[[], float]) -> None:
+                 documents: Callable[[], float],
+                 answers_running: Callable[[], float] = lambda: 0) -> None:
         # The library's only switch for the `_created` series is process-wide; the daemon never
         # exported them, and a scrape should show the same names as before.
         _disable_created_series()
@@ -73,6 +74,7 @@ class Metrics:
         for name, documentation, read in (
                 ("tandem_queue_depth", "requests waiting for the model", queue_depth),
                 ("tandem_worker_busy", "1 while the model is decoding", worker_busy),
+                ("tandem_answers_running", "answers decoding together now", answers_running),
                 ("tandem_documents", "stored documents", documents)):
             Gauge(name, documentation, registry=self.registry).set_function(read)
         # Series of the small closed sets exist from the start, so rates work before the first answer.

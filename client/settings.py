@@ -38,6 +38,11 @@ class BaseModelSettings(_Section):
     n_ctx: int = Field(default=2048, ge=64, le=131072, description="context window in tokens")
     n_batch: int = Field(default=512, ge=8, le=8192, description="llama.cpp batch size")
     n_threads: int = Field(default=2, ge=1, le=256, description="CPU threads for llama.cpp")
+    max_parallel: int = Field(
+        default=4, ge=1, le=256,
+        description="answers decoded together in one batched llama.cpp context; the KV cache "
+        "holds max_parallel * n_ctx tokens",
+    )
     prompt_style: Literal["auto", "plain", "chat"] = Field(
         default="auto", description="chat uses the GGUF chat template; auto picks chat when present"
     )

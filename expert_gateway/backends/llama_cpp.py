@@ -1,10 +1,11 @@
 """The embedded llama.cpp backend: one context, one KV sequence per resident session.
 
 Sequence id 0 is a scratch stream for /v1/score; ids 1..slots hold sessions. A session without
-a slot takes the least recently used one, and prefills only past the longest common prefix with
-what that slot already holds (so even a session that lost its slot, or a new session that shares
-a prompt with the previous owner, reuses work). Calls are serialised: one llama.cpp context is
-not thread-safe, and the gateway gives this backend a concurrency of one.
+a slot takes the least recently used free one, and prefills only past the longest common prefix
+with what that slot (or any other sequence: the engine shares prefixes) already holds.
+Concurrent calls of different sessions run together: each call keeps its own sampling loop in
+its gateway worker thread, and their decodes meet in the batched steps of
+``client.batch_engine.BatchEngine``, the same machinery that batches the daemon's answers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from client.base_model import LlamaModel
+from client.batch_engine import BatchEngine, SequenceView
 from client.egress import common_prefix_length
 from client.errors import TandemError
 from expert_gateway.backends.base import (
@@ -33,57 +35,69 @@ SCORE_SEQ = 0
 
 
 class LlamaCppBackend:
-    """ExpertBackend over ``client.base_model.LlamaModel`` with per-session KV sequences."""
-
-    max_concurrency = 1
+    """ExpertBackend over ``LlamaModel`` with per-session KV sequences, batched across calls."""
 
     def __init__(self, model: LlamaModel, *, name: str, slots: int) -> None:
         if model.n_seq_max < slots + 1:
             raise BackendError(f"the model context has {model.n_seq_max} sequences, need {slots + 1}")
         self._model = model
         self._slots = slots
-        # What each KV sequence holds, token for token (index 0 is the scoring scratch).
-        self._cached: list[list[int]] = [[] for _ in range(slots + 1)]
+        self._engine = BatchEngine(model)
         self._slot_of: OrderedDict[str, int] = OrderedDict()
-        self._tables = threading.Lock()
-        self._call = threading.Lock()
+        self._busy: set[int] = set()
+        self._tables = threading.Condition()
+        self._score = threading.Lock()
+        # One call per slot at a time; score calls share the scratch sequence.
+        self.max_concurrency = slots + 1
         self.info = ModelInfo(name=name, vocab_size=model.vocab_size, tokenizer=model.fingerprint,
-                              max_context=model.n_ctx // (slots + 1))
+                              max_context=model.seq_capacity)
 
     @classmethod
     def open(cls, path: Path, *, name: str, n_ctx: int, n_batch: int, n_threads: int,
              slots: int) -> LlamaCppBackend:
-        """Load the GGUF with a context of ``slots + 1`` sequences."""
+        """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens."""
         try:
             model = LlamaModel(path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                               n_seq_max=slots + 1)
+                               n_seq_max=slots + 1, n_ctx_seq=n_ctx // (slots + 1))
         except TandemError as exc:
             raise BackendError(f"cannot load expert model: {exc}") from exc
         return cls(model, name=name, slots=slots)
 
+    @property
+    def engine(self) -> BatchEngine:
+        return self._engine
+
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
-        with self._call:
-            seq = self._slot_for(session_id)
-            try:
-                reused, logits = self._prefill(seq, sequence)
-                tokens, logprobs = generate(
-                    logits, lambda token: self._feed(seq, token), position=len(sequence),
-                    options=options, is_end=self._model.is_end_of_generation,
-                )
-            except TandemError as exc:
-                self._drop(seq)
-                raise BackendError(f"llama.cpp failed: {exc}") from exc
+        seq = self._claim(session_id)
+        view = self._engine.view(seq)
+        view.open()
+        try:
+            reused, logits = self._prefill(view, sequence)
+            tokens, logprobs = generate(
+                logits, lambda token: view.decode([token]).logits[-1], position=len(sequence),
+                options=options, is_end=self._model.is_end_of_generation,
+            )
+        except TandemError as exc:
+            self._drop(view)
+            raise BackendError(f"llama.cpp failed: {exc}") from exc
+        finally:
+            view.close()
+            self._release(seq)
         return Continuation(tokens=tokens, logprobs=logprobs, reused_tokens=reused,
                             prefilled_tokens=len(sequence) - reused)
 
     def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
-        with self._call:
+        view = self._engine.view(SCORE_SEQ)
+        with self._score:
+            view.open()
             try:
-                return [self._score_one(item.tokens, item.start) for item in sequences]
+                return [self._score_one(view, item.tokens, item.start) for item in sequences]
             except TandemError as exc:
-                self._drop(SCORE_SEQ)
+                self._drop(view)
                 raise BackendError(f"llama.cpp failed: {exc}") from exc
+            finally:
+                view.close()
 
     def forget(self, session_id: str) -> None:
         # The KV stays: the next owner of the slot may share a prefix with it.
@@ -91,52 +105,62 @@ class LlamaCppBackend:
             self._slot_of.pop(session_id, None)
 
     def close(self) -> None:
-        with self._call:
-            self._model.close()
+        self._engine.close()
+        self._model.close()
 
-    def _slot_for(self, session_id: str) -> int:
+    def _claim(self, session_id: str) -> int:
+        """The session's slot, or the least recently used free one; waits while none is free."""
         with self._tables:
-            if session_id in self._slot_of:
-                self._slot_of.move_to_end(session_id)
-                return self._slot_of[session_id]
-            taken = set(self._slot_of.values())
-            free = [seq for seq in range(1, self._slots + 1) if seq not in taken]
-            if free:
-                seq = free[0]
-            else:
-                _, seq = self._slot_of.popitem(last=False)
-            self._slot_of[session_id] = seq
+            while True:
+                seq = self._slot_of.get(session_id)
+                if seq is not None and seq not in self._busy:
+                    self._slot_of.move_to_end(session_id)
+                    break
+                if seq is None:
+                    seq = self._free_slot()
+                    if seq is not None:
+                        self._slot_of[session_id] = seq
+                        break
+                self._tables.wait()
+            self._busy.add(seq)
             return seq
 
-    def _prefill(self, seq: int, sequence: Sequence[int]) -> tuple[int, np.ndarray]:
-        """Make ``seq`` hold ``sequence``; return tokens reused and the last position's logits."""
+    def _free_slot(self) -> int | None:
+        taken = set(self._slot_of.values())
+        unowned = [seq for seq in range(1, self._slots + 1) if seq not in taken]
+        if unowned:
+            return unowned[0]
+        for owner, seq in self._slot_of.items():  # least recently used first
+            if seq not in self._busy:
+                del self._slot_of[owner]
+                return seq
+        return None
+
+    def _release(self, seq: int) -> None:
+        with self._tables:
+            self._busy.discard(seq)
+            self._tables.notify_all()
+
+    def _prefill(self, view: SequenceView, sequence: Sequence[int]) -> tuple[int, np.ndarray]:
+        """Make the view hold ``sequence``; return tokens reused and the last position's logits."""
         # Keep at least one token to decode: its logits are the distribution of the next token.
-        reused = min(common_prefix_length(self._cached[seq], sequence), len(sequence) - 1)
-        self._model.rollback(reused, seq=seq)
-        self._cached[seq] = list(sequence[:reused])
-        output = self._model.decode(list(sequence[reused:]), seq=seq, last_only=True)
-        self._cached[seq] = list(sequence)
+        reused = min(common_prefix_length(view.cached_tokens(), sequence), len(sequence) - 1)
+        view.rollback(reused)
+        output = view.decode(list(sequence[reused:]), last_only=True)
         return reused, output.logits[-1]
 
-    def _feed(self, seq: int, token: int) -> np.ndarray:
-        output = self._model.decode([token], seq=seq)
-        self._cached[seq].append(token)
-        return output.logits[-1]
-
-    def _score_one(self, tokens: Sequence[int], start: int) -> ScoreResult:
+    def _score_one(self, view: SequenceView, tokens: Sequence[int], start: int) -> ScoreResult:
         if start >= len(tokens):
             return ScoreResult(logprobs=[], argmax=[])
         # Rows needed: the logits after tokens[start-1] .. tokens[-2].
-        reused = min(common_prefix_length(self._cached[SCORE_SEQ], tokens), start - 1)
-        self._model.rollback(reused, seq=SCORE_SEQ)
-        self._cached[SCORE_SEQ] = list(tokens[:reused])
+        reused = min(common_prefix_length(view.cached_tokens(), tokens), start - 1)
+        view.rollback(reused)
         logprobs: list[float] = []
         argmax: list[int] = []
         # Chunk by chunk, so a long sequence never holds [length, vocab] logits at once.
         for chunk_start in range(reused, len(tokens) - 1, self._model.n_batch):
             chunk = list(tokens[chunk_start:min(chunk_start + self._model.n_batch, len(tokens) - 1)])
-            rows = self._model.decode(chunk, seq=SCORE_SEQ).logits
-            self._cached[SCORE_SEQ].extend(chunk)
+            rows = view.decode(chunk).logits
             first = max(start - 1 - chunk_start, 0)
             if first < len(chunk):
                 targets = tokens[chunk_start + first + 1:chunk_start + len(chunk) + 1]
@@ -145,8 +169,7 @@ class LlamaCppBackend:
                 argmax += scored.argmax
         return ScoreResult(logprobs=logprobs, argmax=argmax)
 
-    def _drop(self, seq: int) -> None:
+    def _drop(self, view: SequenceView) -> None:
         """After a failure the KV content is unknown: start that sequence afresh."""
         with contextlib.suppress(TandemError):
-            self._model.reset(seq=seq)
-        self._cached[seq] = []
+            view.reset()

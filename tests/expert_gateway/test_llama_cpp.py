@@ -39,7 +39,6 @@ def _direct_logits(backend: LlamaCppBackend, tokens: list[int]) -> np.ndarray:
     backend._model.reset(seq=0)
     logits = backend._model.decode(tokens, seq=0).logits
     backend._model.reset(seq=0)
-    backend._cached[0] = []
     return logits
 
 
@@ -162,3 +161,21 @@ def test_long_scores_are_chunked_and_exact(llama_backend: LlamaCppBackend, start
     expected = log_softmax(logits.astype(np.float64))[np.arange(start - 1, len(tokens) - 1), tokens[start:]]
     np.testing.assert_allclose(result.logprobs, expected, atol=1e-3)
     assert result.argmax == [int(value) for value in logits[start - 1:].argmax(axis=-1)]
+
+
+def test_concurrent_sessions_share_batched_steps(llama_backend: LlamaCppBackend) -> None:
+    """Calls of different sessions meet in one llama_decode per step, with the same answers."""
+    info = llama_backend.info
+    options = ContinueOptions(max_tokens=6)
+    prompts = [_prompt(info, 20 + index) for index in range(3)]
+    alone = [llama_backend.continue_(f"alone{index}", prompt, options=options).tokens
+             for index, prompt in enumerate(prompts)]
+    before = llama_backend.engine.stats.max_sequences
+    llama_backend.engine.stats.max_sequences = 0
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(
+            lambda item: llama_backend.continue_(f"together{item[0]}", item[1],
+                                                 options=options).tokens, enumerate(prompts)))
+    assert together == alone
+    assert llama_backend.engine.stats.max_sequences >= 2
+    llama_backend.engine.stats.max_sequences = max(before, 3)

@@ -1,0 +1,444 @@
+"""Continuous batching over one llama.cpp context: many sequences, one ``llama_decode`` a step.
+
+Each user of the engine (an answer of the daemon, a session call of the gateway) keeps its own
+logic in its own thread and sees the model through a ``SequenceView``: a per-sequence handle with
+``LlamaModel``'s decode/rollback surface. ``decode`` hands the tokens to the engine and waits.
+The engine thread gathers the pending submissions of every live sequence (it does not wait for
+parked ones, i.e. those blocked in a remote call), runs ONE ``llama_decode`` over them, scores
+every returned hidden state with the switch head in ONE call, and hands each caller its rows.
+
+Why threads around a batching engine rather than one event loop that drives every answer as a
+state machine: the decoding algorithm (speculative expert spans, rollbacks, egress policy and
+audit) stays written once, as straight-line code, and the same engine serves the gateway's
+sessions. ctypes releases the GIL during ``llama_decode``, so the answer threads do their Python
+work (sampling, egress, HTTP) while the model computes.
+
+Scheduling, per step: every pending request contributes rows, shortest first, so the single
+decode rows of running answers always go in; long prefills take what is left of the batch, at
+most ``prefill_chunk`` tokens a step, and finish over several steps. A new prompt therefore
+never freezes the running answers, and a new request's prefill starts at the next step.
+
+Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
+longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
+
+This module imports only the llama.cpp wrapper and the error tree, so it can move with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from client.base_model import DecodeOutput, LlamaModel
+from client.errors import ModelError, TandemError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GATHER_S = 0.004
+DEFAULT_PREFILL_CHUNK = 128
+SHORT_REQUEST = 64  # requests up to this many tokens (decode rows, expert spans) go in whole
+# Shorter shared prefixes cost more than they save: with one KV stream per sequence a share
+# copies the whole stream (n_ctx_seq cells of every layer), about a 32-token prefill's worth.
+MIN_SHARED_PREFIX = 32
+
+
+class Scorer(Protocol):
+    def score(self, hidden: np.ndarray) -> np.ndarray:
+        """Scores [n] for hidden states [n, d]."""
+        ...
+
+
+class CancelledError(TandemError):
+    """The sequence's request was cancelled while it waited for the engine."""
+
+
+@dataclass
+class _Request:
+    seq: int
+    tokens: list[int]
+    last_only: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    fed: int = 0
+    rows: list[int] = field(default_factory=list)  # batch rows to read in the current step
+    logits: list[np.ndarray] = field(default_factory=list)
+    hidden: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+    output: DecodeOutput | None = None
+    output_scores: np.ndarray | None = None
+    error: BaseException | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.fed
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics and benches: steps run, rows decoded, most sequences in one step."""
+
+    steps: int = 0
+    rows: int = 0
+    scored_rows: int = 0
+    max_sequences: int = 0
+    shared_prefix_tokens: int = 0
+
+
+class BatchEngine:
+    """Runs the decode steps of every sequence of one ``LlamaModel`` on one thread."""
+
+    def __init__(self, model: LlamaModel, *, scorer: Scorer | None = None,
+                 gather_s: float = DEFAULT_GATHER_S,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, share_prefixes: bool = True) -> None:
+        self.model = model
+        self.scorer = scorer
+        self.gather_s = gather_s
+        self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
+        self.share_prefixes = share_prefixes and model.n_seq_max > 1
+        self.stats = EngineStats()
+        self._changed = threading.Condition()
+        self._pending: dict[int, _Request] = {}
+        self._live: set[int] = set()
+        self._parked: set[int] = set()
+        self._cancelled: dict[int, threading.Event] = {}
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._views = [SequenceView(self, seq) for seq in range(model.n_seq_max)]
+
+    # -- the callers' side ---------------------------------------------------------------------
+
+    def view(self, seq: int) -> SequenceView:
+        if not 0 <= seq < len(self._views):
+            raise ModelError(f"sequence id {seq} is outside 0..{len(self._views) - 1}")
+        return self._views[seq]
+
+    @property
+    def live(self) -> int:
+        """Sequences inside a request now (parked ones included)."""
+        with self._changed:
+            return len(self._live)
+
+    def open(self, seq: int, *, cancelled: threading.Event | None = None) -> None:
+        """Mark ``seq`` live: the engine waits (briefly) for its submissions when gathering."""
+        with self._changed:
+            self._live.add(seq)
+            if cancelled is not None:
+                self._cancelled[seq] = cancelled
+
+    def close_sequence(self, seq: int) -> None:
+        with self._changed:
+            self._live.discard(seq)
+            self._parked.discard(seq)
+            self._cancelled.pop(seq, None)
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def parked(self, seq: int) -> Iterator[None]:
+        """While inside, the engine does not wait for ``seq`` (it is blocked elsewhere)."""
+        with self._changed:
+            self._parked.add(seq)
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._parked.discard(seq)
+
+    def submit(self, seq: int, tokens: Sequence[int], *, last_only: bool
+               ) -> tuple[DecodeOutput, np.ndarray | None]:
+        """Decode ``tokens`` after what ``seq`` holds, in the next steps; blocks until done."""
+        request = _Request(seq, [int(token) for token in tokens], last_only)
+        if not request.tokens:
+            raise ModelError("decode needs at least one token")
+        with self._changed:
+            if self._closed:
+                raise ModelError("the batching engine is closed")
+            if seq in self._pending:
+                raise ModelError(f"sequence {seq} already has a decode in flight")
+            self._check_cancel(seq)
+            self._start()
+            self._pending[seq] = request
+            self._changed.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.output is not None
+        return request.output, request.output_scores
+
+    def close(self, *, timeout: float = 30.0) -> None:
+        """Stop the engine thread after the current step; pending callers get an error."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- the engine thread -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="tandem-batch-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def _check_cancel(self, seq: int) -> None:
+        event = self._cancelled.get(seq)
+        if event is not None and event.is_set():
+            raise CancelledError(f"sequence {seq}: request cancelled")
+
+    def _serve(self) -> None:
+        while True:
+            requests = self._gather()
+            if requests is None:
+                return
+            try:
+                self._step(requests)
+            except Exception as exc:  # a failed step fails its requests, never the engine
+                logger.exception("batched decode step failed")
+                with self._changed:
+                    for request in requests:
+                        self._finish(request, error=exc)
+
+    def _gather(self) -> list[_Request] | None:
+        """The requests of this step: wait for work, then briefly for every live sequence."""
+        with self._changed:
+            while not self._pending and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                for request in list(self._pending.values()):
+                    self._finish(request, error=ModelError("the batching engine is closed"))
+                return None
+            deadline = time.monotonic() + self.gather_s
+            while True:
+                waiting = self._live - self._parked - set(self._pending)
+                left = deadline - time.monotonic()
+                if not waiting or left <= 0 or self._closed:
+                    break
+                self._changed.wait(left)
+            for seq, request in list(self._pending.items()):
+                event = self._cancelled.get(seq)
+                if event is not None and event.is_set():
+                    self._finish(request, error=CancelledError(f"sequence {seq}: cancelled"))
+            return list(self._pending.values())
+
+    def _step(self, requests: list[_Request]) -> None:
+        model = self.model
+        pieces: list[tuple[int, list[int]]] = []
+        budget = model.n_batch
+        prefill_budget = self.prefill_chunk
+        row = 0
+        included: list[_Request] = []
+        for request in sorted(requests, key=lambda item: item.remaining):
+            if budget <= 0:
+                break
+            if request.fed == 0:
+                try:  # a request that cannot fit fails alone, not the whole step
+                    model.check_decode(request.tokens, request.seq)
+                except TandemError as exc:
+                    with self._changed:
+                        self._finish(request, error=exc)
+                    continue
+                if self.share_prefixes:
+                    self._share_prefix(request)
+            take = min(request.remaining, budget)
+            if request.remaining > SHORT_REQUEST:
+                take = min(take, prefill_budget)
+                prefill_budget -= take
+                if take <= 0:
+                    continue
+            chunk = request.tokens[request.fed:request.fed + take]
+            final = request.fed + take == len(request.tokens)
+            if request.last_only:
+                request.rows = [row + take - 1] if final else []
+            else:
+                request.rows = list(range(row, row + take))
+            pieces.append((request.seq, chunk))
+            included.append(request)
+            request.fed += take
+            budget -= take
+            row += take
+        if not pieces:
+            return
+        try:
+            model.decode_pieces(pieces)
+        except Exception as exc:
+            with self._changed:
+                for request in included:
+                    self._finish(request, error=exc)
+            return
+        self.stats.steps += 1
+        self.stats.rows += row
+        self.stats.max_sequences = max(self.stats.max_sequences, len(pieces))
+        wanted = [index for request in included for index in request.rows]
+        output = model.read_rows(wanted)
+        scores = None
+        if self.scorer is not None and wanted:
+            scores = np.asarray(self.scorer.score(output.hidden), dtype=np.float64)
+            self.stats.scored_rows += len(wanted)
+        at = 0
+        for request in included:
+            count = len(request.rows)
+            if count:
+                request.logits.append(output.logits[at:at + count])
+                request.hidden.append(output.hidden[at:at + count])
+                if scores is not None:
+                    request.scores.append(scores[at:at + count])
+            at += count
+            request.rows = []
+        with self._changed:
+            for request in included:
+                if request.remaining == 0:
+                    request.output = DecodeOutput(np.concatenate(request.logits),
+                                                  np.concatenate(request.hidden))
+                    if request.scores:
+                        request.output_scores = np.concatenate(request.scores)
+                    self._finish(request)
+
+    def _finish(self, request: _Request, *, error: BaseException | None = None) -> None:
+        """Hand a request back (engine condition held)."""
+        if self._pending.get(request.seq) is request:
+            del self._pending[request.seq]
+        if error is not None:
+            request.error = error
+        request.done.set()
+
+    def _share_prefix(self, request: _Request) -> None:
+        """Take the KV of a longer common prefix from another sequence (unified cache)."""
+        model = self.model
+        seq = request.seq
+        with model._lock:  # other sequences' owners may roll back meanwhile
+            held = model.cached_tokens(seq)
+            wanted = held + request.tokens
+            best, best_length = None, len(held)
+            for other in range(model.n_seq_max):
+                if other == seq:
+                    continue
+                length = _common_prefix(model.cached_tokens(other), wanted)
+                if length > best_length:
+                    best, best_length = other, length
+            best_length = min(best_length, len(wanted) - 1)  # decode one token for outputs
+            if best is None or best_length - len(held) < MIN_SHARED_PREFIX:
+                return
+            try:
+                model.copy_prefix(best, seq, best_length)
+            except ModelError:
+                logger.warning("could not share a prefix of sequence %d with %d", best, seq)
+                return
+        gained = best_length - len(held)
+        request.tokens = request.tokens[gained:]
+        self.stats.shared_prefix_tokens += gained
+
+
+def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+class SequenceView:
+    """One sequence of the engine's model with the ``LlamaModel`` surface a decoder uses.
+
+    ``decode`` goes through the engine's batched steps; everything else (tokenizer, rollback)
+    goes to the model. The scores of the latest decode are kept for ``SequenceSwitch``.
+    """
+
+    def __init__(self, engine: BatchEngine, seq: int) -> None:
+        self.engine = engine
+        self.seq = seq
+        self._model = engine.model
+        self.last_output: DecodeOutput | None = None
+        self.last_scores: np.ndarray | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # tokenize, token_bytes, detokenize, is_end_of_generation, vocab_size, n_ctx, ...
+        return getattr(self._model, name)
+
+    @property
+    def n_ctx(self) -> int:
+        """The context one sequence may use."""
+        return self._model.seq_capacity
+
+    def _own(self, seq: int) -> None:
+        if seq != self.seq:
+            raise ModelError(f"this view decodes sequence {self.seq}, not {seq}")
+
+    def position(self, seq: int | None = None) -> int:
+        self._own(self.seq if seq is None else seq)
+        return self._model.position(self.seq)
+
+    def cached_tokens(self, seq: int | None = None) -> list[int]:
+        self._own(self.seq if seq is None else seq)
+        return self._model.cached_tokens(self.seq)
+
+    def decode(self, tokens: Sequence[int], *, seq: int | None = None,
+               last_only: bool = False) -> DecodeOutput:
+        self._own(self.seq if seq is None else seq)
+        output, scores = self.engine.submit(self.seq, tokens, last_only=last_only)
+        self.last_output, self.last_scores = output, scores
+        return output
+
+    def rollback(self, to_position: int, *, seq: int | None = None) -> None:
+        self._own(self.seq if seq is None else seq)
+        self._model.rollback(to_position, seq=self.seq)
+
+    def reset(self, seq: int | None = None) -> None:
+        self.rollback(0, seq=seq)
+
+    def open(self, *, cancelled: threading.Event | None = None) -> None:
+        self.engine.open(self.seq, cancelled=cancelled)
+
+    def close(self) -> None:
+        self.engine.close_sequence(self.seq)
+
+    def parked(self) -> contextlib.AbstractContextManager[None]:
+        return self.engine.parked(self.seq)
+
+
+class SequenceSwitch:
+    """A switch scorer for one view: rows of its latest decode come scored by the engine.
+
+    The engine scored every hidden state of the step in one call; a decoder asking for rows of
+    that output (``output.hidden[i]``, ``output.hidden[:-1]``) gets those scores. Any other
+    array is scored directly, so the answer never depends on which path ran.
+    """
+
+    def __init__(self, view: SequenceView, scorer: Scorer) -> None:
+        self.view = view
+        self.scorer = scorer
+        self.direct_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scorer, name)  # threshold, metadata, ...
+
+    def score(self, hidden: np.ndarray) -> np.ndarray:
+        found = self._lookup(hidden)
+        if found is not None:
+            return found
+        self.direct_calls += 1
+        return np.asarray(self.scorer.score(hidden))
+
+    def _lookup(self, hidden: np.ndarray) -> np.ndarray | None:
+        output, scores = self.view.last_output, self.view.last_scores
+        if output is None or scores is None or hidden.ndim != 2 or hidden.shape[0] == 0:
+            return None
+        source = output.hidden
+        if (hidden.dtype != source.dtype or hidden.shape[1] != source.shape[1]
+                or hidden.strides[1] != source.strides[1]
+                or not np.shares_memory(hidden, source)):
+            return None
+        offset = hidden.ctypes.data - source.ctypes.data
+        if offset % source.strides[0] or (hidden.shape[0] > 1 and hidden.strides[0] != source.strides[0]):
+            return None
+        first = offset // source.strides[0]
+        if not first >= 0 or first + hidden.shape[0] > source.shape[0]:
+            return None
+        return scores[first:first + hidden.shape[0]].astype(np.float32)

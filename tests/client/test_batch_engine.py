@@ -1,0 +1,392 @@
+"""The batching engine on the real toy base: one llama_decode per step over every live sequence.
+
+Exactness: answers decoded together (with deferrals to a real expert model, slow and failing
+expert calls) give the tokens each gives decoded alone, up to a genuine numerical tie, which is
+checked as in test_decoding.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.base_model import LlamaModel
+from client.batch_engine import BatchEngine, CancelledError, SequenceSwitch
+from client.decoding import CoDecoder, DecodingOptions
+from client.errors import ExpertUnavailableError, ModelLoadError
+from client.expert import ExpertReply, InProcessExpert
+from client.serving import DecoderPool
+from tests.client.test_decoding import NUMERICAL_NOISE, fragile_draw, toy_prompts
+
+PARALLEL = 4
+
+
+@pytest.fixture(scope="module")
+def solo(toy_pair: Any) -> Iterator[tuple[LlamaModel, LlamaModel]]:
+    """The toy base with one sequence (decoding alone) and the toy expert model."""
+    base = LlamaModel(toy_pair.base_gguf, n_ctx=512)
+    expert = LlamaModel(toy_pair.expert_gguf, n_ctx=512)
+    yield base, expert
+    base.close()
+    expert.close()
+
+
+@pytest.fixture(scope="module")
+def shared(toy_pair: Any) -> Iterator[LlamaModel]:
+    """The toy base with PARALLEL sequences of 512 tokens in one unified KV cache."""
+    base = LlamaModel(toy_pair.base_gguf, n_ctx=512 * PARALLEL, n_seq_max=PARALLEL,
+                      n_ctx_seq=512, n_batch=256)
+    yield base
+    base.close()
+
+
+@pytest.fixture(scope="module")
+def head(solo: tuple[LlamaModel, LlamaModel], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from client.switch import BASE_FINGERPRINT_KEY, HIDDEN_SIZE_KEY, THRESHOLD_KEY, OnnxSwitch
+    from tests.client.test_switch import write_linear_head
+
+    base, _ = solo
+    weights = np.random.default_rng(7).normal(size=base.hidden_size).astype(np.float32)
+    weights *= 3.0 / np.sqrt(base.hidden_size)
+    path = write_linear_head(tmp_path_factory.mktemp("head") / "switch.onnx", weights, 0.0,
+                             metadata={HIDDEN_SIZE_KEY: str(base.hidden_size),
+                                       BASE_FINGERPRINT_KEY: base.fingerprint,
+                                       THRESHOLD_KEY: "0.5"})
+    return OnnxSwitch.for_base(Path(path), base)
+
+
+@dataclass
+class ScriptedExpert:
+    """The real toy expert model behind a lock, slow and failing on a per-answer schedule.
+
+    Failures depend on the answer's own call count, so an answer meets the same failures
+    whether it runs alone or among others.
+    """
+
+    llm: LlamaModel
+    lock: threading.Lock
+    delay_s: float = 0.0
+    fail_every: int = 0
+    destination: str = "in-process"
+    model: str = "toy-expert"
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.inner = InProcessExpert(self.llm)
+
+    def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
+                  temperature: float = 0.0, seed: int | None = None,
+                  top_logprobs: int = 0) -> ExpertReply:
+        self.calls += 1
+        time.sleep(self.delay_s)
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise ExpertUnavailableError("scripted failure")
+        with self.lock:
+            return self.inner.continue_(session=session, held=held, tokens=tokens,
+                                        max_tokens=max_tokens, temperature=temperature,
+                                        seed=seed, top_logprobs=top_logprobs)
+
+
+def tie_at(index: int, reference: list[tuple[int, str]], *, base: LlamaModel,
+           expert_model: LlamaModel, switch: Any, prompt: list[int], options: DecodingOptions,
+           threshold: float) -> bool:
+    """Whether logit or score noise can flip the token at ``index`` (base, expert or switch)."""
+    prefix = prompt + [token for token, _ in reference[:index]]
+    base.reset()
+    output = base.decode(prefix)
+    score = float(switch.score(output.hidden[-1:])[0])
+    if abs(score - threshold) < NUMERICAL_NOISE:
+        return True
+    expert_model.reset()
+    candidates = [output.logits[-1], expert_model.decode(prefix).logits[-1]]
+    return any(fragile_draw(np.asarray(logits, dtype=np.float64), options=options,
+                            position=len(prefix)) for logits in candidates)
+
+
+def assert_same_up_to_a_tie(ours: list[tuple[int, str]], theirs: list[tuple[int, str]],
+                            **context: Any) -> bool:
+    """True when identical; False when they part at a genuine tie; fails otherwise."""
+    for index, (mine, other) in enumerate(zip(ours, theirs, strict=False)):
+        if mine[0] != other[0]:
+            assert tie_at(index, theirs, **context), (
+                f"diverged at token {index}: {mine} != {other} with no numerical tie")
+            return False
+    assert len(ours) == len(theirs)
+    return True
+
+
+def run_together(engine: BatchEngine, switch: Any, jobs: list[dict[str, Any]]
+                 ) -> list[list[tuple[int, str]]]:
+    """Decode every job at once, one thread each, on the engine's sequences."""
+    results: list[list[tuple[int, str]]] = [[] for _ in jobs]
+    errors: list[BaseException] = []
+
+    def make(view: Any, scored: Any, parking: Any) -> CoDecoder:
+        return CoDecoder(base=view, switch=scored, expert=parking, seq=view.seq)
+
+    pool = DecoderPool(engine, switch=switch, expert=None, make=make)
+
+    def work(index: int) -> None:
+        job = jobs[index]
+        try:
+            with pool.checkout() as decoder:
+                decoder.expert = job["expert"]
+                if job["expert"] is not None:
+                    from client.serving import ParkingExpert
+                    decoder.expert = ParkingExpert(job["expert"], decoder.base)
+                decoder.options = job["options"]
+                decoder.threshold = job["options"].threshold
+                result = decoder.generate(job["prompt"])
+                results[index] = [(token.token_id, token.provenance) for token in result.tokens]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    return results
+
+
+def run_alone(base: LlamaModel, switch: Any, job: dict[str, Any]) -> list[tuple[int, str]]:
+    base.reset()
+    decoder = CoDecoder(base=base, switch=switch, expert=job["solo_expert"],
+                        options=job["options"])
+    result = decoder.generate(job["prompt"])
+    return [(token.token_id, token.provenance) for token in result.tokens]
+
+
+answer_specs = st.lists(
+    st.fixed_dictionaries({
+        "prompt": st.integers(0, 7), "threshold": st.floats(0.2, 0.9),
+        "lookahead": st.integers(1, 6), "temperature": st.sampled_from([0.0, 0.0, 0.8]),
+        "seed": st.integers(0, 2**31), "delay": st.sampled_from([0.0, 0.0, 0.02]),
+        "fail_every": st.sampled_from([0, 0, 2, 3]), "expert": st.booleans(),
+    }), min_size=2, max_size=PARALLEL)
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(specs=answer_specs)
+def test_answers_decoded_together_equal_each_decoded_alone(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel, head: Any,
+        specs: list[dict[str, Any]]) -> None:
+    base, expert_model = solo
+    lock = threading.Lock()
+    prompts = toy_prompts(toy_pair)
+    jobs = []
+    for spec in specs:
+        options = DecodingOptions(threshold=spec["threshold"], lookahead=spec["lookahead"],
+                                  temperature=spec["temperature"], seed=spec["seed"],
+                                  max_tokens=12)
+
+        def expert(spec: dict[str, Any] = spec) -> ScriptedExpert | None:
+            if not spec["expert"]:
+                return None
+            return ScriptedExpert(expert_model, lock, delay_s=spec["delay"],
+                                  fail_every=spec["fail_every"])
+
+        jobs.append({"prompt": base.tokenize(prompts[spec["prompt"]], add_bos=True),
+                     "options": options, "expert": expert(), "solo_expert": expert()})
+    engine = BatchEngine(shared, scorer=head)
+    try:
+        together = run_together(engine, head, jobs)
+    finally:
+        engine.close()
+    for job, ours in zip(jobs, together, strict=True):
+        alone = run_alone(base, head, job)
+        assert_same_up_to_a_tie(ours, alone, base=base, expert_model=expert_model, switch=head,
+                                prompt=job["prompt"], options=job["options"],
+                                threshold=job["options"].threshold)
+    if len(jobs) > 1:
+        assert engine.stats.max_sequences > 1  # they really shared steps
+
+
+def test_a_step_is_one_decode_over_every_live_sequence(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    base, _ = solo
+    prompts = [base.tokenize(text, add_bos=True) for text in toy_prompts(toy_pair)[:PARALLEL]]
+    engine = BatchEngine(shared)
+    outputs: dict[int, list[int]] = {}
+
+    def greedy(seq: int) -> None:
+        view = engine.view(seq)
+        view.open()
+        view.reset()
+        logits = view.decode(prompts[seq], last_only=True).logits[-1]
+        tokens = []
+        for _ in range(10):
+            tokens.append(int(np.argmax(logits)))
+            logits = view.decode(tokens[-1:]).logits[-1]
+        view.close()
+        outputs[seq] = tokens
+
+    threads = [threading.Thread(target=greedy, args=(seq,)) for seq in range(PARALLEL)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine.close()
+    assert engine.stats.max_sequences == PARALLEL
+    # 4 prefills and 40 single-token decodes took far fewer than 44 steps.
+    assert engine.stats.steps < 2 * (10 + 1) + 4
+    for seq in range(PARALLEL):
+        base.reset()
+        logits = base.decode(prompts[seq], last_only=True).logits[-1]
+        alone = []
+        for _ in range(10):
+            alone.append(int(np.argmax(logits)))
+            logits = base.decode(alone[-1:]).logits[-1]
+        assert outputs[seq] == alone
+
+
+def test_a_long_prefill_never_freezes_a_running_answer(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    base, _ = solo
+    short = base.tokenize(toy_prompts(toy_pair)[0], add_bos=True)
+    long_prompt = (base.tokenize(" ".join(toy_prompts(toy_pair)), add_bos=True) * 3)[:400]
+    engine = BatchEngine(shared, prefill_chunk=32, gather_s=0.2, share_prefixes=False)
+    decoded_during_prefill = []
+    prefill_done = threading.Event()
+    running = threading.Event()
+
+    def decoder() -> None:
+        view = engine.view(0)
+        view.open()
+        view.reset()
+        logits = view.decode(short, last_only=True).logits[-1]
+        running.set()
+        for _ in range(40):
+            logits = view.decode([int(np.argmax(logits))]).logits[-1]
+            if not prefill_done.is_set():
+                decoded_during_prefill.append(1)
+        view.close()
+
+    def prefiller() -> None:
+        running.wait(30)
+        view = engine.view(1)
+        view.open()
+        view.reset()
+        view.decode(long_prompt, last_only=True)
+        prefill_done.set()
+        view.close()
+
+    threads = [threading.Thread(target=decoder), threading.Thread(target=prefiller)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine.close()
+    # The prompt takes len/32 steps in chunks of 32; the running answer got a token in (nearly)
+    # each of them instead of waiting for the whole prefill.
+    assert len(long_prompt) >= 150
+    assert len(decoded_during_prefill) >= (len(long_prompt) - 64) // 32 - 1
+
+
+def test_a_shared_prompt_prefix_is_taken_from_another_sequence(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    base, _ = solo
+    prefix = base.tokenize(" ".join(toy_prompts(toy_pair)[:3]), add_bos=True)[:120]
+    first = prefix + base.tokenize(" first", add_bos=False)
+    second = prefix + base.tokenize(" second one", add_bos=False)
+    engine = BatchEngine(shared)
+    for seq in (0, 1):
+        shared.reset(seq)
+    engine.view(0).decode(first, last_only=True)
+    output = engine.view(1).decode(second, last_only=True)
+    engine.close()
+    assert engine.stats.shared_prefix_tokens >= 100
+    assert shared.cached_tokens(1) == second
+    base.reset()
+    alone = base.decode(second, last_only=True)
+    assert np.abs(output.logits[-1] - alone.logits[-1]).max() < 1e-2
+    assert int(np.argmax(output.logits[-1])) == int(np.argmax(alone.logits[-1]))
+
+
+def test_a_cancelled_sequence_gets_no_more_steps(shared: LlamaModel) -> None:
+    engine = BatchEngine(shared)
+    cancelled = threading.Event()
+    view = engine.view(2)
+    view.open(cancelled=cancelled)
+    view.reset()
+    view.decode([1, 2, 3], last_only=True)
+    cancelled.set()
+    with pytest.raises(CancelledError):
+        view.decode([4])
+    view.close()
+    assert engine.live == 0
+    engine.close()
+
+
+def test_the_switch_reads_the_engine_scores_of_its_latest_rows(
+        shared: LlamaModel, head: Any) -> None:
+    engine = BatchEngine(shared, scorer=head)
+    view = engine.view(3)
+    view.reset()
+    switch = SequenceSwitch(view, head)
+    output = view.decode([1, 5, 7, 9])
+    engine.close()
+    batched = switch.score(output.hidden[:-1])
+    single = switch.score(output.hidden[-1][None, :])
+    assert switch.direct_calls == 0
+    direct = head.score(output.hidden)
+    assert np.allclose(batched, direct[:-1], atol=1e-6)
+    assert np.allclose(single, direct[-1:], atol=1e-6)
+    switch.score(output.hidden.copy())  # not a view of the engine's rows: scored directly
+    assert switch.direct_calls == 1
+
+
+def test_a_kv_cache_that_does_not_fit_is_refused_at_start(
+        toy_pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.base_model
+
+    monkeypatch.setattr(client.base_model, "available_memory_bytes", lambda: 1024)
+    with pytest.raises(ModelLoadError, match="lower max_parallel or n_ctx"):
+        LlamaModel(toy_pair.base_gguf, n_ctx=4096, n_seq_max=8, n_ctx_seq=512)
+
+
+def test_the_worker_runs_max_parallel_jobs_at_once_and_admits_in_turn() -> None:
+    from client.model_worker import ModelWorker, current_cancel
+
+    worker = ModelWorker(max_queue=16, max_per_client=8, max_parallel=2)
+    gate = threading.Event()
+    started: list[str] = []
+    seen_cancel: list[object] = []
+    lock = threading.Lock()
+
+    def job(name: str) -> Any:
+        def run() -> None:
+            with lock:
+                started.append(name)
+                seen_cancel.append(current_cancel())
+            gate.wait(10)
+        return run
+
+    skipped = threading.Event()
+    skipped.set()
+    worker.submit("a", job("a1"))
+    worker.submit("a", job("a2"))
+    worker.submit("a", job("a3"))
+    worker.submit("b", job("b1"))
+    worker.submit("c", job("never"), cancelled=skipped)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert sorted(started) == ["a1", "b1"] and worker.running == 2  # b's turn came before a2
+    gate.set()
+    worker.stop()
+    assert sorted(started) == ["a1", "a2", "a3", "b1"]
+    assert all(isinstance(event, threading.Event) for event in seen_cancel)

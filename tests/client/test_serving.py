@@ -1,0 +1,193 @@
+"""Many answers at once through the real daemon: toy pair, trained head, real gateway, audit.
+
+The expert is the real gateway behind a proxy that can fail calls, so expert failures, caps and
+cancellations meet the batching engine the way they do in production.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from client.daemon import ServerThread, create_app
+
+AUDIT_KEY = "serving-test-audit-key-0123456789"
+
+
+@dataclass
+class FailingProxy:
+    """Forwards /v1/continue to the gateway; every ``fail_every``-th call gets a 503."""
+
+    upstream: str
+    fail_every: int = 0
+    calls: int = 0
+    forwarded: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+        from starlette.routing import Route
+
+        client = httpx.AsyncClient(base_url=self.upstream, timeout=60)
+
+        async def forward(request: Request) -> Response:
+            with self.lock:
+                self.calls += 1
+                fail = bool(self.fail_every) and self.calls % self.fail_every == 0
+                if not fail:
+                    self.forwarded += 1
+            if fail:
+                return JSONResponse({"error": {"type": "unavailable", "message": "scripted"}},
+                                    status_code=503)
+            reply = await client.post(request.url.path, content=await request.body(),
+                                      headers={"content-type": "application/json"})
+            return Response(reply.content, status_code=reply.status_code,
+                            media_type="application/json")
+
+        return Starlette(routes=[Route("/v1/{path:path}", forward, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def gateway(toy_pair: Any) -> Iterator[str]:
+    from export.pipeline import serve_gateway
+
+    with serve_gateway(toy_pair.expert_gguf) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def toy_daemon(toy_pair: Any, root: Path, expert_url: str, *, max_parallel: int = 8,
+               threshold: float | None = None, **policy: Any) -> Iterator[tuple[str, Any]]:
+    from client.assistant import build_runtime
+    from client.cli_daemon import daemon_services
+    from client.settings import (
+        BaseModelSettings,
+        ClientSettings,
+        DaemonSettings,
+        ExpertSettings,
+        PolicySettings,
+        SwitchSettings,
+    )
+    from export.pipeline import ensure_toy_head
+
+    head = ensure_toy_head(toy_pair)
+    settings = ClientSettings(
+        base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf, n_ctx=512,
+                               max_parallel=max_parallel),
+        switch=SwitchSettings(path=head, threshold=threshold),
+        expert=ExpertSettings(url=expert_url, retries=0, breaker_failures=100),
+        daemon=DaemonSettings(data_dir=root, max_queue_per_client=64))
+    policy_settings = PolicySettings(usage_db=root / "usage.sqlite3",
+                                     audit_log=root / "audit.jsonl", **policy)
+    runtime = build_runtime(settings, policy_settings, base_path=toy_pair.base_gguf,
+                            switch_path=head, audit_key=SecretStr(AUDIT_KEY))
+    server = ServerThread(create_app(daemon_services(runtime, settings, api_key=None)))
+    url = server.start()
+    try:
+        yield url, runtime
+    finally:
+        server.stop()
+
+
+def ask(url: str, index: int, *, max_tokens: int = 24) -> dict[str, Any]:
+    reply = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": "tandem-toy", "max_tokens": max_tokens,
+        "prompt": f"Question {index}: what is the capital of the country number {index % 5}?"})
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_32_concurrent_answers_with_a_failing_expert_all_complete_and_audit_verifies(
+        toy_pair: Any, gateway: str, tmp_path: Path) -> None:
+    from client import audit
+
+    proxy = FailingProxy(gateway, fail_every=3)
+    proxy_server = ServerThread(proxy.app())
+    proxy_url = proxy_server.start()
+    try:
+        with toy_daemon(toy_pair, tmp_path, proxy_url, threshold=0.2) as (url, runtime):
+            with concurrent.futures.ThreadPoolExecutor(32) as pool:
+                replies = list(pool.map(lambda index: ask(url, index), range(32)))
+            engine = runtime.assistant.decoder.pool.engine
+            assert engine.stats.max_sequences > 1
+            assert runtime.assistant.decoder.pool.in_use == 0
+    finally:
+        proxy_server.stop()
+    assert len(replies) == 32
+    assert all(reply["choices"][0]["finish_reason"] in ("stop", "length") for reply in replies)
+    assert proxy.calls >= 6 and proxy.calls - proxy.forwarded == proxy.calls // 3
+    report = audit.verify(tmp_path / "audit.jsonl", key=SecretStr(AUDIT_KEY))
+    records = list(audit.read_records(tmp_path / "audit.jsonl"))
+    assert report.records == len(records)
+    sent = [record for record in records if record["kind"] == "egress" and record["sent"]]
+    failed = [record for record in records if record["kind"] == "outcome" and record["error"]]
+    assert len(sent) == proxy.calls
+    assert len(failed) == proxy.calls // 3
+    fallbacks = sum(reply["tandem"]["provenance"]["fallback"] for reply in replies)
+    assert fallbacks >= len(failed)
+    # Each answer's egress panel (the audit index) lists exactly its own calls.
+    for reply in replies[:4]:
+        panel = audit.show(tmp_path / "audit.jsonl", reply["id"])
+        assert sum(1 for record in panel if record["kind"] == "egress") \
+            == reply["tandem"]["egress"]["calls"] + reply["tandem"]["egress"]["denials"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_caps_hold_exactly_under_concurrency(toy_pair: Any, gateway: str, tmp_path: Path) -> None:
+    from client import audit
+
+    proxy = FailingProxy(gateway)
+    proxy_server = ServerThread(proxy.app())
+    proxy_url = proxy_server.start()
+    try:
+        with toy_daemon(toy_pair, tmp_path, proxy_url, threshold=0.2, hourly_calls=5) as (
+                url, _), concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda index: ask(url, index), range(16)))
+    finally:
+        proxy_server.stop()
+    records = list(audit.read_records(tmp_path / "audit.jsonl"))
+    sent = [record for record in records if record["kind"] == "egress" and record["sent"]]
+    denied = [record for record in records
+              if record["kind"] == "egress" and not record["decision"]["allowed"]]
+    assert proxy.calls == len(sent) == 5
+    assert denied and all(record["decision"]["reason"].startswith("cap:") for record in denied)
+    assert sum(reply["tandem"]["provenance"]["denied"] for reply in replies) >= len(denied)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_cancelled_stream_frees_its_sequence_at_once(
+        toy_pair: Any, gateway: str, tmp_path: Path) -> None:
+    with toy_daemon(toy_pair, tmp_path, gateway, max_parallel=2, threshold=1.0) as (url, runtime):
+        pool = runtime.assistant.decoder.pool
+        with httpx.Client(timeout=60) as client, client.stream(
+                "POST", f"{url}/v1/completions",
+                json={"model": "tandem-toy", "prompt": "Tell a long story.", "max_tokens": 400,
+                      "stream": True}) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            assert pool.in_use == 1
+        deadline = time.monotonic() + 2.0
+        while (pool.in_use or runtime.assistant.decoder.pool.engine.live) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.in_use == 0 and pool.engine.live == 0
+        # Both sequences serve new answers.
+        with concurrent.futures.ThreadPoolExecutor(2) as executor:
+            assert all(r["choices"] for r in executor.map(lambda i: ask(url, i), range(2)))
