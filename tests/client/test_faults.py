@@ -69,7 +69,8 @@ def test_every_answer_completes_and_nothing_invalid_is_accepted(
 
     base = toy_stack["base"]
     settings = PolicySettings(usage_db=tmp_path / "usage.sqlite3",
-                              audit_log=tmp_path / "audit.jsonl", mode="redact_private")
+                              audit_log=tmp_path / "audit.jsonl", mode="redact_private",
+                              derived="send")  # the toy answers copy the passage's numbers
     policy = Policy.from_settings(settings, tokenizer=base)
     audit = AuditLog(settings.audit_log, key=AUDIT_KEY)
     with FaultProxy(toy_stack["url"], rate=0.45, kinds=ALL_FAULTS, seed=7,
