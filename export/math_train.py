@@ -46,6 +46,7 @@ class TrainOptions:
     workers: int = 0
     eval_every: int = 500
     eval_probes: int = 1000
+    final_probes: int = 0  # held-out probes scored at the end with the float16 weights; 0: all
     device: str = "cpu"
     hard_stop_s: float = 0.0  # stop early (and say so in the card) after this many seconds; 0: never
 
@@ -261,18 +262,19 @@ def train(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFToke
     shipped = {name: t.detach().to("cpu", torch.float32).half().float() for name, t in parameters.items()}
     enforce_anchor(shipped, shape)
     shipped_score = teacher_forced_exact({k: v.to(device) for k, v in shipped.items()}, shape,
-                                         probe_tokens(tokenizer, probes), table, out_index, device,
+                                         probe_tokens(tokenizer, probes[: options.final_probes or None]),
+                                         table, out_index, device,
                                          mixed_precision=False)
     facts = {
         "input_ids": input_ids, "output_ids": outputs, "history": history,
         "targets_seen": targets_seen, "rows_seen": options.steps * options.batch,
         "train_problems": len(train_problems), "held_out_problems": len(held_out),
-        "held_out_probes": len(probes), "held_out_probe_exact_float16": round(shipped_score, 4),
+        "held_out_probes": len(probes[: options.final_probes or None]), "held_out_probe_exact_float16": round(shipped_score, 4),
         "train_wall_s": round(time.monotonic() - started, 1),
     }
     facts["synthetic_probe_exact_float16"] = round(teacher_forced_exact(
         {k: v.to(device) for k, v in shipped.items()}, shape,
-        probe_tokens(tokenizer, synthetic_probes(held_out, 1000, options.seed + 1)), table, out_index, device,
+        probe_tokens(tokenizer, synthetic_probes(held_out, options.final_probes or 1000, options.seed + 1)), table, out_index, device,
         mixed_precision=False), 4)
     log(json.dumps({"held_out_probe_exact_float16": facts["held_out_probe_exact_float16"],
                     "synthetic_probe_exact_float16": facts["synthetic_probe_exact_float16"],
