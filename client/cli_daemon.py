@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from client.assistant import Answer, ChatTurn, Question, Runtime, build_runtime
-from client.errors import ConfigError, SecretMissingError
+from client.errors import ConfigError, SecretMissingError, TandemError
 from client.settings import (
     BaseModelSettings,
     ClientSettings,
@@ -81,10 +81,9 @@ def model_paths(settings: ClientSettings) -> tuple[Path, Path | None]:
     if preset == "smollm2":
         from client.base_model import smollm2_path
 
-        if settings.switch.path is None:
-            print("tandem: no switch head configured for SmolLM2 (switch.path): the base answers "
-                  "alone and nothing is sent to the expert", file=sys.stderr)
-        return settings.base.path or smollm2_path(), settings.switch.path
+        # Default head: the shipped one trained with the math expert (export.smollm2_math).
+        switch = settings.switch.path or _export_module("smollm2_math").shipped_head()
+        return settings.base.path or smollm2_path(), switch
     toy = _toy_pair()
     if settings.switch.path is not None:
         return settings.base.path or toy.base_gguf, settings.switch.path
@@ -261,11 +260,12 @@ def _demo(args: argparse.Namespace) -> int:
         )
         policy = PolicySettings(usage_db=data_dir / "usage.sqlite3",
                                 audit_log=data_dir / "audit" / "audit.jsonl")
-        return run_demo(toy, settings, policy, gateway_url=gateway_url, wait=not args.no_wait)
+        return run_demo(toy, settings, policy, gateway_url=gateway_url, wait=not args.no_wait,
+                        after=lambda: _demo_real_base(data_dir))
 
 
 def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gateway_url: str,
-             wait: bool) -> int:
+             wait: bool, after: Any = None) -> int:
     from client.daemon import create_app
 
     runtime = build_runtime(settings, policy, base_path=settings.base.path or toy.base_gguf,
@@ -277,6 +277,8 @@ def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gate
         print(f"expert gateway: {gateway_url}\nlocal daemon:   {url}/\n"
               f"data and audit log: {settings.daemon.data_dir}")
         ok = _demo_session(url, toy, policy)
+        if after is not None:
+            ok = after() and ok
         if wait:
             print(f"\nOpen {url}/ to chat with your documents. Ctrl-C stops the demo.")
             with contextlib.suppress(KeyboardInterrupt):
@@ -285,6 +287,17 @@ def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gate
         return 0 if ok else 1
     finally:
         server.stop()
+
+
+def _demo_real_base(data_dir: Path) -> bool:
+    """One answer of SmolLM2 with the math expert, after the toy's (export.smollm2_math)."""
+    try:
+        module = _export_module("smollm2_math")
+        return bool(module.demo_answer(data_dir=data_dir, audit_key=_demo_audit_key(),
+                                       color=sys.stdout.isatty()))
+    except TandemError as exc:
+        print(f"real-base demo skipped: {exc}", file=sys.stderr)
+        return True
 
 
 def _start_daemon(app: Any, port: int) -> Any:
