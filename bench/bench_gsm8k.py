@@ -23,6 +23,7 @@ Usage: .venv/bin/python bench/bench_gsm8k.py --head OUT/switch.onnx [--probes 20
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
@@ -59,7 +60,8 @@ class Tally:
 
     def row(self) -> dict[str, Any]:
         return {
-            "system": self.system, "answers": self.answers,
+            "system": self.system,
+            "answers": self.answers,
             "accuracy": self.right / max(1, self.answers),
             "deferred_share": self.deferred / max(1, self.generated),
             "annotations": self.annotations,
@@ -86,8 +88,14 @@ def decode(decoder: CoDecoder, prompt: str, tally: Tally, **overrides: Any) -> s
 
 def run_probes(models: Any, switch: Any, threshold: float, probes: list[gsm8k.Probe], name: str) -> Tally:
     options = DecodingOptions(max_tokens=14, threshold=threshold, stop=(">>",))
-    decoder = CoDecoder(base=models.base, switch=switch, expert=models.expert, policy=models.policy,
-                        audit=models.audit, options=options)
+    decoder = CoDecoder(
+        base=models.base,
+        switch=switch,
+        expert=models.expert,
+        policy=models.policy,
+        audit=models.audit,
+        options=options,
+    )
     tally = Tally(name)
     for probe in probes:
         text = decode(decoder, probe.prompt, tally)
@@ -95,21 +103,33 @@ def run_probes(models: Any, switch: Any, threshold: float, probes: list[gsm8k.Pr
     return tally
 
 
-def run_free(models: Any, switch: Any, threshold: float, prefix: str, problems: list[gsm8k.Problem],
-             name: str, max_tokens: int) -> Tally:
+def run_free(
+    models: Any,
+    switch: Any,
+    threshold: float,
+    prefix: str,
+    problems: list[gsm8k.Problem],
+    name: str,
+    max_tokens: int,
+) -> Tally:
     options = DecodingOptions(max_tokens=max_tokens, threshold=threshold, stop=("\n\nQuestion:", "Question:"))
-    decoder = CoDecoder(base=models.base, switch=switch, expert=models.expert, policy=models.policy,
-                        audit=models.audit, options=options)
+    decoder = CoDecoder(
+        base=models.base,
+        switch=switch,
+        expert=models.expert,
+        policy=models.policy,
+        audit=models.audit,
+        options=options,
+    )
     tally = Tally(name)
     for problem in problems:
         text = decode(decoder, prefix + gsm8k.problem_text(problem, "").rstrip(" "), tally)
         tally.right += gsm8k.final_answer_is_right(text, problem)
         for expression, written in GENERATED_ANNOTATION.findall(text):
             tally.annotations += 1
-            try:
+            # An expression that does not evaluate counts as a wrong annotation.
+            with contextlib.suppress(gsm8k.GSM8KError):
                 tally.annotations_right += gsm8k.result_is_right(written, gsm8k.evaluate(expression))
-            except gsm8k.GSM8KError:
-                pass  # an expression that does not evaluate counts as a wrong annotation
     return tally
 
 
@@ -119,8 +139,13 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=200, help="tokens per free-generation answer")
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.2, 0.5, 0.8],
-                        help="extra head thresholds for the accuracy-vs-deferral plot")
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[0.05, 0.2, 0.5, 0.8],
+        help="extra head thresholds for the accuracy-vs-deferral plot",
+    )
     parser.add_argument("--png", type=Path, default=Path("bench/gsm8k.png"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -141,9 +166,16 @@ def main() -> int:
     audit_dir = Path("bench") / ".gsm8k-audit"
     results: dict[str, Any] = {"probes": {}, "free": {}, "sweep": []}
     with serve_gateway(expert_gguf, name="math-expert", n_threads=args.threads) as url:
-        setup = DecodingSetup(base_gguf=smollm2_path(), gateway_url=url, expert_model="math-expert",
-                              prompt_style="plain", n_threads=args.threads, n_ctx=4096,
-                              audit_log=audit_dir / "audit.jsonl", audit_key=pipeline_audit_key(audit_dir))
+        setup = DecodingSetup(
+            base_gguf=smollm2_path(),
+            gateway_url=url,
+            expert_model="math-expert",
+            prompt_style="plain",
+            n_threads=args.threads,
+            n_ctx=4096,
+            audit_log=audit_dir / "audit.jsonl",
+            audit_key=pipeline_audit_key(audit_dir),
+        )
         with open_models(setup, audit_default=audit_dir / "audit.jsonl") as models:
             head = OnnxSwitch.for_base(args.head, models.base)
             threshold = head.threshold
@@ -158,8 +190,9 @@ def main() -> int:
             for extra in args.sweep:
                 point = run_probes(models, head, extra, probes, f"co-llm@{extra}").row()
                 results["sweep"].append({"kind": "co-llm", "threshold": extra, **point})
-                random_point = run_probes(models, RandomSwitch(args.seed), 1.0 - point["deferred_share"],
-                                          probes, "random").row()
+                random_point = run_probes(
+                    models, RandomSwitch(args.seed), 1.0 - point["deferred_share"], probes, "random"
+                ).row()
                 results["sweep"].append({"kind": "random", **random_point})
             for switch, limit, name in ((ConstantSwitch(0.0), 0.5, "base"), (head, threshold, "co-llm")):
                 tally = run_free(models, switch, limit, prefix, questions, name, args.max_tokens)
@@ -173,19 +206,27 @@ def main() -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"probes (held-out GSM8K annotations, n={results['probes']['base']['answers']}), "
-          f"threshold {results['threshold']:.4f}")
+    print(
+        f"probes (held-out GSM8K annotations, n={results['probes']['base']['answers']}), "
+        f"threshold {results['threshold']:.4f}"
+    )
     print(f"{'system':8} {'right':>7} {'deferred':>9} {'calls/ans':>10} {'s/ans':>7}")
     for name, row in results["probes"].items():
-        print(f"{name:8} {row['accuracy']:7.3f} {row['deferred_share']:9.3f} {row['calls_per_answer']:10.2f} "
-              f"{row['wall_s_per_answer']:7.2f}")
+        print(
+            f"{name:8} {row['accuracy']:7.3f} {row['deferred_share']:9.3f} {row['calls_per_answer']:10.2f} "
+            f"{row['wall_s_per_answer']:7.2f}"
+        )
     free = results["free"]
     print(f"free generation (3-shot, n={free['base']['answers']})")
-    print(f"{'system':8} {'final':>7} {'annot. right':>13} {'annots':>7} {'deferred':>9} {'calls/ans':>10} "
-          f"{'s/ans':>7}")
+    print(
+        f"{'system':8} {'final':>7} {'annot. right':>13} {'annots':>7} {'deferred':>9} {'calls/ans':>10} "
+        f"{'s/ans':>7}"
+    )
     for name, row in free.items():
-        print(f"{name:8} {row['accuracy']:7.3f} {row['annotations_right']:13.3f} {row['annotations']:7d} "
-              f"{row['deferred_share']:9.3f} {row['calls_per_answer']:10.2f} {row['wall_s_per_answer']:7.2f}")
+        print(
+            f"{name:8} {row['accuracy']:7.3f} {row['annotations_right']:13.3f} {row['annotations']:7d} "
+            f"{row['deferred_share']:9.3f} {row['calls_per_answer']:10.2f} {row['wall_s_per_answer']:7.2f}"
+        )
 
 
 def plot(results: dict[str, Any], png: Path) -> None:
@@ -196,16 +237,26 @@ def plot(results: dict[str, Any], png: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     probes = results["probes"]
-    co = sorted([(p["deferred_share"], p["accuracy"]) for p in results["sweep"] if p["kind"] == "co-llm"]
-                + [(probes["co-llm"]["deferred_share"], probes["co-llm"]["accuracy"])])
-    rnd = sorted([(p["deferred_share"], p["accuracy"]) for p in results["sweep"] if p["kind"] == "random"]
-                 + [(probes["random"]["deferred_share"], probes["random"]["accuracy"])])
+    co = sorted(
+        [(p["deferred_share"], p["accuracy"]) for p in results["sweep"] if p["kind"] == "co-llm"]
+        + [(probes["co-llm"]["deferred_share"], probes["co-llm"]["accuracy"])]
+    )
+    rnd = sorted(
+        [(p["deferred_share"], p["accuracy"]) for p in results["sweep"] if p["kind"] == "random"]
+        + [(probes["random"]["deferred_share"], probes["random"]["accuracy"])]
+    )
     axes.plot(*zip(*co, strict=True), "o-", label="Co-LLM (learned head)")
     axes.plot(*zip(*rnd, strict=True), "s--", label="random deferral")
     axes.axhline(probes["base"]["accuracy"], color="grey", linestyle=":", label="base alone")
     axes.axhline(probes["expert"]["accuracy"], color="black", linestyle=":", label="expert alone")
-    axes.scatter([probes["co-llm"]["deferred_share"]], [probes["co-llm"]["accuracy"]], s=120,
-                 facecolors="none", edgecolors="red", label="calibrated threshold")
+    axes.scatter(
+        [probes["co-llm"]["deferred_share"]],
+        [probes["co-llm"]["accuracy"]],
+        s=120,
+        facecolors="none",
+        edgecolors="red",
+        label="calibrated threshold",
+    )
     axes.set_xlabel("share of decoded tokens deferred to the expert")
     axes.set_ylabel("probe accuracy (result right)")
     axes.set_title("GSM8K held-out annotation probes")

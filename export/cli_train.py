@@ -171,8 +171,10 @@ def _register_pipeline(commands: Any) -> None:
     parser = commands.add_parser("pipeline", help="collect, fit, calibrate, export, eval for any pair "
                                  "(resumable); without --config, the toy pair")
     parser.add_argument("--config", type=Path, help="pipeline TOML (see configs/pipelines/)")
-    parser.add_argument("--out", type=Path, help="directory for every artifact (default for the toy: the cache)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the toy pipeline (a config sets its own)")
+    parser.add_argument("--out", type=Path,
+                        help="directory for every artifact (default for the toy: the cache)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the toy pipeline (a config sets its own)")
     parser.set_defaults(handler=pipeline_handler)
     expert = commands.add_parser("math-expert", help="train the math expert (SmolLM2 vocabulary) with torch")
     from export.math_train import add_arguments
@@ -182,7 +184,7 @@ def _register_pipeline(commands: Any) -> None:
 
 
 def pipeline_handler(args: argparse.Namespace) -> int:
-    from export.pipeline import format_targets, format_result_table, run_pipeline, run_toy_pipeline
+    from export.pipeline import format_result_table, format_targets, run_pipeline, run_toy_pipeline
     from export.pipeline_config import load_pipeline_config
 
     if args.config is None:

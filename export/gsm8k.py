@@ -96,16 +96,27 @@ def split(problems: Sequence[Problem]) -> tuple[list[Problem], list[Problem]]:
     return train, held_out
 
 
-def annotations(solution: str) -> list[Annotation]:
+def find_annotations(solution: str) -> list[Annotation]:
     found = []
     for match in ANNOTATION.finditer(solution):
-        found.append(Annotation(expression=match.group(1), written_result=match.group(2),
-                                start=match.start(), result_start=match.start(2), end=match.end()))
+        found.append(
+            Annotation(
+                expression=match.group(1),
+                written_result=match.group(2),
+                start=match.start(),
+                result_start=match.start(2),
+                end=match.end(),
+            )
+        )
     return found
 
 
-_OPERATORS = {ast.Add: Fraction.__add__, ast.Sub: Fraction.__sub__,
-              ast.Mult: Fraction.__mul__, ast.Div: Fraction.__truediv__}
+_OPERATORS = {
+    ast.Add: Fraction.__add__,
+    ast.Sub: Fraction.__sub__,
+    ast.Mult: Fraction.__mul__,
+    ast.Div: Fraction.__truediv__,
+}
 
 
 def evaluate(expression: str) -> Fraction:
@@ -125,8 +136,10 @@ def _value(node: ast.AST) -> Fraction:
         return _OPERATORS[type(node.op)](_value(node.left), _value(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         return -_value(node.operand)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(
-        node.value, bool
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int | float)
+        and not isinstance(node.value, bool)
     ):
         return Fraction(str(node.value))
     raise GSM8KError(f"unsupported element {ast.dump(node)[:40]}")
@@ -178,14 +191,17 @@ def problem_text(problem: Problem, solution_prefix: str) -> str:
 def probes(problems: Sequence[Problem]) -> Iterator[Probe]:
     """Every evaluable annotation of every problem, as question + solution up to ``<<expr=``."""
     for problem in problems:
-        for annotation in annotations(problem.answer):
+        for annotation in find_annotations(problem.answer):
             try:
                 value = evaluate(annotation.expression)
             except GSM8KError:
                 continue
-            yield Probe(prompt=problem_text(problem, problem.answer[: annotation.result_start]),
-                        expression=annotation.expression, value=value,
-                        written_result=annotation.written_result)
+            yield Probe(
+                prompt=problem_text(problem, problem.answer[: annotation.result_start]),
+                expression=annotation.expression,
+                value=value,
+                written_result=annotation.written_result,
+            )
 
 
 def answer_number(text: str) -> str | None:

@@ -26,8 +26,11 @@ def solution_record(problem: gsm8k.Problem) -> dict[str, str]:
 
 
 def probe_record(probe: gsm8k.Probe) -> dict[str, str]:
-    return {"prompt": probe.prompt, "answer": gsm8k.format_result(probe.value),
-            "expression": probe.expression}
+    return {
+        "prompt": probe.prompt,
+        "answer": gsm8k.format_result(probe.value),
+        "expression": probe.expression,
+    }
 
 
 def _write(path: Path, records: Sequence[Mapping[str, str]]) -> None:
@@ -37,8 +40,9 @@ def _write(path: Path, records: Sequence[Mapping[str, str]]) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def write_corpora(out: Path, *, gsm8k_path: Path | None, seed: int,
-                  limits: Mapping[str, int | None]) -> dict[str, Path]:
+def write_corpora(
+    out: Path, *, gsm8k_path: Path | None, seed: int, limits: Mapping[str, int | None]
+) -> dict[str, Path]:
     """Write the four corpora (same bytes for the same inputs, so a resumed run matches)."""
     sizes = {name: limits.get(name) or default for name, default in DEFAULT_LIMITS.items()}
     train, held_out = gsm8k.split(gsm8k.load_problems(gsm8k_path))
@@ -46,7 +50,7 @@ def write_corpora(out: Path, *, gsm8k_path: Path | None, seed: int,
     random.Random(f"gsm8k-corpus-{seed}").shuffle(order)
     fit_problems = order[: sizes["train"]]
     validation_problems = order[sizes["train"] : sizes["train"] + sizes["validation"]]
-    sweep_problems = order[sizes["train"] + sizes["validation"]:][: sizes["sweep"]]
+    sweep_problems = order[sizes["train"] + sizes["validation"] :][: sizes["sweep"]]
     test_order = list(held_out)
     random.Random(f"gsm8k-test-{seed}").shuffle(test_order)
     paths = {name: out / f"{name}.jsonl" for name in DEFAULT_LIMITS}

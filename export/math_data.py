@@ -27,8 +27,8 @@ from export.gsm8k import (
     QUESTION_PREFIX,
     GSM8KError,
     Problem,
-    annotations,
     evaluate,
+    find_annotations,
     format_result,
 )
 
@@ -56,25 +56,33 @@ class HFTokenizer:
         from export.gguf_writer import vocabulary_from_gguf
 
         vocabulary = vocabulary_from_gguf(path)
-        return cls.from_vocabulary(vocabulary.fields["tokenizer.ggml.tokens"][0],
-                                   vocabulary.fields["tokenizer.ggml.merges"][0],
-                                   vocabulary.fields["tokenizer.ggml.token_type"][0])
+        return cls.from_vocabulary(
+            vocabulary.fields["tokenizer.ggml.tokens"][0],
+            vocabulary.fields["tokenizer.ggml.merges"][0],
+            vocabulary.fields["tokenizer.ggml.token_type"][0],
+        )
 
     @classmethod
-    def from_vocabulary(cls, tokens: Sequence[str], merges: Sequence[str],
-                        token_types: Sequence[int]) -> HFTokenizer:
+    def from_vocabulary(
+        cls, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]
+    ) -> HFTokenizer:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         vocab = {token: index for index, token in enumerate(tokens)}
         pairs = [tuple(merge.split(" ", 1)) for merge in merges]
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         tokenizer.decoder = decoders.ByteLevel()
-        control = [AddedToken(token, special=True, normalized=False)
-                   for token, kind in zip(tokens, token_types, strict=True) if kind == 3]
+        control = [
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, token_types, strict=True)
+            if kind == 3
+        ]
         tokenizer.add_special_tokens(control)
         return cls(tokenizer)
 
@@ -101,6 +109,7 @@ class HFTokenizer:
 
 # -- synthetic expressions --------------------------------------------------------------------
 
+
 def _number(rng: random.Random) -> str:
     kind = rng.random()
     if kind < 0.55:
@@ -111,8 +120,10 @@ def _number(rng: random.Random) -> str:
         decimals = rng.choice((1, 2, 2))
         fraction = str(rng.randint(1, 10**decimals - 1)).zfill(decimals)
         return f"{'' if whole == 0 and rng.random() < 0.3 else whole}.{fraction}"
-    return str(rng.choice((2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 24, 25, 30, 40, 50, 52, 60, 100,
-                           365, 1000)) * rng.choice((1, 1, 1, 10, 100)))
+    return str(
+        rng.choice((2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 24, 25, 30, 40, 50, 52, 60, 100, 365, 1000))
+        * rng.choice((1, 1, 1, 10, 100))
+    )
 
 
 def synthetic_expression(rng: random.Random) -> tuple[str, Fraction]:
@@ -146,6 +157,7 @@ def synthetic_expression(rng: random.Random) -> tuple[str, Fraction]:
 
 # -- documents and rows -----------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RowOptions:
     length: int = 1024
@@ -162,11 +174,14 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
     """Question and solution text, cut after each ``=`` and ``>>``; results are targets."""
     solution = problem.answer
     chat = rng.random() < options.chat_share
-    head = (CHAT_USER + problem.question + CHAT_ASSISTANT) if chat else (
-        QUESTION_PREFIX + problem.question + ANSWER_PREFIX)
+    head = (
+        (CHAT_USER + problem.question + CHAT_ASSISTANT)
+        if chat
+        else (QUESTION_PREFIX + problem.question + ANSWER_PREFIX)
+    )
     segments: list[Segment] = []
     text, cursor = head, 0
-    for annotation in annotations(solution):
+    for annotation in find_annotations(solution):
         try:
             value = evaluate(annotation.expression)
             expression = annotation.expression
@@ -187,8 +202,11 @@ def bare_segments(rng: random.Random, words: Sequence[str]) -> list[Segment]:
     expression, value = synthetic_expression(rng)
     junk = " ".join(rng.choice(words) for _ in range(rng.choice((0, 0, 1, 3, 8, 20))))
     lead = rng.choice(("", " ", " = ", " $", "\n", " is "))
-    return [(junk + lead + "<<" + expression + "=", False), (format_result(value) + ">>", True),
-            (rng.choice((" ", "\n", ". ", "")), False)]
+    return [
+        (junk + lead + "<<" + expression + "=", False),
+        (format_result(value) + ">>", True),
+        (rng.choice((" ", "\n", ". ", "")), False),
+    ]
 
 
 def make_row_factory(
@@ -204,7 +222,9 @@ def make_row_factory(
             segments: list[tuple[str | list[int], bool]] = []
             for _ in range(4):
                 if rng.random() < 0.1:
-                    segments.append(([rng.randrange(options.vocab_size) for _ in range(rng.randint(1, 12))], False))
+                    segments.append(
+                        ([rng.randrange(options.vocab_size) for _ in range(rng.randint(1, 12))], False)
+                    )
                 if rng.random() < options.bare_share:
                     segments += bare_segments(rng, words)
                 else:

@@ -58,10 +58,14 @@ def load_weights(weights: Path | None = None) -> tuple[ExpertShape, dict[str, np
     if "shape" not in metadata:
         raise MathExpertError(f"{path} has no 'shape' metadata: not a math expert file")
     shape = ExpertShape(**json.loads(metadata["shape"]))
-    return shape, {name: (a if name.startswith("map.") else a.astype(np.float32)) for name, a in arrays.items()}
+    return shape, {
+        name: (a if name.startswith("map.") else a.astype(np.float32)) for name, a in arrays.items()
+    }
 
 
-def full_vocabulary_tensors(shape: ExpertShape, arrays: dict[str, Any], vocab_size: int) -> dict[str, np.ndarray]:
+def full_vocabulary_tensors(
+    shape: ExpertShape, arrays: dict[str, Any], vocab_size: int
+) -> dict[str, np.ndarray]:
     """GGUF tensors over the whole vocabulary from the compact ones."""
     input_ids = np.asarray(arrays["map.input_ids"], dtype=np.int64)
     output_ids = np.asarray(arrays["map.output_ids"], dtype=np.int64)
@@ -71,8 +75,11 @@ def full_vocabulary_tensors(shape: ExpertShape, arrays: dict[str, Any], vocab_si
         raise MathExpertError(f"expected {len(OUTPUT_TEXTS)} output rows, got {len(output_ids)}")
     rows = np.zeros(vocab_size, dtype=np.int64)
     rows[input_ids] = np.arange(1, len(input_ids) + 1)
-    tensors = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()
-               if not name.startswith("map.")}
+    tensors = {
+        name: np.ascontiguousarray(a, dtype=np.float32)
+        for name, a in arrays.items()
+        if not name.startswith("map.")
+    }
     tensors["token_embd.weight"] = tensors["token_embd.weight"][rows]
     compact_out = tensors["output.weight"]
     reference = compact_out[OUTPUT_TEXTS.index(">>")].copy()
@@ -85,9 +92,14 @@ def full_vocabulary_tensors(shape: ExpertShape, arrays: dict[str, Any], vocab_si
 
 def hyperparameters(shape: ExpertShape) -> LlamaHyperparameters:
     return LlamaHyperparameters(
-        context_length=shape.context_length, embedding_length=shape.width, block_count=shape.blocks,
-        feed_forward_length=shape.ffn, head_count=shape.heads, head_count_kv=shape.heads,
-        rope_freq_base=shape.rope_freq_base, rms_norm_eps=shape.rms_norm_eps,
+        context_length=shape.context_length,
+        embedding_length=shape.width,
+        block_count=shape.blocks,
+        feed_forward_length=shape.ffn,
+        head_count=shape.heads,
+        head_count_kv=shape.heads,
+        rope_freq_base=shape.rope_freq_base,
+        rms_norm_eps=shape.rms_norm_eps,
     )
 
 
@@ -96,8 +108,9 @@ def build_gguf(out: Path, *, vocabulary_gguf: Path, weights: Path | None = None)
     shape, arrays = load_weights(weights)
     vocabulary: Vocabulary = vocabulary_from_gguf(vocabulary_gguf)
     tensors = full_vocabulary_tensors(shape, arrays, vocabulary.size)
-    write_llama_gguf(out, hparams=hyperparameters(shape), tensors=tensors, vocabulary=vocabulary,
-                     name="tandem-math-expert")
+    write_llama_gguf(
+        out, hparams=hyperparameters(shape), tensors=tensors, vocabulary=vocabulary, name="tandem-math-expert"
+    )
     return out
 
 
@@ -116,8 +129,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "tandem" / "math-expert"
 
 
-def ensure_math_expert(cache_dir: Path | None = None, *, weights: Path | None = None,
-                       vocabulary_gguf: Path | None = None) -> Path:
+def ensure_math_expert(
+    cache_dir: Path | None = None, *, weights: Path | None = None, vocabulary_gguf: Path | None = None
+) -> Path:
     """The cached expert GGUF, assembled on first use (one builder at a time across processes)."""
     if vocabulary_gguf is None:
         from client.base_model import smollm2_path

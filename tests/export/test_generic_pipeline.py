@@ -17,12 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_config() -> PipelineConfig:
     shipped = load_pipeline_config(REPO / "configs" / "pipelines" / "smollm2-math.toml")
-    return shipped.model_copy(update={
-        "corpus": shipped.corpus.model_copy(update={"train_limit": 3, "validation_limit": 2,
-                                                    "sweep_limit": 2, "test_limit": 2}),
-        "calibrate": shipped.calibrate.model_copy(update={"rates": (0.1,)}),
-        "decode": shipped.decode.model_copy(update={"max_tokens": 6}),
-    })
+    return shipped.model_copy(
+        update={
+            "corpus": shipped.corpus.model_copy(
+                update={"train_limit": 3, "validation_limit": 2, "sweep_limit": 2, "test_limit": 2}
+            ),
+            "calibrate": shipped.calibrate.model_copy(update={"rates": (0.1,)}),
+            "decode": shipped.decode.model_copy(update={"max_tokens": 6}),
+        }
+    )
 
 
 def test_pipeline_runs_and_resumes_on_gsm8k(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ def test_results_are_judged_against_the_value() -> None:
     third = Fraction(10, 3)
     assert gsm8k.result_is_right("3.33", third) and gsm8k.result_is_right("3.3333", third)
     assert not gsm8k.result_is_right("3", third)
-    assert gsm8k.result_is_right("144.00", Fraction(144)) and not gsm8k.result_is_right("144.1", Fraction(144))
+    assert gsm8k.result_is_right("144.00", Fraction(144)) and not gsm8k.result_is_right(
+        "144.1", Fraction(144)
+    )
     assert not gsm8k.result_is_right("twelve", Fraction(12))
     assert gsm8k.format_result(third) == "3.33"
     assert gsm8k.format_result(Fraction(5, 2)) == "2.5"
@@ -39,7 +41,7 @@ def test_results_are_judged_against_the_value() -> None:
 
 def test_annotations_and_probes() -> None:
     problem = gsm8k.Problem("How many?", "She sold 48/2 = <<48/2=24>>24 clips.\n#### 24")
-    (annotation,) = gsm8k.annotations(problem.answer)
+    (annotation,) = gsm8k.find_annotations(problem.answer)
     assert (annotation.expression, annotation.written_result) == ("48/2", "24")
     (probe,) = gsm8k.probes([problem])
     assert probe.prompt == "Question: How many?\nAnswer: She sold 48/2 = <<48/2="
@@ -51,7 +53,7 @@ def test_annotations_and_probes() -> None:
 def test_held_out_split_is_fixed_and_disjoint() -> None:
     problems = gsm8k.load_problems()
     train, held_out = gsm8k.split(problems)
-    again_train, again_held = gsm8k.split(list(reversed(problems)))
+    _, again_held = gsm8k.split(list(reversed(problems)))
     assert {p.key for p in held_out} == {p.key for p in again_held}
     assert not {p.key for p in train} & {p.key for p in held_out}
     assert 0.08 < len(held_out) / len(problems) < 0.12
@@ -74,8 +76,9 @@ def test_synthetic_expressions_reach_beyond_the_annotations() -> None:
 
 
 def test_pipeline_corpora_never_use_held_out_problems_for_training(tmp_path: Path) -> None:
-    paths = write_corpora(tmp_path, gsm8k_path=None, seed=0,
-                          limits={"train": 20, "validation": 5, "sweep": 6, "test": 6})
+    paths = write_corpora(
+        tmp_path, gsm8k_path=None, seed=0, limits={"train": 20, "validation": 5, "sweep": 6, "test": 6}
+    )
     _, held_out = gsm8k.split(gsm8k.load_problems())
     held_questions = {p.question for p in held_out}
     for name in ("train", "validation", "sweep"):

@@ -80,8 +80,9 @@ def test_unused_rows_can_never_win(smollm2: Path) -> None:
         assert np.all(tensors[f"blk.{block}.ffn_down.weight"][anchor] == 0)
 
 
-def test_hf_tokenizer_matches_llama_cpp(smollm2: Path, tokenizer: math_data.HFTokenizer,
-                                        held_out_probes: list[gsm8k.Probe]) -> None:
+def test_hf_tokenizer_matches_llama_cpp(
+    smollm2: Path, tokenizer: math_data.HFTokenizer, held_out_probes: list[gsm8k.Probe]
+) -> None:
     import llama_cpp
 
     vocabulary = llama_cpp.Llama(model_path=str(smollm2), vocab_only=True, verbose=False)
@@ -109,8 +110,9 @@ def greedy_llama(model: object, ids: list[int], stop: int, limit: int = 14) -> l
     return generated
 
 
-def test_llama_cpp_reproduces_torch_and_computes(expert_gguf: Path, tokenizer: math_data.HFTokenizer,
-                                                 held_out_probes: list[gsm8k.Probe]) -> None:
+def test_llama_cpp_reproduces_torch_and_computes(
+    expert_gguf: Path, tokenizer: math_data.HFTokenizer, held_out_probes: list[gsm8k.Probe]
+) -> None:
     """On 12 held-out probes llama.cpp's greedy output equals torch's, and >= 10 are right."""
     import llama_cpp
 
@@ -139,19 +141,23 @@ def test_tiny_training_end_to_end(tmp_path: Path, smollm2: Path, tokenizer: math
     from export.math_train import TrainOptions, save, train
 
     shape = math_model.ExpertShape(width=32, blocks=1, heads=2, ffn=64, input_rows=256, context_length=512)
-    options = TrainOptions(steps=6, batch=2, row_length=128, warmup_steps=2, eval_every=3, eval_probes=8,
-                           final_probes=8)
+    options = TrainOptions(
+        steps=6, batch=2, row_length=128, warmup_steps=2, eval_every=3, eval_probes=8, final_probes=8
+    )
     parameters, facts = train(shape, options, tokenizer, log=lambda _line: None)
     assert len(facts["history"]) == 2 and facts["targets_seen"] > 0
     save(tmp_path / "w", parameters, shape, options, facts, "test")
-    gguf = math_expert.build_gguf(tmp_path / "tiny.gguf", vocabulary_gguf=smollm2,
-                                  weights=tmp_path / "w" / "math_expert.safetensors")
+    gguf = math_expert.build_gguf(
+        tmp_path / "tiny.gguf", vocabulary_gguf=smollm2, weights=tmp_path / "w" / "math_expert.safetensors"
+    )
     _, arrays = math_expert.load_weights(tmp_path / "w" / "math_expert.safetensors")
     torch_parameters, table = _torch_parameters(arrays)
     outputs = arrays["map.output_ids"]
     model = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
     ids = tokenizer.encode("Question: Tom has 3 apples.\nAnswer: 3+4 = <<3+4=")
-    rows = math_model.greedy_results(torch_parameters, shape, [table[ids].tolist()], stop_row=12, max_tokens=4)[0]
+    rows = math_model.greedy_results(
+        torch_parameters, shape, [table[ids].tolist()], stop_row=12, max_tokens=4
+    )[0]
     from_llama = greedy_llama(model, ids, int(outputs[12]), limit=len(rows))
     model.close()
     assert from_llama == [int(outputs[r]) for r in rows]
