@@ -28,6 +28,7 @@ import json
 import random
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,7 @@ def main() -> int:
     questions = order[: args.questions]
     prefix = few_shot_prefix(train)
     expert_gguf = ensure_math_expert()
-    audit_dir = Path("bench") / ".gsm8k-audit"
+    audit_dir = Path(tempfile.mkdtemp(prefix="bench-gsm8k-audit-"))  # this run's egress log
     results: dict[str, Any] = {"probes": {}, "free": {}, "sweep": []}
     with serve_gateway(expert_gguf, name="math-expert", n_threads=args.threads) as url:
         setup = DecodingSetup(

@@ -1,9 +1,10 @@
 """The shipped SmolLM2 head and the ``smollm2`` preset: where the head defers, and a real answer.
 
 Numbers checked on a fixed slice (the first 8 held-out problems, gold solutions, teacher forced):
-at the head's calibrated threshold, at least 60% of the deferred positions are annotation-result
-positions (the digits after ``=`` and the closing ``>>``), and at most 5% of all other positions
-are deferred.
+at the head's calibrated threshold, at least 90% of the annotation-result positions (the digits
+after ``=`` and the closing ``>>``) are deferred, at least 75% of the deferred positions are
+result positions, and at most 3% of all other positions are deferred. Measured when the head was
+shipped: 107 of 110 result positions deferred, 19 of 1140 other positions (1.7%), precision 0.85.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def test_head_defers_at_annotation_results() -> None:
     precision = deferred_results / max(1, deferred_results + deferred_other)
     print(f"results {results}, deferred {deferred_results}; others {others}, deferred {deferred_other}")
     assert results > 0 and deferred_results > 0
-    assert precision >= 0.6
-    assert deferred_other / others <= 0.05
+    assert deferred_results / results >= 0.9
+    assert precision >= 0.75
+    assert deferred_other / others <= 0.03
 
 
 def test_preset_answers_through_the_real_daemon_and_gateway(tmp_path: Path) -> None:
