@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from client.assistant import Answer, ChatTurn, Question, Runtime, build_runtime
-from client.errors import ConfigError, SecretMissingError
+from client.errors import ConfigError, SecretMissingError, TandemError
 from client.settings import (
     BaseModelSettings,
     ClientSettings,
@@ -92,10 +92,9 @@ def model_paths(settings: ClientSettings) -> tuple[Path, Path | None]:
     if preset == "smollm2":
         from client.base_model import smollm2_path
 
-        if settings.switch.path is None:
-            print("tandem: no switch head configured for SmolLM2 (switch.path): the base answers "
-                  "alone and nothing is sent to the expert", file=sys.stderr)
-        return settings.base.path or smollm2_path(), settings.switch.path
+        # Default head: the shipped one trained with the math expert (export.smollm2_math).
+        switch = settings.switch.path or _export_module("smollm2_math").shipped_head()
+        return settings.base.path or smollm2_path(), switch
     toy = _toy_pair()
     if settings.switch.path is not None:
         return settings.base.path or toy.base_gguf, settings.switch.path
@@ -340,16 +339,18 @@ def _demo(args: argparse.Namespace) -> int:
         )
         policy = PolicySettings(usage_db=data_dir / "usage.sqlite3",
                                 audit_log=data_dir / "audit" / "audit.jsonl")
-        return run_demo(toy, settings, policy, gateway_url=gateway_url, wait=not args.no_wait)
+        return run_demo(toy, settings, policy, gateway_url=gateway_url, wait=not args.no_wait,
+                        after=lambda: _demo_real_base(settings))
 
 
 def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gateway_url: str,
-             wait: bool) -> int:
+             wait: bool, after: Any = None) -> int:
     """Ask the demo question twice: under the given policy, then with ``derived = "send"``.
 
     The two runs show the trade between privacy and usefulness: by default the invoice's
     numbers stay home, the expert is not asked and the answer is marked double-check; opened,
-    the expert computes the sum and the report names the two values that left.
+    the expert computes the sum and the report names the two values that left. ``after`` (the
+    real-base answer) runs once both are done.
     """
     from client.daemon import create_app
 
@@ -384,7 +385,21 @@ def run_demo(toy: Any, settings: ClientSettings, policy: PolicySettings, *, gate
                         time.sleep(3600)
         finally:
             server.stop()
+    if after is not None:
+        ok = after() and ok
     return 0 if ok else 1
+
+
+def _demo_real_base(settings: ClientSettings) -> bool:
+    """One answer of SmolLM2 with the math expert, after the toy's (export.smollm2_math)."""
+    try:
+        module = _export_module("smollm2_math")
+        return bool(module.demo_answer(data_dir=settings.daemon.data_dir,
+                                       audit_key=_demo_audit_key(settings),
+                                       color=sys.stdout.isatty()))
+    except TandemError as exc:
+        print(f"real-base demo skipped: {exc}", file=sys.stderr)
+        return True
 
 
 def _start_daemon(app: Any, port: int) -> Any:

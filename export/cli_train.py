@@ -172,20 +172,46 @@ def calibrate_handler(args: argparse.Namespace) -> int:
 
 
 def _register_pipeline(commands: Any) -> None:
-    parser = commands.add_parser("pipeline", help="every step on the toy pair: collect, fit, calibrate, "
-                                 "export, eval")
-    parser.add_argument("--out", type=Path, help="directory for every artifact (default: the cache)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser = commands.add_parser("pipeline", help="collect, fit, calibrate, export, eval for any pair "
+                                 "(resumable); without --config, the toy pair")
+    parser.add_argument("--config", type=Path, help="pipeline TOML (see configs/pipelines/)")
+    parser.add_argument("--out", type=Path,
+                        help="directory for every artifact (default for the toy: the cache)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the toy pipeline (a config sets its own)")
     parser.set_defaults(handler=pipeline_handler)
+    expert = commands.add_parser("math-expert", help="train the math expert (SmolLM2 vocabulary) with torch")
+    from export.math_train import add_arguments
+
+    add_arguments(expert)
+    expert.set_defaults(handler=math_expert_handler)
 
 
 def pipeline_handler(args: argparse.Namespace) -> int:
-    from export.pipeline import format_targets, run_toy_pipeline
+    from export.pipeline import format_result_table, format_targets, run_pipeline, run_toy_pipeline
+    from export.pipeline_config import load_pipeline_config
 
-    result = run_toy_pipeline(out=args.out, seed=args.seed)
-    print(format_targets(result))
-    print(f"switch head: {result['switch_onnx']}")
-    return 0 if result["targets_met"] else 1
+    if args.config is None:
+        result = run_toy_pipeline(out=args.out, seed=args.seed)
+        print(format_targets(result))
+        print(f"switch head: {result['switch_onnx']}")
+        return 0 if result["targets_met"] else 1
+    if args.out is None:
+        raise ConfigError("--config needs --out: the folder for the run (rerun with the same to resume)")
+    config = load_pipeline_config(_existing(args.config, "pipeline config"))
+    result = run_pipeline(config, args.out)
+    print(format_result_table(result))
+    print(f"switch head: {result['switch_onnx']} (threshold {result['threshold']:.4f})")
+    return 0
+
+
+def math_expert_handler(args: argparse.Namespace) -> int:
+    import sys
+
+    from export.math_train import run
+
+    argv = sys.argv[sys.argv.index("math-expert") + 1 :] if "math-expert" in sys.argv else []
+    return run(args, argv)
 
 
 # --- export onnx -----------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class DecodingSetup:
     audit_log: Path | None = None
     max_tokens: int = 64
     lookahead: int = 8
+    stop: tuple[str, ...] = ()  # stop sequences, cut from the answer (GSM8K probes stop at ">>")
     audit_key: Any = None  # a pydantic SecretStr; None: the audit-hmac secret
 
 
@@ -169,7 +170,8 @@ def decode_corpus(models: Models, examples: Sequence[Example], *, switch: Any, t
 
     from client.decoding import CoDecoder, DecodingOptions
 
-    options = DecodingOptions(max_tokens=setup.max_tokens, threshold=threshold, lookahead=setup.lookahead)
+    options = DecodingOptions(max_tokens=setup.max_tokens, threshold=threshold, lookahead=setup.lookahead,
+                              stop=setup.stop)
     decoder = CoDecoder(base=models.base, switch=switch, expert=models.expert, policy=models.policy,
                         audit=models.audit, options=options)
     exact = numeric = deferred = generated = calls = sent = 0

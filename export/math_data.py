@@ -1,0 +1,239 @@
+"""Training rows for the math expert: GSM8K text with calculator annotations, in SmolLM2 tokens.
+
+A row is a run of documents packed to a fixed length. Most documents are GSM8K train problems
+(question and full solution) in the plain ``Question: ... Answer: ...`` format or in SmolLM2's
+chat format; a share of their annotations get a synthetic expression instead of the original
+(new numbers, decimals, up to three operators, parentheses), so the expert has to compute rather
+than recall. Other documents are bare annotations after short junk: GSM8K words or random
+vocabulary ids, so any SmolLM2 token can precede an expression. The loss falls only on result
+tokens and the closing ``>>``.
+
+Text is tokenized in pieces cut right after each ``=`` and after each ``>>``: that is how the
+client sees it (the prompt ends at ``<<expr=`` and the result is generated), and it keeps a
+result such as ``-5`` from merging with ``=`` into one token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+from export.gsm8k import (
+    ANSWER_PREFIX,
+    QUESTION_PREFIX,
+    GSM8KError,
+    Problem,
+    evaluate,
+    find_annotations,
+    format_result,
+)
+
+CHAT_USER = "<|im_start|>user\n"
+CHAT_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+CHAT_END = "<|im_end|>\n"
+
+
+class BatchTokenizer(Protocol):
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
+class HFTokenizer:
+    """SmolLM2's byte-level BPE through the ``tokenizers`` library (Rust, fast enough to feed a GPU).
+
+    Built from a GGUF's ``tokenizer.*`` keys: the vocabulary, the merges, and the ``smollm``
+    pre-tokenizer (each digit alone, then GPT-2's split). A test checks it against llama.cpp.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> HFTokenizer:
+        from export.gguf_writer import vocabulary_from_gguf
+
+        vocabulary = vocabulary_from_gguf(path)
+        return cls.from_vocabulary(
+            vocabulary.fields["tokenizer.ggml.tokens"][0],
+            vocabulary.fields["tokenizer.ggml.merges"][0],
+            vocabulary.fields["tokenizer.ggml.token_type"][0],
+        )
+
+    @classmethod
+    def from_vocabulary(
+        cls, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]
+    ) -> HFTokenizer:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {token: index for index, token in enumerate(tokens)}
+        pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        control = [
+            AddedToken(token, special=True, normalized=False)
+            for token, kind in zip(tokens, token_types, strict=True)
+            if kind == 3
+        ]
+        tokenizer.add_special_tokens(control)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_file(cls, path: Path) -> HFTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: Path) -> None:
+        self._tokenizer.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [list(encoding.ids) for encoding in encodings]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+
+# -- synthetic expressions --------------------------------------------------------------------
+
+
+def _number(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.55:
+        digits = rng.choices((1, 2, 3, 4, 5, 6), weights=(30, 30, 20, 10, 6, 4))[0]
+        return str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1))
+    if kind < 0.8:
+        whole = rng.choice((0, 0, rng.randint(1, 9), rng.randint(1, 99), rng.randint(1, 999)))
+        decimals = rng.choice((1, 2, 2))
+        fraction = str(rng.randint(1, 10**decimals - 1)).zfill(decimals)
+        return f"{'' if whole == 0 and rng.random() < 0.3 else whole}.{fraction}"
+    return str(
+        rng.choice((2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 24, 25, 30, 40, 50, 52, 60, 100, 365, 1000))
+        * rng.choice((1, 1, 1, 10, 100))
+    )
+
+
+def synthetic_expression(rng: random.Random) -> tuple[str, Fraction]:
+    """A GSM8K-like calculator expression of 1-3 operators, with its exact value."""
+    while True:
+        operators = rng.choices((1, 2, 3), weights=(50, 32, 18))[0]
+        numbers = [_number(rng) for _ in range(operators + 1)]
+        ops = rng.choices("+-*/", weights=(30, 16, 34, 20), k=operators)
+        for index, op in enumerate(ops):
+            if op == "/" and rng.random() < 0.6 and "." not in numbers[index]:
+                # Mostly exact divisions, as in GSM8K: the left operand is a multiple of the right.
+                divisor = rng.choice((2, 3, 4, 5, 6, 8, 10, 12, 20, 25, 50, 100, rng.randint(2, 99)))
+                numbers[index + 1] = str(divisor)
+                numbers[index] = str(divisor * rng.randint(1, 2000))
+        parts = [numbers[0]]
+        for op, number in zip(ops, numbers[1:], strict=True):
+            parts += [op, number]
+        if operators >= 2 and rng.random() < 0.3:
+            first = 2 * rng.randint(0, operators - 1)
+            parts[first] = "(" + parts[first]
+            parts[first + 2] = parts[first + 2] + ")"
+        expression = "".join(parts)
+        try:
+            value = evaluate(expression)
+        except GSM8KError:
+            continue
+        if abs(value) > 10**9 or (value < 0 and rng.random() < 0.8):
+            continue
+        return expression, value
+
+
+# -- documents and rows -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    length: int = 1024
+    synthetic_share: float = 0.4  # annotations of real problems that get a synthetic expression
+    chat_share: float = 0.15
+    bare_share: float = 0.25  # documents that are bare annotations after junk
+    vocab_size: int = 49152
+
+
+Segment = tuple[str, bool]  # text, and whether its tokens are loss targets
+
+
+def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) -> list[Segment]:
+    """Question and solution text, cut after each ``=`` and ``>>``; results are targets."""
+    solution = problem.answer
+    chat = rng.random() < options.chat_share
+    head = (
+        (CHAT_USER + problem.question + CHAT_ASSISTANT)
+        if chat
+        else (QUESTION_PREFIX + problem.question + ANSWER_PREFIX)
+    )
+    segments: list[Segment] = []
+    text, cursor = head, 0
+    for annotation in find_annotations(solution):
+        try:
+            value = evaluate(annotation.expression)
+            expression = annotation.expression
+        except GSM8KError:
+            continue
+        if rng.random() < options.synthetic_share:
+            expression, value = synthetic_expression(rng)
+        text += solution[cursor : annotation.start] + "<<" + expression + "="
+        segments.append((text, False))
+        segments.append((format_result(value) + ">>", True))
+        text, cursor = "", annotation.end
+    text += solution[cursor:] + (CHAT_END if chat else "\n\n")
+    segments.append((text, False))
+    return segments
+
+
+def bare_segments(rng: random.Random, words: Sequence[str]) -> list[Segment]:
+    expression, value = synthetic_expression(rng)
+    junk = " ".join(rng.choice(words) for _ in range(rng.choice((0, 0, 1, 3, 8, 20))))
+    lead = rng.choice(("", " ", " = ", " $", "\n", " is "))
+    return [
+        (junk + lead + "<<" + expression + "=", False),
+        (format_result(value) + ">>", True),
+        (rng.choice((" ", "\n", ". ", "")), False),
+    ]
+
+
+def make_row_factory(
+    problems: Sequence[Problem], tokenizer: BatchTokenizer, options: RowOptions
+) -> Callable[[random.Random], tuple[list[int], list[int]]]:
+    """``make_row(rng) -> (ids, targets)``: ``targets[t]`` is 1 when ``ids[t]`` is a loss target."""
+    words = sorted({word for problem in problems[:2000] for word in problem.question.split()})
+
+    def make_row(rng: random.Random) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        targets: list[int] = []
+        while len(ids) < options.length:
+            segments: list[tuple[str | list[int], bool]] = []
+            for _ in range(4):
+                if rng.random() < 0.1:
+                    segments.append(
+                        ([rng.randrange(options.vocab_size) for _ in range(rng.randint(1, 12))], False)
+                    )
+                if rng.random() < options.bare_share:
+                    segments += bare_segments(rng, words)
+                else:
+                    segments += problem_segments(rng.choice(problems), rng, options)
+            encoded = iter(tokenizer.encode_batch([text for text, _ in segments if isinstance(text, str)]))
+            for text, is_target in segments:
+                pieces = next(encoded) if isinstance(text, str) else text
+                ids += pieces
+                targets += [int(is_target)] * len(pieces)
+        return ids[: options.length], targets[: options.length]
+
+    return make_row
