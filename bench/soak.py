@@ -93,7 +93,8 @@ def rss_bytes(pid: int) -> int:
 def write_configs(directory: Path, *, toy: Any, head: Path, expert_url: str, port: int) -> Path:
     policy = directory / "policy.toml"
     policy.write_text(
-        f'mode = "redact_private"\nper_request_calls = {PER_REQUEST_CALLS}\n'
+        # The toy answers copy the invoice's numbers; "send" keeps the expert busy under faults.
+        f'mode = "redact_private"\nderived = "send"\nper_request_calls = {PER_REQUEST_CALLS}\n'
         f'usage_db = "{directory / "usage.sqlite3"}"\naudit_log = "{directory / "audit.jsonl"}"\n')
     config = directory / "client.toml"
     config.write_text(

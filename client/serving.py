@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from client.batch_engine import BatchEngine, SequenceSwitch, SequenceView
-from client.expert import ExpertReply
+from client.expert import ExpertReply, RetryGate
 from client.model_worker import current_cancel
 
 
@@ -41,11 +41,12 @@ class ParkingExpert:
 
     def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
                   temperature: float = 0.0, seed: int | None = None,
-                  top_logprobs: int = 0) -> ExpertReply:
+                  top_logprobs: int = 0, before_retry: RetryGate | None = None) -> ExpertReply:
         with self.view.parked():
             reply: ExpertReply = self.expert.continue_(
                 session=session, held=held, tokens=tokens, max_tokens=max_tokens,
-                temperature=temperature, seed=seed, top_logprobs=top_logprobs)
+                temperature=temperature, seed=seed, top_logprobs=top_logprobs,
+                before_retry=before_retry)
             return reply
 
 

@@ -426,6 +426,31 @@ def card_markdown(card: dict[str, Any]) -> str:
     )
 
 
+_OPTION_HELP = {
+    "steps": "optimizer steps",
+    "batch": "training rows per step",
+    "row_length": "tokens per training row",
+    "learning_rate": "peak learning rate (AdamW)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay",
+    "seed": "random seed for data and initialisation",
+    "workers": "data-loader worker processes (0: in the training process)",
+    "eval_every": "score held-out probes every this many steps",
+    "eval_probes": "held-out probes scored during training",
+    "final_probes": "held-out probes scored at the end with the float16 weights (0: all)",
+    "device": "torch device: cpu or cuda",
+    "hard_stop_s": "stop early after this many seconds, and say so in the card (0: never)",
+    "width": "model width (hidden size)",
+    "blocks": "transformer blocks",
+    "heads": "attention heads",
+    "ffn": "feed-forward width",
+    "input_rows": "rows of the compact input table (row 0 is shared by all rare token ids)",
+    "context_length": "longest sequence the model is trained for, in tokens",
+    "rope_freq_base": "rotary position embedding base",
+    "rms_norm_eps": "RMSNorm epsilon",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults, shape = TrainOptions(), ExpertShape()
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights and card")
@@ -439,7 +464,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, value in (*asdict(defaults).items(), *shape.to_dict().items()):
         if name in ("output_rows",):
             continue
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"{_OPTION_HELP[name]} (default: {value})")
     parser.add_argument(
         "--time-budget-s",
         type=float,

@@ -219,7 +219,8 @@ def test_citations_of_the_docs_name_sections_that_exist() -> None:
 
 def test_nothing_points_outside_the_repository() -> None:
     this_file = Path(__file__).resolve()
-    outside = re.compile(r"\.\./shared|DESIGN\.md section \d")
+    # The GSM8K data beside the checkout is an input the code reads, not documentation.
+    outside = re.compile(r"\.\./shared(?!/data/)|DESIGN\.md section \d")
     found = [f"{path.relative_to(ROOT)}: {match[0]}" for path in _repository_texts()
              if path.resolve() != this_file
              for match in outside.finditer(path.read_text("utf-8"))]

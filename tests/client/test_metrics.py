@@ -28,6 +28,7 @@ EXPOSED = {  # name as scraped: (type, help)
                                              "time to answer an HTTP request (streams: until headers)"),
     "tandem_queue_depth": ("gauge", "requests waiting for the model"),
     "tandem_worker_busy": ("gauge", "1 while the model is decoding"),
+    "tandem_answers_running": ("gauge", "answers decoding together now"),
     "tandem_documents": ("gauge", "stored documents"),
 }
 CLOSED = {"route": ROUTES | {UNMATCHED}, "status": STATUSES | {OTHER},
