@@ -85,7 +85,7 @@ class ScriptedExpert:
 
     def continue_(self, *, session: str, held: int, tokens: Sequence[int], max_tokens: int,
                   temperature: float = 0.0, seed: int | None = None,
-                  top_logprobs: int = 0) -> ExpertReply:
+                  top_logprobs: int = 0, before_retry: object = None) -> ExpertReply:
         self.calls += 1
         time.sleep(self.delay_s)
         if self.fail_every and self.calls % self.fail_every == 0:
