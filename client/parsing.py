@@ -12,6 +12,7 @@ Plain text needs no parser and is decoded in the calling thread, with the same t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -194,6 +195,8 @@ def shared_worker() -> ParserWorker:
     with _shared_lock:
         if _shared is None:
             _shared = ParserWorker()
+            # Stop the child with the daemon; left running, it outlives us until its stdin closes.
+            atexit.register(_shared.close)
         return _shared
 
 
