@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/tandem demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check client expert_gateway export tests bench
+	$(BIN)/ruff check tandem_core client expert_gateway export tests bench
 	$(BIN)/mypy
 
 # Build (or find cached) the toy model pair before pytest, so no test's timeout pays for it.

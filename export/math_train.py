@@ -478,7 +478,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.tokenizer is not None:
         tokenizer = math_data.HFTokenizer.from_file(args.tokenizer)
     else:
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         tokenizer = math_data.HFTokenizer.from_gguf(smollm2_path())
     argv = list(argv)
