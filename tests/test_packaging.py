@@ -54,4 +54,4 @@ def test_the_makefile_installs_every_extra_for_the_tests() -> None:
 def test_the_build_ships_the_core_and_the_three_wings() -> None:
     include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     assert sorted(include) == ["client*", "expert_gateway*", "export*", "tandem_core*"]
-    assert "tandem_core" in _pyproject()["tool"]["mypy"]["files"]
+    assert {"tandem_core", "client", "expert_gateway", "export"} <= set(_pyproject()["tool"]["mypy"]["files"])
