@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.base_model import LlamaModel, smollm2_path
 from client.decoding import CoDecoder, DecodeResult, DecodingOptions
 from client.expert import InProcessExpert
 from client.switch import (
@@ -39,6 +38,7 @@ from client.switch import (
     THRESHOLD_KEY,
     OnnxSwitch,
 )
+from tandem_core.base_model import LlamaModel, smollm2_path
 
 
 def write_head(path: Path, weights: np.ndarray, bias: float, *, fingerprint: str,

@@ -25,11 +25,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.audit import AuditLog, verify
-from client.base_model import LlamaModel, smollm2_path
 from client.egress import EgressDecision, EgressOutcome, EgressRecord, EgressRequest
 from client.policy import Policy
 from client.settings import PolicySettings
 from client.usage import UsageStore
+from tandem_core.base_model import LlamaModel, smollm2_path
 
 WORDS = ("invoice", "crates", "of", "bolts", "and", "nuts", "from", "Harbor", "Supply", "total",
          "the", "delivered", "pallets", "on", "Friday", "with", "account", "number")

@@ -38,10 +38,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.daemon import ServerThread
 from expert_gateway.app import create_app
 from expert_gateway.backends.base import ContinueOptions, ExpertBackend
 from expert_gateway.settings import GatewaySettings
+from tandem_core.server import ServerThread
 
 
 @contextlib.contextmanager
@@ -186,7 +186,7 @@ def _default_model() -> tuple[Path, str]:
         root = default_cache_dir() / code_hash()
         if (root / "report.json").exists():
             return Path(ToyPair.at(root).expert_gguf), "toy expert"
-    from client.base_model import smollm2_path
+    from tandem_core.base_model import smollm2_path
 
     return smollm2_path(), "SmolLM2-135M-Instruct Q4_1"
 

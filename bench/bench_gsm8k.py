@@ -152,8 +152,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from client.base_model import smollm2_path
     from export.math_expert import ensure_math_expert
+    from tandem_core.base_model import smollm2_path
 
     problems = gsm8k.load_problems()
     train, held_out = gsm8k.split(problems)

@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.daemon import ServerThread
+from tandem_core.server import ServerThread
 
 ANSWER_TOKENS = 64
 PROMPTS = [
@@ -267,8 +267,8 @@ def smollm2_head(gguf: Path, work: Path, *, defer_share: float) -> tuple[Path, f
     from bench_decoding import write_head
 
     from client.assistant import ChatTurn, NeverDefer, Question, prompt_builder_for
-    from client.base_model import LlamaModel
     from client.decoding import CoDecoder
+    from tandem_core.base_model import LlamaModel
 
     model = LlamaModel(gguf, n_ctx=1024)
     try:
@@ -369,11 +369,11 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int,
                    threads: int) -> dict[str, Any]:
     """Share of greedy answers identical token for token decoded together and alone."""
     from client.assistant import ChatTurn, Question, prompt_builder_for
-    from client.base_model import LlamaModel
-    from client.batch_engine import BatchEngine
     from client.decoding import CoDecoder, DecodingOptions
     from client.serving import DecoderPool
     from client.switch import OnnxSwitch
+    from tandem_core.base_model import LlamaModel
+    from tandem_core.batch_engine import BatchEngine
 
     shared = LlamaModel(gguf, n_ctx=parallel * 512, n_seq_max=parallel, n_ctx_seq=512,
                         n_threads=threads)
@@ -431,8 +431,8 @@ def main() -> int:
                         choices=["anchor", "deferral", "ttft", "gateway", "audit", "exact"])
     args = parser.parse_args()
 
-    from client.base_model import smollm2_path
     from export.pipeline import serve_gateway
+    from tandem_core.base_model import smollm2_path
 
     gguf = smollm2_path()
     work = Path(tempfile.mkdtemp(prefix="tandem-bench-serving-"))

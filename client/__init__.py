@@ -5,6 +5,4 @@ Importing this package loads no model, reads no environment and never imports to
 
 from __future__ import annotations
 
-from client.errors import TandemError
-
-__all__ = ["TandemError"]
+__all__: list[str] = []

@@ -24,7 +24,6 @@ from pydantic import SecretStr
 
 from client.documents import DocumentStore, Passage
 from client.egress import EgressSummary
-from client.errors import ConfigError
 from client.prompting import Segment
 from client.provenance import (
     ASSISTANT_TURN,
@@ -35,6 +34,7 @@ from client.provenance import (
 )
 from client.settings import ClientSettings, PolicySettings
 from client.tokens import GeneratedToken, Provenance
+from tandem_core.errors import ConfigError
 
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
@@ -573,13 +573,13 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
                   gateway_token: SecretStr | None = None) -> Runtime:
     """Load base, head, expert client, policy, audit log and document store once."""
     from client.audit import AuditLog
-    from client.base_model import LlamaModel
-    from client.batch_engine import BatchEngine
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from client.policy import Policy
     from client.serving import DecoderPool
     from client.switch import OnnxSwitch
+    from tandem_core.base_model import LlamaModel
+    from tandem_core.batch_engine import BatchEngine
 
     closers: list[Callable[[], None]] = []
     try:

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 DESCRIPTION = (
     "Tandem answers questions over your private documents with a small model that runs on this "

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from client.assistant import Answer, ChatTurn, Question, Runtime, build_runtime
-from client.errors import ConfigError, SecretMissingError, TandemError
+from client.errors import SecretMissingError
 from client.settings import (
     BaseModelSettings,
     ClientSettings,
@@ -32,8 +32,9 @@ from client.settings import (
     ExpertSettings,
     PolicySettings,
     SwitchSettings,
-    load_settings,
 )
+from tandem_core.errors import ConfigError, TandemError
+from tandem_core.settings import load_settings
 
 _STYLES = {"expert": "\x1b[1;34m", "fallback": "\x1b[1;33m", "denied": "\x1b[1;31m"}
 _RESET = "\x1b[0m"
@@ -90,7 +91,7 @@ def model_paths(settings: ClientSettings) -> tuple[Path, Path | None]:
             raise ConfigError("base.preset is 'path' but base.path is not set")
         return settings.base.path, settings.switch.path
     if preset == "smollm2":
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         # Default head: the shipped one trained with the math expert (export.smollm2_math).
         switch = settings.switch.path or _export_module("smollm2_math").shipped_head()
@@ -405,7 +406,7 @@ def _demo_real_base(settings: ClientSettings) -> bool:
 def _start_daemon(app: Any, port: int) -> Any:
     import socket
 
-    from client.daemon import ServerThread
+    from tandem_core.server import ServerThread
 
     with socket.socket() as probe:
         try:

@@ -21,7 +21,8 @@ from pydantic import SecretStr
 
 from client.errors import AuditError
 from client.secrets import SECRET_ENV_VARS, SecretStore
-from client.settings import PolicySettings, load_settings
+from client.settings import PolicySettings
+from tandem_core.settings import load_settings
 
 
 def register(subparsers: Any) -> None:

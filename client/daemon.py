@@ -35,12 +35,7 @@ from client.assistant import (
     new_request_id,
 )
 from client.documents import DocumentInfo, DocumentNotFoundError, DocumentStore
-from client.errors import (
-    ContextOverflowError,
-    DocumentParseError,
-    DocumentTooLargeError,
-    TandemError,
-)
+from client.errors import DocumentParseError, DocumentTooLargeError
 from client.metrics import Metrics
 from client.model_worker import ClientQueueFullError, ModelWorker, QueueFullError
 from client.openai_api import (
@@ -54,6 +49,7 @@ from client.openai_api import (
     error_json,
 )
 from client.settings import DaemonSettings, DecodingSettings
+from tandem_core.errors import ContextOverflowError, TandemError
 
 logger = logging.getLogger(__name__)
 
@@ -498,32 +494,3 @@ async def _ingest_json(body: bytes, services: DaemonServices) -> DocumentInfo:
         raise ApiError(400, f"{where}: {problem['msg']}" if where else problem["msg"]) from exc
     return await asyncio.to_thread(services.documents.add_text, document.name, document.text,
                                    media_type=document.media_type)
-
-
-class ServerThread:
-    """Serves an ASGI app with uvicorn on a background thread (demo, tests, ``tandem ask``)."""
-
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning") -> None:
-        import uvicorn
-
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, name="tandem-http", daemon=True)
-        self.host = host
-
-    def start(self, *, timeout: float = 30.0) -> str:
-        """Start serving and return the base URL once the socket listens."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise TandemError(f"the HTTP server on {self.host} did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://{self.host}:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(15)

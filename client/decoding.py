@@ -34,23 +34,17 @@ from client.egress import (
     EgressRequest,
     EgressSummary,
     SendEverything,
-    common_prefix_length,
 )
-from client.errors import (
-    AuditError,
-    ContextOverflowError,
-    ExpertDeniedError,
-    ExpertError,
-    ModelError,
-    SessionLostError,
-)
+from client.errors import AuditError, ExpertDeniedError
 from client.expert import Expert, ExpertReply, Gated, reply_problem
 from client.prompting import Segment
 from client.provenance import source_of
 from client.settings import ClientSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
-from expert_gateway.protocol import TokenLogprob, sample_from_logits
+from tandem_core.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
+from tandem_core.protocol import TokenLogprob, sample_from_logits
+from tandem_core.tokens import common_prefix_length
 
 logger = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tandem_core.tokens import common_prefix_length
+
 
 @dataclass(frozen=True)
 class EgressRequest:
@@ -119,14 +121,3 @@ class SendEverything:
     def decide(self, request: EgressRequest) -> EgressDecision:
         view = list(request.local_tokens)
         return EgressDecision(True, "ok", view, common_prefix_length(view, request.held_view))
-
-
-def common_prefix_length(left: Sequence[int], right: Sequence[int]) -> int:
-    """How many leading tokens two sequences share."""
-    shared = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return shared
-

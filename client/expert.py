@@ -25,22 +25,18 @@ import httpx
 import numpy as np
 from pydantic import SecretStr, ValidationError
 
-from client.egress import common_prefix_length
-from client.errors import (
-    CircuitOpenError,
+from client.errors import CircuitOpenError, ExpertAuthError, ExpertRateLimitedError, ExpertUnavailableError
+from client.settings import ExpertSettings
+from client.transport import DeadlineTransport, call_deadline, check_gateway_url
+from tandem_core.errors import (
     ConfigError,
     ContextOverflowError,
-    ExpertAuthError,
     ExpertError,
-    ExpertRateLimitedError,
     ExpertRejectedError,
-    ExpertUnavailableError,
     ModelError,
     SessionLostError,
 )
-from client.settings import ExpertSettings
-from client.transport import DeadlineTransport, call_deadline, check_gateway_url
-from expert_gateway.protocol import (
+from tandem_core.protocol import (
     ContinueReply,
     ContinueRequest,
     ModelInfo,
@@ -52,6 +48,7 @@ from expert_gateway.protocol import (
     log_softmax,
     sample_from_logits,
 )
+from tandem_core.tokens import common_prefix_length
 
 ExpertReply = ContinueReply
 
@@ -90,7 +87,7 @@ class ExpertCall:
 class InProcessExpert:
     """An expert running a local ``LlamaModel`` with the gateway's session and sampling rules."""
 
-    base: Any  # a client.base_model.LlamaModel; Any keeps llama_cpp out of import time
+    base: Any  # a tandem_core.base_model.LlamaModel; Any keeps llama_cpp out of import time
     model: str = "toy-expert"
     destination: str = "in-process"
     calls: list[ExpertCall] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Up to ``max_parallel`` model jobs run at once; the rest wait in a bounded queue served fairly.
 
 A small model's decode step is bound by memory bandwidth, so one batched step over N answers
-costs little more than a step over one (``client.batch_engine`` runs those steps). The worker
+costs little more than a step over one (``tandem_core.batch_engine`` runs those steps). The worker
 therefore runs up to ``max_parallel`` jobs, each on its own runner thread; their model calls meet
 in the engine's batched steps. Jobs are admitted from the queue in turn between clients (round
 robin) the moment a runner is free, so one client sending many requests cannot starve another,

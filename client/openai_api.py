@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from client.assistant import Answer, AnswerToken
 from client.egress import EgressSummary
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 
 class ApiError(TandemError):

@@ -35,17 +35,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from client.egress import EgressDecision, EgressRequest, common_prefix_length
+from client.egress import EgressDecision, EgressRequest
 from client.errors import PolicyError
 from client.settings import PolicySettings
 from client.usage import Caps, UsageStore
 from client.values import PrivateValues, find_values, word_spans
+from tandem_core.tokens import common_prefix_length
 
 _SURROGATES = "surrogateescape"
 
 
 class Tokenizer(Protocol):
-    """The two tokenizer calls the policy needs (``client.base_model.LlamaModel`` has both)."""
+    """The two tokenizer calls the policy needs (``tandem_core.base_model.LlamaModel`` has both)."""
 
     def tokenize(self, text: str) -> Sequence[int]: ...
 

@@ -24,7 +24,8 @@ import keyring
 import keyring.errors
 from pydantic import SecretStr
 
-from client.errors import ConfigError, SecretMissingError
+from client.errors import SecretMissingError
+from tandem_core.errors import ConfigError
 
 SERVICE = "tandem"
 

@@ -16,9 +16,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from client.batch_engine import BatchEngine, SequenceSwitch, SequenceView
 from client.expert import ExpertReply, RetryGate
 from client.model_worker import current_cancel
+from tandem_core.batch_engine import BatchEngine, SequenceSwitch, SequenceView
 
 
 class ParkingExpert:

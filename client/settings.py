@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
-from client.errors import ConfigError
+from tandem_core.settings import Section, TomlSettings
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class BaseModelSettings(_Section):
+class BaseModelSettings(Section):
     """The on-premise base model run by llama.cpp."""
 
     preset: Literal["toy", "smollm2", "path"] = Field(
@@ -48,7 +41,7 @@ class BaseModelSettings(_Section):
     )
 
 
-class SwitchSettings(_Section):
+class SwitchSettings(Section):
     """The ONNX switch head that decides when to defer."""
 
     path: Path | None = Field(default=None, description="switch.onnx; default: the demo's head")
@@ -62,7 +55,7 @@ class SwitchSettings(_Section):
     provider: Literal["cpu", "cuda"] = Field(default="cpu", description="onnxruntime execution provider")
 
 
-class ExpertSettings(_Section):
+class ExpertSettings(Section):
     """The remote expert gateway."""
 
     url: str = Field(default="http://127.0.0.1:8400", description="gateway base URL")
@@ -87,7 +80,7 @@ class ExpertSettings(_Section):
     )
 
 
-class DecodingSettings(_Section):
+class DecodingSettings(Section):
     """How CoDecoder generates."""
 
     lookahead: int = Field(default=8, ge=1, le=64, description="expert tokens asked per call")
@@ -99,7 +92,7 @@ class DecodingSettings(_Section):
     top_logprobs: int = Field(default=5, ge=0, le=20, description="expert top log-probs for compose")
 
 
-class DaemonSettings(_Section):
+class DaemonSettings(Section):
     """The local HTTP service."""
 
     host: str = Field(
@@ -130,22 +123,6 @@ class DaemonSettings(_Section):
     )
 
 
-class TomlSettings(BaseSettings):
-    """Settings read from a TOML file named at load time, overridable by the environment."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Precedence: explicit arguments, then environment, then the TOML file.
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
-
-
 class ClientSettings(TomlSettings):
     """Everything client.toml configures."""
 
@@ -161,30 +138,7 @@ class ClientSettings(TomlSettings):
 
 
 
-SettingsT = TypeVar("SettingsT", bound=BaseSettings)
-
-
-def load_settings(settings_cls: type[SettingsT], path: Path | None) -> SettingsT:
-    """Read ``settings_cls`` from a TOML file (optional) and the environment."""
-    if path is not None and not path.is_file():
-        raise ConfigError(f"settings file not found: {path}")
-    config = {**settings_cls.model_config, "toml_file": path}
-    bound = type(settings_cls.__name__, (settings_cls,), {"model_config": config})
-    try:
-        return bound()
-    except ValidationError as exc:
-        raise ConfigError(f"invalid settings in {path or 'environment'}: {_first_problem(exc)}") from exc
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
-
-
-def _first_problem(exc: ValidationError) -> str:
-    problem = exc.errors()[0]
-    where = ".".join(str(part) for part in problem["loc"])
-    return f"{where}: {problem['msg']}"
-
-
-class DenyPattern(_Section):
+class DenyPattern(Section):
     """A regular expression over the remote view's text, and what to do when it matches."""
 
     name: str = Field(pattern=r"^[a-z0-9_]{1,32}$", description="reason suffix: pattern:<name>")

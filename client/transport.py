@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from client.errors import ConfigError
+from tandem_core.errors import ConfigError
 
 _local = threading.local()
 

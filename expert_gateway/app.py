@@ -38,7 +38,9 @@ from expert_gateway.errors import (
 )
 from expert_gateway.keys import ApiKey, Authenticator, KeyStore
 from expert_gateway.metrics import GatewayMetrics
-from expert_gateway.protocol import (
+from expert_gateway.sessions import SessionStore
+from expert_gateway.settings import GatewaySettings
+from tandem_core.protocol import (
     ContinueReply,
     ContinueRequest,
     ErrorReply,
@@ -46,8 +48,6 @@ from expert_gateway.protocol import (
     ScoreReply,
     ScoreRequest,
 )
-from expert_gateway.sessions import SessionStore
-from expert_gateway.settings import GatewaySettings
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorReply} for status in (400, 401, 404, 409, 413, 422, 429, 503)

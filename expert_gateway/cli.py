@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from client.errors import ConfigError
 from expert_gateway.settings import GatewaySettings, load_gateway_settings
+from tandem_core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("configs/gateway.toml")
 

@@ -1,6 +1,6 @@
 """Every error the gateway raises on purpose, and the one place they become HTTP.
 
-    TandemError (client.errors; the whole tree is drawn there)
+    TandemError (tandem_core.errors; the whole tree is drawn there)
     ├── GatewayError                    500 unless a subclass says otherwise
     │   ├── BadRequestError             400  the body is not JSON, or not an object
     │   ├── AuthError                   401  no key, unknown key, revoked key
@@ -15,7 +15,7 @@
     ├── SessionLostError                409  `held` exceeds what the gateway holds: resend all
     └── TokenizerMismatchError          422  the caller's vocabulary is not the expert's
 
-The last two are defined once in ``client.errors``, because the client raises and handles the
+The last two are defined once in ``tandem_core.errors``, because the client raises and handles the
 same conditions; ``SHARED_ERRORS`` gives their status here. A tokenizer mismatch is a 422 rather
 than a 409: nothing the client can resend fixes it, while a 409 means "resend the whole prefix".
 Foreign exceptions (llama.cpp, torch, httpx) are translated in the backend that calls them, with
@@ -31,8 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from client.errors import SessionLostError, TandemError, TokenizerMismatchError
-from expert_gateway.protocol import ERROR_TYPES, ErrorBody, ErrorReply
+from tandem_core.errors import SessionLostError, TandemError, TokenizerMismatchError
+from tandem_core.protocol import ERROR_TYPES, ErrorBody, ErrorReply
 
 
 class GatewayError(TandemError):
@@ -101,7 +101,7 @@ class KeyStoreError(GatewayError):
     """The API keys file could not be read or written."""
 
 
-# Errors defined in client.errors because both sides raise them, and the status each answers with.
+# Errors defined in tandem_core.errors because both sides raise them, and the status each answers with.
 SHARED_ERRORS: dict[type[TandemError], int] = {SessionLostError: 409, TokenizerMismatchError: 422}
 
 

@@ -11,17 +11,13 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from client.settings import TomlSettings, load_settings
+from tandem_core.settings import Section, TomlSettings, load_settings
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServerSettings(_Section):
+class ServerSettings(Section):
     """The HTTP listener."""
 
     host: str = Field(default="127.0.0.1", min_length=1, description="bind address")
@@ -48,7 +44,7 @@ class ServerSettings(_Section):
         return self
 
 
-class AuthSettings(_Section):
+class AuthSettings(Section):
     """Bearer API keys and per-key quotas."""
 
     enabled: bool = Field(
@@ -91,7 +87,7 @@ class AuthSettings(_Section):
         return self
 
 
-class SessionSettings(_Section):
+class SessionSettings(Section):
     """Per-session token histories and their eviction."""
 
     max_sessions: int = Field(default=256, ge=1, le=1_000_000, description="sessions held at most (LRU)")
@@ -103,7 +99,7 @@ class SessionSettings(_Section):
     )
 
 
-class ModelSettings(_Section):
+class ModelSettings(Section):
     """The expert model and which backend serves it."""
 
     name: str = Field(default="toy-expert", min_length=1, max_length=128, description="name clients ask for")
@@ -127,7 +123,7 @@ class ModelSettings(_Section):
         return self
 
 
-class LlamaCppSettings(_Section):
+class LlamaCppSettings(Section):
     """The embedded llama.cpp backend."""
 
     n_ctx: int = Field(default=8192, ge=64, le=1_048_576, description="context over all slots")
@@ -143,7 +139,7 @@ AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"]
 DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("EFFICIENT_ATTENTION", "MATH")
 
 
-class HfSettings(_Section):
+class HfSettings(Section):
     """The transformers backend (static KV slots and CUDA-graph steps on one GPU)."""
 
     device: str = Field(default="cuda", min_length=1, description="torch device")
@@ -167,7 +163,7 @@ class HfSettings(_Section):
         description="SDPA kernels tried for each captured step shape; the fastest replay is kept")
 
 
-class OpenAICompatSettings(_Section):
+class OpenAICompatSettings(Section):
     """An upstream OpenAI-compatible /v1/completions server (llama.cpp server, vLLM, SGLang)."""
 
     url: str = Field(default="http://127.0.0.1:8080", min_length=1, description="upstream base URL")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 DEFAULT_RATES = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 # Scores of a trained head are often bimodal, so rate quantiles can jump from 0.999 to 0.004

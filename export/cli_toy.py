@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 
 class ToyBuildError(TandemError):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.errors import ConfigError
+from tandem_core.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
@@ -46,7 +46,7 @@ def _add_models(parser: argparse.ArgumentParser, *, expert_required: bool = True
 
 def base_path(value: str) -> Path:
     if value == "smollm2":
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         return smollm2_path()
     path = Path(value)

@@ -25,8 +25,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRecord, EgressRequest
-from client.errors import TandemError
 from client.prompting import Segment, plain_prompt
+from tandem_core.errors import TandemError
 
 ARRAY_NAMES = ("hidden", "features", "base_logprob", "expert_logprob", "base_argmax",
                "expert_argmax", "gold", "example_index", "answer_position")
@@ -344,7 +344,7 @@ class LocalScoring:
         self.destination = "in-process"
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[Any]:
-        from expert_gateway.protocol import ScoreResult, log_softmax
+        from tandem_core.protocol import ScoreResult, log_softmax
 
         results = []
         for tokens, start in sequences:
@@ -466,7 +466,7 @@ def _collect_chunk(chunk: Sequence[Example], base: Any, scorer: ExpertScorer,
 
 def _base_pass(base: Any, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
     """One decode of everything but the last token: row i predicts token i + 1."""
-    from expert_gateway.protocol import log_softmax
+    from tandem_core.protocol import log_softmax
 
     base.reset()
     output = base.decode(list(tokens[:-1]))
@@ -567,7 +567,8 @@ def open_egress(setup: EgressSetup, *, tokenizer: Any, default_audit: Path) -> t
     audit_path = setup.audit_log or default_audit
     if setup.policy_file is not None:
         from client.policy import Policy
-        from client.settings import PolicySettings, load_settings
+        from client.settings import PolicySettings
+        from tandem_core.settings import load_settings
 
         settings = load_settings(PolicySettings, setup.policy_file)
         policy = Policy.from_settings(settings, tokenizer=tokenizer)
@@ -596,7 +597,7 @@ def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, 
                 n_ctx: int = 4096, n_threads: int = 2,
                 after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Open the base (and the gateway or an in-process expert) and collect into ``plan.out``."""
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     if (gateway_url is None) == (expert_gguf is None):
         raise CollectError("give exactly one expert: a gateway URL or an expert GGUF (in-process)")

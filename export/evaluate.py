@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from client.errors import TandemError
 from export.collect import Example, prompt_segments, read_corpus, resolve_style
+from tandem_core.errors import TandemError
 
 GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -133,9 +133,9 @@ class Models:
 
 @contextmanager
 def open_models(setup: DecodingSetup, *, audit_default: Path) -> Iterator[Models]:
-    from client.base_model import LlamaModel
     from client.expert import InProcessExpert
     from export.collect import EgressSetup, gateway_endpoint, open_egress
+    from tandem_core.base_model import LlamaModel
 
     base = LlamaModel(setup.base_gguf, n_ctx=setup.n_ctx, n_threads=setup.n_threads)
     expert_model = None

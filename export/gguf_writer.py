@@ -20,7 +20,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 GSM8K_ENV = "TANDEM_GSM8K"
 HELD_OUT_PER_MILLE = 100

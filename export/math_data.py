@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from export.gsm8k import (
     ANSWER_PREFIX,
@@ -69,7 +69,8 @@ class HFTokenizer:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         vocab = {token: index for index, token in enumerate(tokens)}
-        pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+        # each merge is "left right"; tokenizers validates the pairs
+        pairs = [cast(tuple[str, str], tuple(merge.split(" ", 1))) for merge in merges]
         tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [

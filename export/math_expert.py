@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import TandemError
 from export.gguf_writer import LlamaHyperparameters, Vocabulary, vocabulary_from_gguf, write_llama_gguf
 from export.math_model import MARGIN, OUTPUT_TEXTS, ExpertShape
+from tandem_core.errors import TandemError
 
 WEIGHTS_DIR = Path(__file__).parent / "math_expert_weights"
 WEIGHTS_FILE = "math_expert.safetensors"
@@ -134,7 +134,7 @@ def ensure_math_expert(
 ) -> Path:
     """The cached expert GGUF, assembled on first use (one builder at a time across processes)."""
     if vocabulary_gguf is None:
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         vocabulary_gguf = smollm2_path()
     weights = Path(weights) if weights is not None else WEIGHTS_DIR / WEIGHTS_FILE

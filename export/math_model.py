@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from client.errors import TandemError
+from export.toy_model import TorchMissingError
 
 if TYPE_CHECKING:
     import torch
@@ -30,11 +30,8 @@ MARGIN = 1000.0
 OUTPUT_TEXTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ".", "-", ">>")
 
 
-class TorchMissingError(TandemError):
-    """torch is needed to train or check the math expert."""
-
-
 def import_torch() -> Any:
+    """torch, without the toy build's thread pinning, or the one ``TorchMissingError``."""
     try:
         import torch
     except ModuleNotFoundError as exc:

@@ -131,7 +131,7 @@ def _batches(stream: RowStream, options: TrainOptions, start: int) -> Any:
         return (stream.batch(step) for step in range(start, options.steps))
     torch = import_torch()
 
-    class Steps(torch.utils.data.Dataset):  # type: ignore[misc]
+    class Steps(torch.utils.data.Dataset):  # type: ignore[name-defined]
         def __len__(self) -> int:
             return options.steps - start
 
@@ -270,7 +270,8 @@ def train(
     stream = RowStream(train_problems, tokenizer, options, vocab_size)
     table_t = torch.from_numpy(table).to(device)
     target_t = torch.from_numpy(target_map).to(device)
-    history, losses, targets_seen = [], [], 0
+    history: list[dict[str, float]] = []
+    losses, targets_seen = [], 0
     for step, (ids, targets) in enumerate(_batches(stream, options, 0)):
         raw = torch.as_tensor(ids).to(device, non_blocking=True)
         is_target = torch.as_tensor(targets).to(device, non_blocking=True)
@@ -504,7 +505,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.tokenizer is not None:
         tokenizer = math_data.HFTokenizer.from_file(args.tokenizer)
     else:
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         tokenizer = math_data.HFTokenizer.from_gguf(smollm2_path())
     argv = list(argv)

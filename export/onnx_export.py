@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import TandemError
 from client.switch import (
     BASE_FINGERPRINT_KEY,
     BASE_MODEL_SHA256_KEY,
@@ -29,6 +28,7 @@ from client.switch import (
     THRESHOLD_KEY,
 )
 from export.train import LoadedHead, import_torch, load_head
+from tandem_core.errors import TandemError
 
 THRESHOLDS_KEY = "tandem.thresholds"
 TRAINING_MANIFEST_KEY = "tandem.training_manifest"

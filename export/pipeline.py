@@ -27,8 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from client.errors import TandemError
 from export.pipeline_config import PipelineConfig
+from tandem_core.errors import TandemError
 
 CODE_FILES = (
     "collect.py", "train.py", "calibrate.py", "onnx_export.py", "evaluate.py", "pipeline.py",
@@ -56,7 +56,6 @@ class PipelineError(TandemError):
 @contextlib.contextmanager
 def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: int = 2) -> Iterator[str]:
     """The real gateway app for ``expert_gguf`` under uvicorn on 127.0.0.1; yields its URL."""
-    from client.daemon import ServerThread
     from expert_gateway.app import create_app
     from expert_gateway.settings import (
         AuthSettings,
@@ -65,6 +64,7 @@ def serve_gateway(expert_gguf: Path, *, name: str = TOY_EXPERT_NAME, n_threads: 
         ModelSettings,
         ServerSettings,
     )
+    from tandem_core.server import ServerThread
 
     settings = GatewaySettings(
         server=ServerSettings(host="127.0.0.1", port=0, log_level="warning", max_body_bytes=16 * 1024 * 1024),
@@ -133,7 +133,7 @@ STEPS = ("collect", "fit", "calibrate", "export", "eval")
 
 def resolve_base(name: str) -> Path:
     if name == "smollm2":
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         return smollm2_path()
     if name == "toy":

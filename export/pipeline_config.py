@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from client.errors import ConfigError
+from tandem_core.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.errors import TandemError
+from tandem_core.errors import TandemError
 
 HEAD_DIR = Path(__file__).parent / "smollm2_math_head"
 EXPERT_MODEL = "math-expert"
@@ -52,7 +52,6 @@ def demo_answer(*, data_dir: Path, audit_key: Any, color: bool, max_tokens: int 
     """
     from client.assistant import AnswerToken
     from client.audit import AuditLog
-    from client.base_model import LlamaModel, smollm2_path
     from client.cli_daemon import render_answer
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
@@ -63,6 +62,7 @@ def demo_answer(*, data_dir: Path, audit_key: Any, color: bool, max_tokens: int 
     from export import gsm8k
     from export.math_expert import ensure_math_expert
     from export.pipeline import serve_gateway
+    from tandem_core.base_model import LlamaModel, smollm2_path
 
     prompt, problem = demo_prompt()
     print("\nreal base: SmolLM2-135M-Instruct + the math expert (preset smollm2)", file=sys.stderr)

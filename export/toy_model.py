@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.errors import TandemError
 from export.gguf_writer import LlamaHyperparameters, tensor_shapes
+from tandem_core.errors import TandemError
 
 if TYPE_CHECKING:
     import torch

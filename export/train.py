@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from client.errors import TandemError
 from export.collect import CollectedData, load_collected
+from tandem_core.errors import TandemError
 
 if TYPE_CHECKING:
     import torch

@@ -1,5 +1,5 @@
 """One error tree: every exception class the packages define derives from ``TandemError`` and is
-drawn, under its real parent, in ``client/errors.py``'s docstring."""
+drawn, under its real parent, in ``tandem_core/errors.py``'s docstring."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pkgutil
 import re
 from types import ModuleType
 
-import client.errors
-from client.errors import TandemError
+import tandem_core.errors
+from tandem_core.errors import TandemError
 
-PACKAGES = ("client", "expert_gateway", "export")
+PACKAGES = ("tandem_core", "client", "expert_gateway", "export")
 _BRANCH = re.compile(r"^(?P<indent>[ │]*)[├└]── (?P<name>\w+)")
 
 
@@ -26,7 +26,7 @@ def _modules() -> list[ModuleType]:
 
 
 def _exception_classes() -> dict[str, type[BaseException]]:
-    """Every exception class defined at module level in the three packages, by qualified name."""
+    """Every exception class defined at module level in the four packages, by qualified name."""
     found = {}
     for module in _modules():
         for value in vars(module).values():
@@ -38,7 +38,7 @@ def _exception_classes() -> dict[str, type[BaseException]]:
 
 def _drawn_parents() -> dict[str, str]:
     """Each class in the drawn tree and the class it hangs under (grouping labels skipped)."""
-    doc = client.errors.__doc__ or ""
+    doc = tandem_core.errors.__doc__ or ""
     lines = doc.split("\n\n")[1].splitlines()
     assert lines[0].strip() == "TandemError"
     stack = [(0, "TandemError", True)]  # (depth, name, is a class)

@@ -22,7 +22,7 @@ def model_path(settings: GatewaySettings) -> Path:
         assert settings.model.path is not None  # enforced by ModelSettings
         return settings.model.path
     if preset == "smollm2":
-        from client.base_model import smollm2_path
+        from tandem_core.base_model import smollm2_path
 
         return smollm2_path()
     # Imported by name: the gateway depends on export/ only at run time, for the toy preset.

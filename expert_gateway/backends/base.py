@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from expert_gateway.protocol import (
+from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,

@@ -30,7 +30,7 @@ from expert_gateway.backends.base import Continuation, ContinueOptions, score_ro
 from expert_gateway.backends.slots import SlotTable
 from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import (
+from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,
@@ -335,7 +335,7 @@ class HfBackend:
 
 
 def vocabulary_fingerprint(path: Path) -> str:
-    """The vocabulary fingerprint of a model folder (same definition as client.base_model).
+    """The vocabulary fingerprint of a model folder (same definition as tandem_core.base_model).
 
     ``tandem-fingerprint.txt`` in the folder wins (e.g. copied from the GGUF the base uses);
     else it is computed from the folder's tokenizer, decoding GPT-2 byte-level token strings.

@@ -5,7 +5,7 @@ a slot takes the least recently used free one, and prefills only past the longes
 with what that slot (or any other sequence: the engine shares prefixes) already holds.
 Concurrent calls of different sessions run together: each call keeps its own sampling loop in
 its gateway worker thread, and their decodes meet in the batched steps of
-``client.batch_engine.BatchEngine``, the same machinery that batches the daemon's answers.
+``tandem_core.batch_engine.BatchEngine``, the same machinery that batches the daemon's answers.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from client.base_model import LlamaModel
-from client.batch_engine import BatchEngine, SequenceView
-from client.egress import common_prefix_length
-from client.errors import TandemError
 from expert_gateway.backends.base import (
     Continuation,
     ContinueOptions,
@@ -29,7 +25,11 @@ from expert_gateway.backends.base import (
     score_rows,
 )
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import ModelInfo, ScoreResult, ScoreSequence
+from tandem_core.base_model import LlamaModel
+from tandem_core.batch_engine import BatchEngine, SequenceView
+from tandem_core.errors import TandemError
+from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence
+from tandem_core.tokens import common_prefix_length
 
 SCORE_SEQ = 0
 

@@ -27,17 +27,17 @@ from typing import Any
 import httpx
 import numpy as np
 
-from client.errors import TandemError
 from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import (
+from expert_gateway.settings import OpenAICompatSettings
+from tandem_core.errors import TandemError
+from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,
     TokenLogprob,
     sample_from_logits,
 )
-from expert_gateway.settings import OpenAICompatSettings
 
 SCORE_PROBE_TOP = 20
 
@@ -61,7 +61,7 @@ class OpenAICompatBackend:
     def from_settings(cls, settings: OpenAICompatSettings, *, name: str,
                       tokenizer_path: Path) -> OpenAICompatBackend:
         """Read the vocabulary from the expert's GGUF and connect to the upstream."""
-        from client.base_model import LlamaModel
+        from tandem_core.base_model import LlamaModel
 
         try:
             with LlamaModel(tokenizer_path, n_ctx=64, n_batch=8, n_threads=1) as vocabulary:

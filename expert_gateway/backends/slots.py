@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.egress import common_prefix_length
+from tandem_core.tokens import common_prefix_length
 
 
 @dataclass

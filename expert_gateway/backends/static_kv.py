@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import MAX_TOP_LOGPROBS
+from tandem_core.protocol import MAX_TOP_LOGPROBS
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly

@@ -13,7 +13,8 @@ import keyring
 import pytest
 from pydantic import SecretStr
 
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
+from tandem_core.server import ServerThread
 from tests.client.daemon_fakes import fake_services
 from tests.client.test_secrets import BrokenKeyring
 

@@ -21,10 +21,10 @@ from client.assistant import (
 )
 from client.documents import DocumentStore
 from client.egress import EgressSummary
-from client.errors import ConfigError
 from client.prompting import Segment
 from client.provenance import source_of
 from client.tokens import GeneratedToken
+from tandem_core.errors import ConfigError
 from tests.client.daemon_fakes import FakeDecoder, FakeLedger
 
 SMOLLM2_TEMPLATE = (

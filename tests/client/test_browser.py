@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
+from tandem_core.server import ServerThread
 from tests.client import test_daemon
 from tests.client.daemon_fakes import FakeDecoder, fake_services
 from tests.client.test_daemon import ToyDaemon

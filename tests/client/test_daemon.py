@@ -13,8 +13,9 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
 from client.documents import DocumentStore
+from tandem_core.server import ServerThread
 from tests.client.daemon_fakes import FakeDecoder, Gate, fake_services, wait_until
 from tests.client.test_documents import make_pdf
 
@@ -377,12 +378,12 @@ def test_a_slow_expert_falls_back_within_its_deadline_and_blocks_nobody(tmp_path
     """A gateway slower than the deadline: answers complete with fallback tokens, audited."""
     from client.assistant import Assistant, CoDecoderSource, audit_records, plain_prompt_builder
     from client.audit import AuditLog
-    from client.base_model import LlamaModel, smollm2_path
     from client.daemon import DaemonServices
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import CircuitBreaker, HttpExpert
     from client.policy import Policy
     from client.settings import PolicySettings
+    from tandem_core.base_model import LlamaModel, smollm2_path
 
     gateway = ServerThread(slow_gateway_app(delay_s=2.0))
     gateway_url = gateway.start()

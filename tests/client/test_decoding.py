@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.base_model import DecodeOutput
 from client.decoding import CoDecoder, DecodingOptions, compose_distribution
 from client.egress import (
     EgressDecision,
@@ -25,10 +24,12 @@ from client.egress import (
     EgressRequest,
     SendEverything,
 )
-from client.errors import ContextOverflowError, ExpertUnavailableError, ModelError
+from client.errors import ExpertUnavailableError
 from client.expert import InProcessExpert
 from client.prompting import Segment
-from expert_gateway.protocol import TokenLogprob, log_softmax, sample_from_logits
+from tandem_core.base_model import DecodeOutput
+from tandem_core.errors import ContextOverflowError, ModelError
+from tandem_core.protocol import TokenLogprob, log_softmax, sample_from_logits
 
 EOS = 0
 
@@ -466,7 +467,7 @@ def test_compose_mixes_base_and_expert_distributions() -> None:
 
 @pytest.fixture(scope="module")
 def toy_models(toy_pair: Any) -> Iterator[tuple[Any, Any]]:
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     base = LlamaModel(toy_pair.base_gguf, n_ctx=512)
     expert = LlamaModel(toy_pair.expert_gguf, n_ctx=512)

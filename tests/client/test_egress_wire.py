@@ -170,8 +170,8 @@ def stack(request: pytest.FixtureRequest) -> Stack:
         with open(toy.test_jsonl) as corpus:
             lines = [json.loads(line) for _, line in zip(range(EXAMPLES), corpus, strict=False)]
         return Stack("toy", Path(toy.base_gguf), Path(toy.expert_gguf), lines)
-    from client.base_model import smollm2_path
     from export.toy_data import make_example
+    from tandem_core.base_model import smollm2_path
 
     rng = random.Random(5)
     examples = [make_example(rng, rng.randint(10, 99), rng.randint(10, 99)) for _ in range(EXAMPLES)]
@@ -180,7 +180,7 @@ def stack(request: pytest.FixtureRequest) -> Stack:
 
 @pytest.fixture(scope="module")
 def base(stack: Stack) -> Iterator[Any]:
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     model = LlamaModel(stack.base_gguf, n_ctx=1024)
     yield model
@@ -407,7 +407,7 @@ import json, sys
 from pathlib import Path
 from pydantic import SecretStr
 from client.audit import AuditLog
-from client.base_model import LlamaModel
+from tandem_core.base_model import LlamaModel
 from client.decoding import CoDecoder, DecodingOptions
 from client.expert import HttpExpert
 from client.policy import Policy

@@ -18,19 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from client.errors import (
-    CircuitOpenError,
-    ConfigError,
-    ExpertAuthError,
-    ExpertError,
-    ExpertRateLimitedError,
-    ExpertRejectedError,
-    ExpertUnavailableError,
-    SessionLostError,
-)
+from client.errors import CircuitOpenError, ExpertAuthError, ExpertRateLimitedError, ExpertUnavailableError
 from client.expert import CircuitBreaker, HttpExpert, InProcessExpert, parse_error
 from client.settings import ExpertSettings
-from expert_gateway.protocol import sample_from_logits
+from tandem_core.errors import ConfigError, ExpertError, ExpertRejectedError, SessionLostError
+from tandem_core.protocol import sample_from_logits
 
 FINGERPRINT = "ef" * 32
 URL = "https://gateway.test"
@@ -323,7 +315,7 @@ def test_a_refused_connection_is_unavailable() -> None:
 
 @pytest.fixture(scope="module")
 def toy_expert_model(toy_pair: Any) -> Iterator[Any]:
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     model = LlamaModel(toy_pair.expert_gguf, n_ctx=512)
     yield model

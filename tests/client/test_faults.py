@@ -32,13 +32,13 @@ AUDIT_KEY = b"fault-test-audit-key-0123456789"
 
 @pytest.fixture(scope="module")
 def toy_stack(toy_pair: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from client.base_model import LlamaModel
-    from client.daemon import ServerThread
     from expert_gateway.app import create_app
     from expert_gateway.backends.llama_cpp import LlamaCppBackend
     from expert_gateway.keys import KeyStore
     from expert_gateway.settings import GatewaySettings
     from export.pipeline import ensure_toy_head
+    from tandem_core.base_model import LlamaModel
+    from tandem_core.server import ServerThread
 
     keys_file = tmp_path_factory.mktemp("fault-keys") / "keys.json"
     _, secret = KeyStore(keys_file).add("faults", requests_per_minute=100_000,

@@ -21,9 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
 from client.documents import DocumentStore
 from client.errors import DocumentParseError, DocumentTooLargeError
+from tandem_core.server import ServerThread
 from tests.client.daemon_fakes import fake_services
 
 

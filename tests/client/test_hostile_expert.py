@@ -20,14 +20,15 @@ import pytest
 
 from client.audit import AuditLog, read_records, verify
 from client.decoding import CoDecoder, DecodingOptions
-from client.errors import ConfigError, ExpertError, ExpertUnavailableError
+from client.errors import ExpertUnavailableError
 from client.expert import HttpExpert
 from client.policy import Policy
 from client.settings import PolicySettings
 from client.usage import UsageStore
 from expert_gateway.app import create_app
-from expert_gateway.protocol import ContinueReply, TokenLogprob
 from expert_gateway.settings import GatewaySettings
+from tandem_core.errors import ConfigError, ExpertError
+from tandem_core.protocol import ContinueReply, TokenLogprob
 from tests.client.test_decoding import TinyLM
 from tests.expert_gateway.conftest import FAKE_FINGERPRINT, FakeBackend, serve
 from tests.fault_proxy import FaultProxy, _read_request

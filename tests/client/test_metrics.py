@@ -9,9 +9,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.assistant import Answer
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
 from client.egress import EgressSummary
 from client.metrics import FINISH_REASONS, OTHER, PROVENANCES, ROUTES, STATUSES, UNMATCHED, Metrics
+from tandem_core.server import ServerThread
 from tests.client.daemon_fakes import fake_services
 
 SECRET = "secret-7f3a"

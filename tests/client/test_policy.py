@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from client.egress import EgressDecision, EgressRequest
-from client.errors import ConfigError, PolicyError
+from client.errors import PolicyError
 from client.policy import Policy
-from client.settings import DenyPattern, PolicySettings, load_settings
+from client.settings import DenyPattern, PolicySettings
 from client.usage import UsageStore
+from tandem_core.errors import ConfigError
+from tandem_core.settings import load_settings
 
 BOS = 1000
 IBAN = "DE89 3704 0044 0532 0130 00"
@@ -336,7 +338,7 @@ def test_bad_policy_files_are_config_errors(tmp_path: Path, toml: str, problem: 
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[Any]:
-    from client.base_model import LlamaModel, smollm2_path
+    from tandem_core.base_model import LlamaModel, smollm2_path
 
     model = LlamaModel(smollm2_path(), n_ctx=512)
     yield model

@@ -210,12 +210,12 @@ def test_an_earlier_answer_quoting_a_document_never_reaches_the_expert(tmp_path:
     question carries the first answer, which quoted a document that is not retrieved now."""
     from client.assistant import CoDecoderSource, prompt_builder_for
     from client.audit import AuditLog, read_records
-    from client.base_model import LlamaModel, smollm2_path
     from client.decoding import CoDecoder, DecodingOptions
     from client.expert import HttpExpert
     from expert_gateway.app import create_app
     from expert_gateway.backends.llama_cpp import LlamaCppBackend
     from expert_gateway.settings import GatewaySettings
+    from tandem_core.base_model import LlamaModel, smollm2_path
     from tests.client.test_daemon import AlwaysDefer
     from tests.client.test_egress_wire import CapturingProxy, serve
 
@@ -274,7 +274,7 @@ def careful_toy(toy_pair: object, tmp_path_factory: pytest.TempPathFactory) -> I
 
     from client.assistant import build_runtime
     from client.cli_daemon import daemon_services
-    from client.daemon import ServerThread, create_app
+    from client.daemon import create_app
     from client.settings import (
         BaseModelSettings,
         ClientSettings,
@@ -283,6 +283,7 @@ def careful_toy(toy_pair: object, tmp_path_factory: pytest.TempPathFactory) -> I
         SwitchSettings,
     )
     from export.pipeline import ensure_toy_head, serve_gateway
+    from tandem_core.server import ServerThread
 
     root = tmp_path_factory.mktemp("careful-toy")
     head = ensure_toy_head(toy_pair)

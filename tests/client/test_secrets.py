@@ -12,8 +12,9 @@ import pytest
 from pydantic import SecretStr
 
 from client.cli import main
-from client.errors import ConfigError, SecretMissingError
+from client.errors import SecretMissingError
 from client.secrets import SECRET_ENV_VARS, SecretStore, env_var_for
+from tandem_core.errors import ConfigError
 
 SECRET = "s3cret-value-that-must-not-leak"
 

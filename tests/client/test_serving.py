@@ -19,7 +19,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from client.daemon import ServerThread, create_app
+from client.daemon import create_app
+from tandem_core.server import ServerThread
 
 AUDIT_KEY = "serving-test-audit-key-0123456789"
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import ConfigError
-from client.settings import ClientSettings, load_settings
+from client.settings import ClientSettings
+from tandem_core.errors import ConfigError
+from tandem_core.settings import load_settings
 
 
 def test_defaults_without_a_file() -> None:

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from client.daemon import ServerThread
-from client.egress import common_prefix_length
 from expert_gateway.app import create_app
 from expert_gateway.backends.base import Continuation, ContinueOptions, generate
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
 from expert_gateway.keys import KeyStore
-from expert_gateway.protocol import ModelInfo, ScoreResult, ScoreSequence
 from expert_gateway.settings import GatewaySettings
+from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence
+from tandem_core.server import ServerThread
+from tandem_core.tokens import common_prefix_length
 
 FAKE_FINGERPRINT = "fa" * 32
 
@@ -126,7 +126,7 @@ def expert_gguf() -> Path:
             return Path(ToyPair.at(root).expert_gguf)
     except ImportError:
         pass
-    from client.base_model import smollm2_path
+    from tandem_core.base_model import smollm2_path
 
     return smollm2_path()
 

@@ -11,8 +11,8 @@ import pytest
 
 from expert_gateway.app import create_app
 from expert_gateway.keys import KeyStore
-from expert_gateway.protocol import ERROR_TYPES, MAX_CONTINUE_TOKENS
 from expert_gateway.settings import GatewaySettings
+from tandem_core.protocol import ERROR_TYPES, MAX_CONTINUE_TOKENS
 
 from .conftest import FAKE_FINGERPRINT, FakeBackend, Gateway, gateway_settings, serve
 

@@ -18,8 +18,8 @@ import pytest
 from expert_gateway.app import create_app
 from expert_gateway.backends.base import ContinueOptions, token_logprob
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import ScoreSequence, log_softmax, sample_from_logits
 from expert_gateway.settings import GatewaySettings
+from tandem_core.protocol import ScoreSequence, log_softmax, sample_from_logits
 
 from .conftest import gateway_settings, serve
 

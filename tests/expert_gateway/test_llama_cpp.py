@@ -11,7 +11,7 @@ import pytest
 
 from expert_gateway.backends.base import ContinueOptions
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
-from expert_gateway.protocol import ModelInfo, ScoreSequence, log_softmax, sample_from_logits
+from tandem_core.protocol import ModelInfo, ScoreSequence, log_softmax, sample_from_logits
 
 from .conftest import Gateway
 

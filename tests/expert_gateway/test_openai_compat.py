@@ -22,8 +22,8 @@ from expert_gateway.backends.base import ContinueOptions
 from expert_gateway.backends.llama_cpp import LlamaCppBackend
 from expert_gateway.backends.openai_compat import OpenAICompatBackend
 from expert_gateway.errors import BackendError
-from expert_gateway.protocol import ScoreSequence
 from expert_gateway.settings import OpenAICompatSettings
+from tandem_core.protocol import ScoreSequence
 
 from .conftest import gateway_settings, serve
 

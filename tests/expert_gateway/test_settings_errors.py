@@ -10,11 +10,11 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 
 import expert_gateway.errors as errors
-from client.errors import ConfigError
 from expert_gateway.backends import BACKENDS
 from expert_gateway.metrics import GatewayMetrics
-from expert_gateway.protocol import ERROR_TYPES
 from expert_gateway.settings import GatewaySettings, load_gateway_settings
+from tandem_core.errors import ConfigError
+from tandem_core.protocol import ERROR_TYPES
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "gateway.toml"
 

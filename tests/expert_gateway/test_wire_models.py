@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from expert_gateway.protocol import (
+from tandem_core.protocol import (
     MAX_CONTINUE_TOKENS,
     ContinueRequest,
     log_softmax,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from client.egress import EgressDecision, EgressOutcome, EgressRecord, EgressRequest
-from expert_gateway.protocol import ScoreResult
 from export.collect import (
     AuditedScorer,
     CollectError,
@@ -23,6 +22,7 @@ from export.collect import (
     read_corpus,
     run_collect,
 )
+from tandem_core.protocol import ScoreResult
 
 pytest.importorskip("safetensors")
 
@@ -153,7 +153,7 @@ def test_collected_positions_are_answer_tokens(toy_pair: Any, tmp_path: Path) ->
     _collect(toy_pair, tmp_path / "data")
     data = load_collected(tmp_path / "data")
     first = json.loads(Path(toy_pair.train_jsonl).read_text().splitlines()[0])
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     with LlamaModel(toy_pair.base_gguf, n_ctx=512) as base:
         answer = [*base.tokenize(first["answer"]), base.eos_id]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import ConfigError
 from export.pipeline import run_pipeline
 from export.pipeline_config import PipelineConfig, load_pipeline_config
+from tandem_core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

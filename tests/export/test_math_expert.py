@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from client.base_model import smollm2_path
+    from tandem_core.base_model import smollm2_path
 
     return smollm2_path()
 
@@ -40,7 +40,7 @@ def held_out_probes() -> list[gsm8k.Probe]:
 
 
 def test_expert_vocabulary_fingerprint_is_smollm2s(smollm2: Path, expert_gguf: Path) -> None:
-    from client.base_model import LlamaModel
+    from tandem_core.base_model import LlamaModel
 
     with LlamaModel(smollm2, n_ctx=64) as base, LlamaModel(expert_gguf, n_ctx=64) as expert:
         assert expert.vocab_size == base.vocab_size == 49152

@@ -43,8 +43,8 @@ def test_toy_targets_are_met(result: dict[str, Any]) -> None:
 
 
 def test_head_loads_in_the_client_for_the_toy_base(toy_pair: Any, toy_head: Path) -> None:
-    from client.base_model import LlamaModel
     from client.switch import OnnxSwitch
+    from tandem_core.base_model import LlamaModel
 
     with LlamaModel(toy_pair.base_gguf, n_ctx=256) as base:
         switch = OnnxSwitch.for_base(toy_head, base)
@@ -81,10 +81,10 @@ def test_the_cache_returns_the_same_head(toy_pair: Any, toy_head: Path) -> None:
 
 
 def test_mlp_head_exports_with_in_graph_features(toy_pair: Any, toy_head: Path, tmp_path: Path) -> None:
-    from client.base_model import LlamaModel
     from client.switch import OnnxSwitch
     from export.onnx_export import export_onnx
     from export.train import FitConfig, fit_command, load_head
+    from tandem_core.base_model import LlamaModel
 
     folder = toy_head.parent
     fit_command(folder / "data" / "validation", tmp_path / "mlp.pt",

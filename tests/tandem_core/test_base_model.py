@@ -10,8 +10,8 @@ import gguf
 import numpy as np
 import pytest
 
-from client.base_model import LlamaModel, smollm2_path
-from client.errors import ContextOverflowError, ModelError, ModelLoadError
+from tandem_core.base_model import LlamaModel, smollm2_path
+from tandem_core.errors import ContextOverflowError, ModelError, ModelLoadError
 
 
 @pytest.fixture(scope="module")
