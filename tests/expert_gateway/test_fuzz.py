@@ -13,6 +13,11 @@ from typing import Any
 
 import pytest
 import schemathesis
+
+# Loaded at collection, not inside the test: schemathesis is a pytest plugin, so its modules are
+# assertion-rewritten (ast.parse) on first import, and on CPython 3.11 a ResourceWarning raised by
+# the garbage collector during that parse turns into "AST constructor recursion depth mismatch".
+import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
