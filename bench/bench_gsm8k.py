@@ -9,8 +9,13 @@ Every question comes from the held-out tenth of GSM8K's train split (export.gsm8
    results" (on a probe every decoded token up to ``>>`` is a result token, so the oracle defers
    all of them).
 2. Free generation: a fixed 3-shot prompt of GSM8K train problems, then the question; reports the
-   share of generated tokens deferred, the share of generated ``<<expr=c>>`` whose ``c`` is right,
-   and final-answer accuracy (``#### n``), for base alone and Co-LLM.
+   share of generated tokens deferred (and how many of those sit inside an annotation's result),
+   the share of generated ``<<expr=c>>`` whose ``c`` is right, and final-answer accuracy
+   (``#### n``), for base alone, Co-LLM and random deferral at Co-LLM's free-generation rate.
+   Co-LLM's free-generation threshold is calibrated first on train-split questions that neither
+   the head's pipeline nor the evaluation uses (``--calibrate``): the lowest of
+   ``--calibrate-thresholds`` whose deferred share stays within ``--max-deferral``. The probes
+   run at that threshold too, and at the head's own (probe-calibrated) threshold.
 3. Cost: remote calls and wall seconds per answer, base alone vs Co-LLM.
 
 Also a sweep of Co-LLM thresholds and random rates on the probes: ``--png`` plots probe accuracy
@@ -45,6 +50,9 @@ from export.pipeline import pipeline_audit_key, serve_gateway
 
 SHOTS = 3
 GENERATED_ANNOTATION = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
+# Questions the calibration may use: train-split problems past every slice the head's pipeline
+# draws from the same shuffle (export.gsm8k_corpus takes at most a few hundred from its front).
+CALIBRATION_OFFSET = 2000
 
 
 @dataclass
@@ -58,6 +66,7 @@ class Tally:
     wall_s: float = 0.0
     annotations: int = 0
     annotations_right: int = 0
+    deferred_in_results: int = 0
 
     def row(self) -> dict[str, Any]:
         return {
@@ -67,6 +76,8 @@ class Tally:
             "deferred_share": self.deferred / max(1, self.generated),
             "annotations": self.annotations,
             "annotations_right": self.annotations_right / max(1, self.annotations),
+            "annotations_right_count": self.annotations_right,
+            "deferred_in_results": self.deferred_in_results / max(1, self.deferred),
             "calls_per_answer": self.calls / max(1, self.answers),
             "wall_s_per_answer": self.wall_s / max(1, self.answers),
         }
@@ -84,7 +95,23 @@ def decode(decoder: CoDecoder, prompt: str, tally: Tally, **overrides: Any) -> s
     tally.deferred += result.provenance_counts["expert"]
     tally.generated += len(result.tokens)
     tally.calls += result.egress.calls
+    tally.deferred_in_results += deferred_inside_results(result.tokens)
     return result.text
+
+
+def deferred_inside_results(tokens: list[Any]) -> int:
+    """How many expert tokens lie inside an annotation's result (between ``=`` and ``>>``)."""
+    text = b"".join(token.text for token in tokens).decode("utf-8", errors="replace")
+    spans = [match.span(2) for match in GENERATED_ANNOTATION.finditer(text)]
+    count, offset = 0, 0
+    for token in tokens:
+        width = len(token.text.decode("utf-8", errors="replace"))
+        if token.provenance == "expert" and any(
+            start <= offset < end or offset == end for start, end in spans  # ``>>`` ends a result
+        ):
+            count += 1
+        offset += width
+    return count
 
 
 def run_probes(models: Any, switch: Any, threshold: float, probes: list[gsm8k.Probe], name: str) -> Tally:
@@ -147,6 +174,12 @@ def main() -> int:
         default=[0.05, 0.2, 0.5, 0.8],
         help="extra head thresholds for the accuracy-vs-deferral plot",
     )
+    parser.add_argument("--calibrate", type=int, default=20,
+                        help="train-split questions for the free-generation threshold (0: the head's own)")
+    parser.add_argument("--calibrate-thresholds", type=float, nargs="+", default=[0.25, 0.4, 0.6, 0.8],
+                        help="candidate free-generation thresholds, tried in order")
+    parser.add_argument("--max-deferral", type=float, default=0.09,
+                        help="largest deferred share of calibration tokens to accept (the target is 10%%)")
     parser.add_argument("--png", type=Path, default=Path("bench/gsm8k.png"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -163,6 +196,10 @@ def main() -> int:
     probes = list(gsm8k.probes(order))[: args.probes]
     questions = order[: args.questions]
     prefix = few_shot_prefix(train)
+    calibration_order = list(train)
+    random.Random(f"gsm8k-corpus-{args.seed}").shuffle(calibration_order)  # export.gsm8k_corpus's
+    calibration = [problem for problem in calibration_order[CALIBRATION_OFFSET:]
+                   if problem not in train[:SHOTS]][: args.calibrate]
     expert_gguf = ensure_math_expert()
     audit_dir = Path(tempfile.mkdtemp(prefix="bench-gsm8k-audit-"))  # this run's egress log
     results: dict[str, Any] = {"probes": {}, "free": {}, "sweep": []}
@@ -180,6 +217,9 @@ def main() -> int:
         with open_models(setup, audit_default=audit_dir / "audit.jsonl") as models:
             head = OnnxSwitch.for_base(args.head, models.base)
             threshold = head.threshold
+            results["head_threshold"] = threshold
+            if calibration:
+                threshold = calibrate_free(models, head, prefix, calibration, args, results)
             base = run_probes(models, ConstantSwitch(0.0), 0.5, probes, "base")
             expert = run_probes(models, ConstantSwitch(1.0), 0.5, probes, "expert")
             co_llm = run_probes(models, head, threshold, probes, "co-llm")
@@ -187,6 +227,9 @@ def main() -> int:
             randomised = run_probes(models, RandomSwitch(args.seed), 1.0 - rate, probes, "random")
             for tally in (base, expert, co_llm, randomised):
                 results["probes"][tally.system] = tally.row()
+            if threshold != head.threshold:
+                own = run_probes(models, head, head.threshold, probes, "co-llm@head").row()
+                results["sweep"].append({"kind": "co-llm", "threshold": head.threshold, **own})
             # The oracle defers every result token; on a probe that is every decoded token up to
             # ">>", so its decode is the expert's (greedy is deterministic): not decoded twice.
             results["probes"]["oracle"] = {**expert.row(), "system": "oracle"}
@@ -200,12 +243,37 @@ def main() -> int:
             for switch, limit, name in ((ConstantSwitch(0.0), 0.5, "base"), (head, threshold, "co-llm")):
                 tally = run_free(models, switch, limit, prefix, questions, name, args.max_tokens)
                 results["free"][name] = tally.row()
+            free_rate = results["free"]["co-llm"]["deferred_share"]
+            tally = run_free(models, RandomSwitch(args.seed), 1.0 - free_rate, prefix, questions, "random",
+                             args.max_tokens)
+            results["free"]["random"] = tally.row()
     results["threshold"] = threshold
     results["seed"] = args.seed
     print_table(results)
     plot(results, args.png)
     print(json.dumps({"bench": "gsm8k", **results}, sort_keys=True))
     return 0
+
+
+def calibrate_free(models: Any, head: Any, prefix: str, problems: list[gsm8k.Problem],
+                   args: argparse.Namespace, results: dict[str, Any]) -> float:
+    """The lowest candidate threshold whose free-generation deferred share is within the cap."""
+    results["calibration"] = {"questions": len(problems), "max_deferral": args.max_deferral, "points": []}
+    chosen = None
+    for candidate in args.calibrate_thresholds:
+        point = run_free(models, head, candidate, prefix, problems, f"calibrate@{candidate}",
+                         args.max_tokens).row()
+        results["calibration"]["points"].append({"threshold": candidate, **point})
+        print(f"calibration: threshold {candidate}: deferred {point['deferred_share']:.3f}, "
+              f"annotations right {point['annotations_right']:.3f} of {point['annotations']}",
+              file=sys.stderr, flush=True)
+        if point["deferred_share"] <= args.max_deferral:
+            chosen = candidate
+            break
+    if chosen is None:
+        chosen = args.calibrate_thresholds[-1]
+    results["calibration"]["chosen"] = chosen
+    return chosen
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -222,14 +290,24 @@ def print_table(results: dict[str, Any]) -> None:
     free = results["free"]
     print(f"free generation (3-shot, n={free['base']['answers']})")
     print(
-        f"{'system':8} {'final':>7} {'annot. right':>13} {'annots':>7} {'deferred':>9} {'calls/ans':>10} "
-        f"{'s/ans':>7}"
+        f"{'system':8} {'final':>7} {'annot. right':>13} {'annots':>7} {'deferred':>9} {'in results':>11} "
+        f"{'calls/ans':>10} {'s/ans':>7}"
     )
     for name, row in free.items():
         print(
             f"{name:8} {row['accuracy']:7.3f} {row['annotations_right']:13.3f} {row['annotations']:7d} "
-            f"{row['deferred_share']:9.3f} {row['calls_per_answer']:10.2f} {row['wall_s_per_answer']:7.2f}"
+            f"{row['deferred_share']:9.3f} {row['deferred_in_results']:11.3f} "
+            f"{row['calls_per_answer']:10.2f} {row['wall_s_per_answer']:7.2f}"
         )
+    right = {name: 100 * row["annotations_right"] for name, row in free.items()}
+    print(f"Co-LLM - base, annotations right: {right['co-llm'] - right['base']:+.1f} points; "
+          f"Co-LLM - random: {right['co-llm'] - right['random']:+.1f} points")
+    if "calibration" in results:
+        calibration = results["calibration"]
+        points = ", ".join(f"{p['threshold']}: {p['deferred_share']:.3f}" for p in calibration["points"])
+        print(f"free-generation threshold {calibration['chosen']} calibrated on "
+              f"{calibration['questions']} train-split questions (deferred share {points}); "
+              f"the head's own threshold {results['head_threshold']:.4f}")
 
 
 def plot(results: dict[str, Any], png: Path) -> None:

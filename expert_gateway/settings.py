@@ -106,9 +106,10 @@ class ModelSettings(Section):
     backend: Literal["llama_cpp", "hf", "openai_compat"] = Field(
         default="llama_cpp", description="llama_cpp (embedded), hf (transformers on CUDA), openai_compat"
     )
-    preset: Literal["toy", "smollm2", "path"] = Field(
+    preset: Literal["toy", "smollm2", "math-expert", "path"] = Field(
         default="toy",
-        description="toy: the built toy expert GGUF; smollm2: SmolLM2-135M-Instruct; path: `path`",
+        description="toy: the built toy expert GGUF; smollm2: SmolLM2-135M-Instruct; "
+        "math-expert: the GSM8K math expert in SmolLM2's vocabulary; path: `path`",
     )
     path: Path | None = Field(
         default=None, description="GGUF file (llama_cpp, openai_compat tokenizer) or HF model folder (hf)"

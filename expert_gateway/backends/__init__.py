@@ -25,12 +25,16 @@ def model_path(settings: GatewaySettings) -> Path:
         from tandem_core.base_model import smollm2_path
 
         return smollm2_path()
-    # Imported by name: the gateway depends on export/ only at run time, for the toy preset.
+    # Imported by name: the gateway depends on export/ only at run time, for the presets that
+    # assemble their model (the toy pair, the math expert from its shipped weights).
+    module = "export.math_expert" if preset == "math-expert" else "export.toy"
     try:
-        toy = importlib.import_module("export.toy")
+        built = importlib.import_module(module)
     except ImportError as exc:
-        raise BackendError(f"the toy expert needs the export package: {exc}") from exc
-    return Path(toy.ensure_toy_pair().expert_gguf)
+        raise BackendError(f"the {preset} expert needs the export package: {exc}") from exc
+    if preset == "math-expert":
+        return Path(built.ensure_math_expert())
+    return Path(built.ensure_toy_pair().expert_gguf)
 
 
 def _llama_cpp(settings: GatewaySettings) -> ExpertBackend:

@@ -161,3 +161,35 @@ def test_tiny_training_end_to_end(tmp_path: Path, smollm2: Path, tokenizer: math
     from_llama = greedy_llama(model, ids, int(outputs[12]), limit=len(rows))
     model.close()
     assert from_llama == [int(outputs[r]) for r in rows]
+
+
+def test_gateway_preset_serves_the_math_expert(smollm2: Path) -> None:
+    """`model.preset = "math-expert"` assembles (or reuses) the expert and serves it in SmolLM2's
+    vocabulary: a team's gateway needs no path to the cached GGUF."""
+    import uuid
+
+    import httpx
+
+    from expert_gateway.app import create_app
+    from expert_gateway.settings import AuthSettings, GatewaySettings, ModelSettings, ServerSettings
+    from tandem_core.base_model import LlamaModel
+    from tandem_core.server import ServerThread
+
+    with LlamaModel(smollm2, n_ctx=64) as base:
+        fingerprint = base.fingerprint
+        prompt = list(base.tokenize("Tom has 48 apples and gives away half. <<48/2="))
+        answer = base.detokenize
+        settings = GatewaySettings(server=ServerSettings(host="127.0.0.1", port=0),
+                                   auth=AuthSettings(enabled=False),
+                                   model=ModelSettings(name="math-expert", preset="math-expert"))
+        server = ServerThread(create_app(settings))
+        url = server.start(timeout=120)
+        try:
+            models = httpx.get(f"{url}/v1/models", timeout=30).json()
+            reply = httpx.post(f"{url}/v1/continue", timeout=60, json={
+                "session": uuid.uuid4().hex, "model": "math-expert", "held": 0, "tokens": prompt,
+                "max_tokens": 3, "tokenizer": fingerprint}).json()
+        finally:
+            server.stop()
+        assert [(m["name"], m["tokenizer"]) for m in models] == [("math-expert", fingerprint)]
+        assert answer(reply["tokens"]).decode() == "24>>"
