@@ -161,6 +161,10 @@ class HfSettings(Section):
     attention_kernels: list[AttentionKernel] = Field(
         default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=3,
         description="SDPA kernels tried for each captured step shape; the fastest replay is kept")
+    engine_process: bool = Field(
+        default=True,
+        description="run the model and its scheduler in a child process, so that HTTP handling "
+                    "in the gateway process cannot hold up the batched step")
 
 
 class OpenAICompatSettings(Section):

@@ -136,12 +136,21 @@ class HfBackend:
 
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
+        return self.submit(session_id, sequence, options=options).result()
+
+    def submit(self, session_id: str, sequence: Sequence[int], *,
+               options: ContinueOptions) -> Future[Continuation]:
+        """Queue a continuation without waiting: the engine process answers through callbacks."""
         job = _Job(session_id, list(sequence), options)
         self._inbox.put(job)
-        return job.future.result()
+        return job.future
 
     def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
-        return list(self._call(lambda: [self._score_one(entry) for entry in sequences]))
+        return list(self.submit_score(sequences).result())
+
+    def submit_score(self, sequences: Sequence[ScoreSequence]) -> Future[list[ScoreResult]]:
+        """Queue a score without waiting (run on the scheduler thread between steps)."""
+        return self.submit_call(lambda: [self._score_one(entry) for entry in sequences])
 
     def forget(self, session_id: str) -> None:
         """Free the session's slot (kept while a running call uses it: see ``SlotTable``)."""
@@ -163,10 +172,28 @@ class HfBackend:
     def table(self) -> SlotTable:
         return self._table
 
+    def stats(self, *, clear: bool = False) -> dict[str, Any]:
+        """Recent batched steps (rows and widest row fed), graphs and attention kernels picked.
+
+        ``clear`` empties the step history after reading it (benchmarks measure one run).
+        """
+        steps, widths = list(self.steps), list(self.widths)
+        if clear:
+            self.steps.clear()
+            self.widths.clear()
+        choice = dict(self._engine.kernel_choice)
+        return {"steps": steps, "widths": widths, "graphs": self._engine.graphs,
+                "kernel_choice": {",".join(map(str, key)): name for key, name in choice.items()},
+                "held": self._table.held(), "evictions": self._table.evictions}
+
     def _call(self, work: Callable[[], Any]) -> Any:
+        return self.submit_call(work).result()
+
+    def submit_call(self, work: Callable[[], Any]) -> Future[Any]:
+        """Run ``work`` on the scheduler thread between steps; its future, without waiting."""
         call = _Call(work)
         self._inbox.put(call)
-        return call.future.result()
+        return call.future
 
     # -- the scheduler -----------------------------------------------------------------------
 

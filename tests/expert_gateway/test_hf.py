@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend, _Job  # noqa: E402
+from expert_gateway.backends.hf_process import ProcessBackend  # noqa: E402
 from expert_gateway.backends.static_kv import RowFeed, StaticKVEngine  # noqa: E402
 
 FINGERPRINT = "0123456789abcdef" * 4
@@ -277,7 +278,7 @@ def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_di
         "sessions": {"max_sessions": 5},
         "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
         "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
-               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"]}})
+               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"], "engine_process": False}})
     backend = build_backend(settings)
     try:
         assert isinstance(backend, HfBackend) and backend.table.slots == 5
@@ -314,3 +315,98 @@ def test_graph_replays_equal_eager_steps(tiny_model_dir: Path) -> None:
     for graphed, eager in zip(*outputs, strict=True):
         assert graphed[:, 0].tolist() == eager[:, 0].tolist()
         np.testing.assert_allclose(graphed, eager, atol=1e-4)
+
+
+# -- the engine in its own process (hf.engine_process) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def process_backend(tiny_model_dir: Path) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32",
+                                  max_batch=16, max_context=128, slots=12)
+    yield backend
+    backend.close()
+
+
+def test_engine_process_answers_exactly_with_logprobs_and_sessions(
+        process_backend: ProcessBackend, hf_backend: HfBackend) -> None:
+    """Same answers as the in-process backend (same weights); the session's KV stays in its slot."""
+    assert process_backend.info == hf_backend.info.model_copy(update={"max_context": 128})
+    prompt = _prompt(90)
+    options = ContinueOptions(max_tokens=4, top_logprobs=3, want_logprobs=True)
+    reply = process_backend.continue_("pg", prompt, options=options)
+    local = hf_backend.continue_("pg-local", prompt, options=options)
+    assert reply.tokens == local.tokens == _reference_greedy(hf_backend, prompt, 4)
+    assert reply.logprobs is not None and local.logprobs is not None
+    assert [entry.model_dump() for entry in reply.logprobs] == [entry.model_dump() for entry in local.logprobs]
+    extended = [*prompt, *reply.tokens, 7]
+    again = process_backend.continue_("pg", extended, options=ContinueOptions(max_tokens=2))
+    assert (again.reused_tokens, again.prefilled_tokens) == (len(extended) - 2, 2)  # last token unfed
+    assert again.tokens == _reference_greedy(hf_backend, extended, 2)
+    assert process_backend.stats()["held"]["pg"] == len(extended) + 1
+
+
+def test_engine_process_batches_concurrent_calls(process_backend: ProcessBackend,
+                                                 hf_backend: HfBackend) -> None:
+    process_backend.stats(clear=True)
+    prompts = [_prompt(100 + index) for index in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda index: process_backend.continue_(
+            f"pc{index}", prompts[index], options=ContinueOptions(max_tokens=6)), range(8)))
+    for reply, prompt in zip(replies, prompts, strict=True):
+        assert reply.tokens == _reference_greedy(hf_backend, prompt, 6)
+    assert max(process_backend.stats()["steps"]) > 1
+
+
+def test_engine_process_scores_forgets_and_reports_errors(process_backend: ProcessBackend,
+                                                          hf_backend: HfBackend) -> None:
+    tokens = _prompt(4) + _prompt(5)
+    remote = process_backend.score([ScoreSequence(tokens=tokens, start=2)])
+    assert remote == hf_backend.score([ScoreSequence(tokens=tokens, start=2)])
+    process_backend.continue_("pf", _prompt(8), options=ContinueOptions(max_tokens=1))
+    process_backend.forget("pf")
+    assert "pf" not in process_backend.stats()["held"]  # forget travels in order with calls
+    with pytest.raises(BackendError, match="max_context = 128"):
+        process_backend.continue_("pbig", list(range(90)) * 2, options=ContinueOptions(max_tokens=1))
+    reply = process_backend.continue_("pok", _prompt(9), options=ContinueOptions(max_tokens=1))
+    assert reply.tokens == _reference_greedy(hf_backend, _prompt(9), 1)
+
+
+@pytest.mark.slow
+def test_engine_process_start_up_errors_reach_the_gateway(tiny_model_dir: Path) -> None:
+    with pytest.raises(BackendError, match=r"sessions x 128 tokens.*lower sessions.max_sessions"):
+        ProcessBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32", max_batch=4,
+                            max_context=128, slots=10**12)
+
+
+@pytest.mark.slow
+def test_gateway_built_from_settings_runs_the_engine_in_a_child_process(
+        tiny_model_dir: Path, hf_backend: HfBackend) -> None:
+    """The default. HTTP calls go through the proxy; if the engine dies, calls fail, none hangs."""
+    import os
+    import signal
+
+    from expert_gateway.backends import build_backend
+
+    settings = GatewaySettings.model_validate({
+        "sessions": {"max_sessions": 3}, "auth": {"enabled": False, "keys_file": tiny_model_dir / "k.json"},
+        "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
+        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4}})
+    backend = build_backend(settings)
+    try:
+        assert isinstance(backend, ProcessBackend) and backend.pid not in (None, os.getpid())
+        app = create_app(settings, backend=backend)
+        body = {"session": "s", "model": "tiny", "held": 0, "tokens": _prompt(12), "max_tokens": 3,
+                "tokenizer": FINGERPRINT}
+        with serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+            reply = client.post("/v1/continue", json=body)
+            assert reply.json()["tokens"] == _reference_greedy(hf_backend, _prompt(12), 3)
+            assert backend.pid is not None
+            os.kill(backend.pid, signal.SIGKILL)
+            for session in ("s", "t"):  # in flight when it died, or sent after
+                failed = client.post("/v1/continue", json={**body, "session": session})
+                assert failed.status_code == 503 and "engine process" in failed.text
+        with pytest.raises(BackendError, match="exited"):
+            backend.continue_("d", _prompt(2), options=ContinueOptions(max_tokens=1))
+    finally:
+        backend.close()
