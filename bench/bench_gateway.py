@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import statistics
 import subprocess
@@ -219,12 +220,20 @@ def random_llama(hidden: int, layers: int) -> tuple[Any, str]:
     return model, f"random Llama {layers}x{hidden} ({parameters:.2f} B params, {dtype}) on {name}"
 
 
-def hf_backend(model: Any, max_batch: int, batch_prefill_tokens: int, slots: int) -> ExpertBackend:
+def hf_backend(model: Any, max_batch: int, batch_prefill_tokens: int, slots: int,
+               compile_blocks: bool = False) -> Any:
     from expert_gateway.backends.hf import HfBackend
 
     return HfBackend(model, name="bench", fingerprint="ab" * 32, vocab_size=model.config.vocab_size,
                      eos_ids=frozenset(), max_batch=max_batch, max_context=4096, slots=slots,
-                     batch_prefill_tokens=batch_prefill_tokens)
+                     batch_prefill_tokens=batch_prefill_tokens, compile_blocks=compile_blocks)
+
+
+def hf_engine(hidden: int, layers: int, max_batch: int, batch_prefill_tokens: int, slots: int,
+              compile_blocks: bool) -> Any:
+    """The engine process's backend: the same random model (same seed), built in the child."""
+    model, _ = random_llama(hidden, layers)
+    return hf_backend(model, max_batch, batch_prefill_tokens, slots, compile_blocks)
 
 
 def plain_generate(model: Any, *, batch: int, prompt: int = 64, new: int = 64) -> float:
@@ -253,7 +262,7 @@ def plain_generate(model: Any, *, batch: int, prompt: int = 64, new: int = 64) -
 
 
 def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, prompt: int = 96,
-                     span: int = 16) -> dict[str, float]:
+                     span: int = 16, tag: str = "") -> dict[str, float]:
     """How often the gateway's greedy tokens are the argmax of an uncached forward pass.
 
     Each span is checked token by token against one forward pass over prompt + span (the
@@ -268,7 +277,7 @@ def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, p
     sequences = []
     for index in range(prompts):
         tokens = _tokens(prompt, backend.info.vocab_size, seed=50_000 + index)
-        sequences.append(tokens + backend.continue_(f"agree-{index}", tokens, options=options).tokens)
+        sequences.append(tokens + backend.continue_(f"agree{tag}-{index}", tokens, options=options).tokens)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor(sequences, device=device)).logits.float()
     reference = logits[:, prompt - 1:-1]  # the distribution before each generated token
@@ -297,23 +306,30 @@ def greedy_agreement(backend: ExpertBackend, model: Any, *, prompts: int = 32, p
 
 def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str, dict[str, float]]:
     """Milliseconds of one replayed step per attention kernel, batch and key length."""
-    chosen = engine.attention_candidates
+    chosen, compiled = engine.attention_candidates, engine.compiled
     timings: dict[str, dict[str, float]] = {}
-    for kernels in (("EFFICIENT_ATTENTION",), ("MATH",), ("CUDNN_ATTENTION",)):
-        engine.attention_candidates = kernels
-        engine.reset_graphs()
+    variants = [(kernel, False) for kernel in ("EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")]
+    variants += [(kernel, True) for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION")]
+    for kernel, blocks_compiled in variants:
+        label = f"{kernel.lower()}{', compiled' if blocks_compiled else ''}"
         try:
-            timings[kernels[0]] = {
+            engine.compile_blocks(blocks_compiled)
+            if engine.compiled != blocks_compiled:
+                raise RuntimeError("torch.compile failed (see the warning)")
+            engine.attention_candidates = (kernel,)
+            engine.reset_graphs()
+            timings[label] = {
                 f"b{batch}_w{width}_t{length}": engine.replay_ms(batch, width, length)
                 for batch, width, length in ((1, 1, 128), (1, 1, 2048), (32, 1, 128), (32, 4, 128),
                                              (32, 1, 2048), (64, 1, 128))}
         except Exception as exc:  # a kernel that cannot take this step is a finding, not a crash
-            rows.append((f"step ms, {kernels[0].lower()}", "failed", type(exc).__name__, ""))
-            print(f"step ms, {kernels[0]}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+            rows.append((f"step ms, {label}", "failed", type(exc).__name__, ""))
+            print(f"step ms, {label}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
             continue
-        cells = [f"{key}={value:.2f}" for key, value in timings[kernels[0]].items()]
-        rows.append((f"step ms, {kernels[0].lower()}", ", ".join(cells[:2]), ", ".join(cells[2:4]),
+        cells = [f"{key}={value:.2f}" for key, value in timings[label].items()]
+        rows.append((f"step ms, {label}", ", ".join(cells[:2]), ", ".join(cells[2:4]),
                      ", ".join(cells[4:])))
+    engine.compile_blocks(compiled)
     engine.attention_candidates = chosen
     engine.reset_graphs()
     try:  # where a replayed step spends its time, by kernel (stderr, for the notes)
@@ -328,6 +344,55 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
     return timings
 
 
+def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
+                   rows: list[tuple[str, str, str, str]], label: str = "") -> list[dict[str, float]]:
+    """The throughput runs over HTTP, each after an untimed warm-up run; mean decode batch (hf)."""
+    stats = getattr(backend, "stats", None)  # the hf backends' step history
+    measured_runs = []
+    with served(backend) as client:
+        info = client.get("/v1/models").json()[0]
+        for count in (int(value) for value in concurrency.split(",")):
+            throughput(client, info, sessions=count, calls=2, max_tokens=args.span,
+                       new_tokens=args.new_tokens, tag="warm" + label.replace(" ", ""))
+            if stats is not None:
+                stats(clear=True)
+            measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
+                                  new_tokens=args.new_tokens, tag=label.replace(" ", ""))
+            steps = stats()["steps"] if stats is not None else []
+            if steps:
+                measured["mean_decode_batch"] = statistics.fmean(steps)
+            measured_runs.append(measured)
+            batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
+            rows.append((f"throughput {count} sessions{label}{batch}",
+                         f"{measured['requests_per_s']:.1f} req/s", f"{measured['tokens_per_s']:.1f} tok/s",
+                         f"{measured['seconds']:.1f} s"))
+    return measured_runs
+
+
+def kernel_agreement(local: Any, model: Any, rows: list[tuple[str, str, str, str]]) -> dict[str, Any]:
+    """Greedy agreement with uncached passes for each attention kernel forced alone (in-process)."""
+    engine = local.engine
+    chosen = engine.attention_candidates
+    found: dict[str, Any] = {}
+    for kernel in ("EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"):
+        engine.attention_candidates = (kernel,)
+        local.submit_call(engine.reset_graphs).result()
+        try:
+            short = greedy_agreement(local, model, tag=f"{kernel}-96")
+            long = greedy_agreement(local, model, prompts=8, prompt=1900, tag=f"{kernel}-1900")
+        except Exception as exc:
+            rows.append((f"agreement, {kernel.lower()}", "failed", type(exc).__name__, ""))
+            print(f"agreement {kernel}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+            continue
+        found[kernel] = {"prompt_96": short, "prompt_1900": long}
+        rows.append((f"agreement, {kernel.lower()}", f"{short['token_agreement']:.4f} @96",
+                     f"{long['token_agreement']:.4f} @1900",
+                     f"max gap {max(short['max_gap_bf16_units'], long['max_gap_bf16_units']):.1f} ulp"))
+    engine.attention_candidates = chosen
+    local.submit_call(engine.reset_graphs).result()
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["llama_cpp", "hf"], default="llama_cpp")
@@ -340,6 +405,13 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=128, help="hf: KV slots of 4096 tokens")
     parser.add_argument("--batch-prefill-tokens", type=int, default=64,
                         help="hf: calls with at most this many new tokens join the batched step")
+    parser.add_argument("--engine", choices=["process", "thread"], default="process",
+                        help="hf: the engine in its own process (hf.engine_process) or in the gateway's")
+    parser.add_argument("--compile-blocks", action="store_true", help="hf: torch.compile the layer blocks")
+    parser.add_argument("--compare-thread", action="store_true",
+                        help="hf: also run the largest load with the engine in the gateway's process")
+    parser.add_argument("--kernel-checks", action="store_true",
+                        help="hf: greedy agreement and step times for each attention kernel")
     parser.add_argument("--concurrency", default=None, help="sessions per throughput run "
                         "(default 1,4,16; hf 1,8,32)")
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
@@ -354,22 +426,34 @@ def main() -> int:
     results: dict[str, Any] = {"backend": args.backend}
     rows: list[tuple[str, str, str, str]] = []
     model = None
+    backend: Any
     if args.backend == "llama_cpp":
         long_context, many, label = llama_cpp_backends(args.model, args.threads)
         concurrency = args.concurrency or "1,4,16"
     else:
-        model, label = random_llama(args.hidden, args.layers)
-        long_context = many = hf_backend(model, args.max_batch, args.batch_prefill_tokens, args.slots)
+        from expert_gateway.backends.hf_process import ProcessBackend
+
+        model, label = random_llama(args.hidden, args.layers)  # the anchors' and the checks' copy
         started = time.perf_counter()
-        graphs = long_context.warmup(max_length=2048)  # type: ignore[attr-defined]
-        choice = long_context.engine.kernel_choice  # type: ignore[attr-defined]
+        if args.engine == "process":
+            backend = ProcessBackend(functools.partial(
+                hf_engine, args.hidden, args.layers, args.max_batch, args.batch_prefill_tokens,
+                args.slots, args.compile_blocks))
+        else:
+            backend = hf_backend(model, args.max_batch, args.batch_prefill_tokens, args.slots,
+                                 args.compile_blocks)
+        graphs = backend.warmup(max_length=2048)
+        choice = backend.stats()["kernel_choice"]
         picked = {name: sum(value == name for value in choice.values()) for name in set(choice.values())}
         results["graphs"] = {"captured": graphs, "seconds": time.perf_counter() - started,
-                             "attention_picked": picked,
-                             "picked_at": {str(key): choice.get(key) for key in (
-                                 (1, 1, 128), (1, 1, 2048), (32, 1, 128), (32, 4, 128), (64, 1, 2048))}}
-        rows.append(("CUDA graphs captured", f"{graphs}", f"{time.perf_counter() - started:.1f} s",
+                             "attention_picked": picked, "engine": args.engine,
+                             "compiled_blocks": args.compile_blocks,
+                             "picked_at": {key: choice.get(key) for key in (
+                                 "1,1,128", "1,1,2048", "32,1,128", "32,4,128", "64,1,2048")}}
+        rows.append((f"start + CUDA graphs ({args.engine})", f"{graphs}",
+                     f"{time.perf_counter() - started:.1f} s",
                      " ".join(f"{name[:4]}={count}" for name, count in sorted(picked.items()))))
+        long_context = many = backend
         concurrency = args.concurrency or "1,8,32"
     results["model"] = label
     with served(long_context) as client:
@@ -388,23 +472,7 @@ def main() -> int:
                  f"ratio {long / short:.2f}"))
     if many is not long_context:
         long_context.close()
-    with served(many) as client:
-        info = client.get("/v1/models").json()[0]
-        results["throughput"] = []
-        for count in (int(value) for value in concurrency.split(",")):
-            steps = getattr(many, "steps", None)  # the hf backend's batch size per decode step
-            throughput(client, info, sessions=count, calls=2, max_tokens=args.span,
-                       new_tokens=args.new_tokens, tag="warm")  # untimed: connections, buckets
-            if steps is not None:
-                steps.clear()
-            measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
-                                  new_tokens=args.new_tokens)
-            if steps:
-                measured["mean_decode_batch"] = statistics.fmean(steps)
-            results["throughput"].append(measured)
-            batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
-            rows.append((f"throughput {count} sessions{batch}", f"{measured['requests_per_s']:.1f} req/s",
-                         f"{measured['tokens_per_s']:.1f} tok/s", f"{measured['seconds']:.1f} s"))
+    results["throughput"] = run_throughput(many, concurrency, args, rows)
     if model is not None:
         agreement = greedy_agreement(many, model)
         results["greedy_agreement"] = agreement
@@ -414,9 +482,22 @@ def main() -> int:
         rows.append(("  transformers generate, same check", "",
                      f"{agreement['hf_generate_token_agreement']:.4f} tokens", ""))
     many.close()
-    if model is not None and getattr(many, "engine", None) is not None and many.engine.graphs_enabled:  # type: ignore[attr-defined]
-        results["step_ms"] = step_kernels(many.engine, rows)  # type: ignore[attr-defined]
     if model is not None:
+        local = None
+        if args.compare_thread or args.kernel_checks:
+            local = hf_backend(model, args.max_batch, args.batch_prefill_tokens, args.slots,
+                               args.compile_blocks)
+        if args.compare_thread and local is not None:
+            local.warmup(max_length=512)
+            largest = concurrency.split(",")[-1]
+            results["throughput_one_process"] = run_throughput(local, largest, args, rows,
+                                                               label=" one process")
+        if args.kernel_checks and local is not None and local.engine.graphs_enabled:
+            results["kernel_agreement"] = kernel_agreement(local, model, rows)
+            local.close()
+            results["step_ms"] = step_kernels(local.engine, rows)
+        elif local is not None:
+            local.close()
         anchors = {batch: plain_generate(model, batch=batch) for batch in (32, 1)}
         results["plain_generate_tokens_per_s"] = anchors
         by_sessions = {run["sessions"]: run["tokens_per_s"] for run in results["throughput"]}

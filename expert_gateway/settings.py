@@ -161,6 +161,10 @@ class HfSettings(Section):
     attention_kernels: list[AttentionKernel] = Field(
         default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=3,
         description="SDPA kernels tried for each captured step shape; the fastest replay is kept")
+    compile_blocks: bool = Field(
+        default=False,
+        description="torch.compile the layer blocks around attention (fuses their elementwise "
+                    "kernels; compiling takes a minute at start-up); eager if compiling fails")
     engine_process: bool = Field(
         default=True,
         description="run the model and its scheduler in a child process, so that HTTP handling "

@@ -53,7 +53,8 @@ def _hf(settings: GatewaySettings) -> ExpertBackend:
                   slots=options.slots or settings.sessions.max_sessions,
                   batch_prefill_tokens=options.batch_prefill_tokens,
                   prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs,
-                  attention_kernels=tuple(options.attention_kernels))
+                  attention_kernels=tuple(options.attention_kernels),
+                  compile_blocks=options.compile_blocks)
 
 
 def _openai_compat(settings: GatewaySettings) -> ExpertBackend:

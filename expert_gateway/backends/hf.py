@@ -79,13 +79,14 @@ class HfBackend:
     def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
                  eos_ids: frozenset[int], max_batch: int, max_context: int, slots: int,
                  batch_prefill_tokens: int = 64, prefill_chunk: int = 512,
-                 cuda_graphs: bool = True, attention_kernels: tuple[str, ...] | None = None) -> None:
+                 cuda_graphs: bool = True, attention_kernels: tuple[str, ...] | None = None,
+                 compile_blocks: bool = False) -> None:
         self._torch, _ = _import_torch()
         self._model = model
         self._device = next(model.parameters()).device
         self._eos_ids = eos_ids
         self._engine = StaticKVEngine(model, slots=slots, capacity=max_context, max_batch=max_batch,
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs, compile_blocks=compile_blocks)
         if attention_kernels:
             self._engine.attention_candidates = attention_kernels
         self._table = SlotTable(slots, max_context)
@@ -114,7 +115,7 @@ class HfBackend:
     def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
              max_context: int, slots: int, batch_prefill_tokens: int = 64,
              prefill_chunk: int = 512, cuda_graphs: bool = True,
-             attention_kernels: tuple[str, ...] | None = None) -> HfBackend:
+             attention_kernels: tuple[str, ...] | None = None, compile_blocks: bool = False) -> HfBackend:
         """Load the model folder and capture the step graphs (a few seconds on a GPU)."""
         torch, transformers = _import_torch()
         try:
@@ -128,7 +129,7 @@ class HfBackend:
                       vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
                       max_context=max_context, slots=slots, batch_prefill_tokens=batch_prefill_tokens,
                       prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
-                      attention_kernels=attention_kernels)
+                      attention_kernels=attention_kernels, compile_blocks=compile_blocks)
         backend.warmup()
         return backend
 

@@ -22,6 +22,7 @@ tens of microseconds against a step of milliseconds, and it needs no new depende
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import multiprocessing
@@ -122,10 +123,8 @@ class ProcessBackend:
     def close(self) -> None:
         if self._dead is None:
             self._dead = "the backend is closed"
-            try:
+            with contextlib.suppress(BackendError):
                 self._send(("close", 0, None))
-            except BackendError:
-                pass
         self._stop()
 
     # -- internals ----------------------------------------------------------------------------
@@ -219,11 +218,9 @@ def serve_engine(conn: Connection, factory: Callable[[], HfBackend]) -> None:
             message: tuple[str, int, Any] = ("result", ident, wire(future.result()))
         except Exception as exc:
             message = ("error", ident, str(exc))
-        with lock:
-            try:
-                conn.send(message)
-            except (OSError, ValueError):
-                pass  # the gateway is gone; the receive loop ends on its own
+        # If the gateway is gone, the receive loop ends on its own.
+        with lock, contextlib.suppress(OSError, ValueError):
+            conn.send(message)
 
     def answer(ident: int, work: Callable[[], Any]) -> None:
         """Work done on the receive loop's thread (cheap, or waited on by the caller)."""

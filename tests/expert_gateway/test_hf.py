@@ -338,7 +338,8 @@ def test_engine_process_answers_exactly_with_logprobs_and_sessions(
     local = hf_backend.continue_("pg-local", prompt, options=options)
     assert reply.tokens == local.tokens == _reference_greedy(hf_backend, prompt, 4)
     assert reply.logprobs is not None and local.logprobs is not None
-    assert [entry.model_dump() for entry in reply.logprobs] == [entry.model_dump() for entry in local.logprobs]
+    assert [entry.model_dump() for entry in reply.logprobs] == [
+        entry.model_dump() for entry in local.logprobs]
     extended = [*prompt, *reply.tokens, 7]
     again = process_backend.continue_("pg", extended, options=ContinueOptions(max_tokens=2))
     assert (again.reused_tokens, again.prefilled_tokens) == (len(extended) - 2, 2)  # last token unfed
@@ -410,3 +411,63 @@ def test_gateway_built_from_settings_runs_the_engine_in_a_child_process(
             backend.continue_("d", _prompt(2), options=ContinueOptions(max_tokens=1))
     finally:
         backend.close()
+
+
+@cuda
+@pytest.mark.parametrize("kernel", ["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"])
+def test_attention_kernels_match_a_float64_reference_over_slot_masks(kernel: str) -> None:
+    """The step's attention call (grouped queries, strided slot views, per-row causal mask) in
+    bf16 with each kernel the engine may pick, against float64 arithmetic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, kv_heads, groups, dim, length, capacity = 5, 2, 4, 64, 2048, 2048
+    for width in (1, 3):
+        cache = torch.randn((batch + 1, capacity, 2, kv_heads, dim), generator=generator, device="cuda",
+                            dtype=torch.bfloat16)
+        query = torch.randn((batch, kv_heads, width * groups, dim), generator=generator, device="cuda",
+                            dtype=torch.bfloat16)
+        ends = torch.tensor([1, 17, 700, 1500, 2048 - width + 1], device="cuda")[:, None]
+        positions = ends - 1 + torch.arange(width, device="cuda")[None]  # [B, W]
+        allowed = torch.arange(length, device="cuda")[None, None] <= positions[:, :, None]
+        allowed = allowed[:, None, :, None].expand(batch, 1, width, groups, length).reshape(
+            batch, 1, width * groups, length)
+        bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill_(
+            ~allowed, float("-inf"))
+        rows = cache[:batch, :length]
+        keys, values = rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+        try:
+            with torch.inference_mode(), sdpa_kernel([getattr(SDPBackend, kernel)]):
+                got = torch.nn.functional.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=bias, scale=dim**-0.5)
+        except RuntimeError as exc:  # the engine skips a kernel that refuses a shape
+            pytest.skip(f"{kernel} refuses this step: {exc}")
+        scores = (query.double() @ keys.double().transpose(-1, -2)) * dim**-0.5
+        expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ values.double()
+        error = (got.double() - expected).abs().max().item()
+        assert error < 2e-2, f"{kernel} width {width}: max error {error}"
+
+
+@cuda
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
+    """torch.compile'd layer blocks, replayed in graphs, give the eager steps' outputs."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=128, max_batch=8, compile_blocks=compiled)
+               for compiled in (True, False)]
+    assert engines[0].compiled and not engines[1].compiled
+    rng = np.random.default_rng(5)
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        for row, length in enumerate([5, 17, 9, 30, 2, 11, 60]):  # eager prefills, then graphs
+            seen.append(engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])],
+                                    start=row))
+        cached = [5, 17, 9, 30, 2, 11, 60]
+        for rows, width in ((7, 1), (3, 4), (1, 1), (7, 2), (1, 8)):
+            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
+                                     for row in range(rows)]))
+            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
+        rng = np.random.default_rng(5)
+    for compiled, eager in zip(*outputs, strict=True):
+        assert compiled[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(compiled, eager, atol=1e-3)
