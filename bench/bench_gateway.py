@@ -344,6 +344,14 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
     return timings
 
 
+class Rows(list[tuple[str, str, str, str]]):
+    """The table's rows, each also printed to stderr as it comes (a cut-off run keeps them)."""
+
+    def append(self, row: tuple[str, str, str, str]) -> None:
+        super().append(row)
+        print(f"{row[0]:<40} {row[1]:>16} {row[2]:>18} {row[3]:>14}", file=sys.stderr, flush=True)
+
+
 def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
                    rows: list[tuple[str, str, str, str]], label: str = "") -> list[dict[str, float]]:
     """The throughput runs over HTTP, each after an untimed warm-up run; mean decode batch (hf)."""
@@ -424,7 +432,7 @@ def main() -> int:
         return 0
 
     results: dict[str, Any] = {"backend": args.backend}
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str]] = Rows()
     model = None
     backend: Any
     if args.backend == "llama_cpp":

@@ -286,7 +286,8 @@ class StaticKVEngine:
             self._blocks[True] = (attention_inputs, mlp_block)
             was, self.compiled = self.compiled, True
             try:  # compile now, on throwaway steps, rather than inside the first capture
-                with self._torch.inference_mode():
+                with self._torch.inference_mode(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # inductor's advice (TF32 and the like)
                     self._probe()
             except Exception as exc:  # no compiler toolchain, or an unsupported op: stay eager
                 self._blocks[True] = self._blocks[False]
