@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -130,21 +131,42 @@ def engine_call(backend: ExpertBackend, *, prefix: int) -> Callable[[int], None]
 
 
 def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, calls: int,
-               max_tokens: int, new_tokens: int, tag: str = "") -> dict[str, float]:
-    """``sessions`` concurrent sessions of ``calls + 1`` calls each, driven from a child process."""
-    spec = {"url": str(client.base_url), "info": info, "sessions": sessions, "calls": calls,
-            "max_tokens": max_tokens, "new_tokens": new_tokens, "tag": tag}
-    done = subprocess.run([sys.executable, __file__, "--load", json.dumps(spec)], check=True,
-                          capture_output=True, text=True, timeout=1800)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+               max_tokens: int, new_tokens: int, tag: str = "", processes: int = 0) -> dict[str, float]:
+    """``sessions`` concurrent sessions of ``calls + 1`` calls each, driven from child processes.
+
+    The sessions are spread over ``processes`` clients (0: one per two CPU cores, at most 8),
+    which start together: one httpx client spends several times the gateway's CPU per request,
+    so a single client process measured itself, not the gateway (on an H200 host, 32 sessions
+    from one process reached 264 requests/s whatever the engine did).
+    """
+    if processes <= 0:
+        processes = max(1, min(8, (os.cpu_count() or 2) // 2))
+    processes = min(processes, sessions)
+    start_at = time.time() + 1.0 + 0.25 * processes  # every client imported and connected by then
+    specs = [{"url": str(client.base_url), "info": info, "sessions": sessions, "calls": calls,
+              "max_tokens": max_tokens, "new_tokens": new_tokens, "tag": tag, "start_at": start_at,
+              "indices": list(range(part, sessions, processes))} for part in range(processes)]
+    children = [subprocess.Popen([sys.executable, __file__, "--load", json.dumps(spec)],
+                                 stdout=subprocess.PIPE, text=True) for spec in specs]
+    parts = []
+    for child in children:
+        out, _ = child.communicate(timeout=1800)
+        if child.returncode:
+            raise RuntimeError(f"a load process failed with exit code {child.returncode}")
+        parts.append(json.loads(out.strip().splitlines()[-1]))
+    elapsed = max(part["ended"] for part in parts) - start_at
+    requests = sum(part["requests"] for part in parts)
+    return {"sessions": sessions, "requests_per_s": requests / elapsed,
+            "tokens_per_s": sum(part["produced"] for part in parts) / elapsed, "seconds": elapsed,
+            "client_processes": processes}
 
 
 async def _load(spec: dict[str, Any]) -> dict[str, float]:
-    """The throughput load itself (child process): one asyncio task per session."""
-    info, sessions, calls = spec["info"], spec["sessions"], spec["calls"]
+    """One client process of the throughput load: one asyncio task per session it drives."""
+    info, sessions, calls, indices = spec["info"], spec["sessions"], spec["calls"], spec["indices"]
     base = {"model": info["name"], "tokenizer": info["tokenizer"], "max_tokens": spec["max_tokens"]}
     prefix = f"tp{spec['tag']}{sessions}"
-    limits = httpx.Limits(max_connections=sessions + 4, max_keepalive_connections=sessions + 4)
+    limits = httpx.Limits(max_connections=len(indices) + 4, max_keepalive_connections=len(indices) + 4)
     async with httpx.AsyncClient(base_url=spec["url"], timeout=300, limits=limits) as client:
 
         async def post(body: dict[str, Any]) -> dict[str, Any]:
@@ -162,11 +184,10 @@ async def _load(spec: dict[str, Any]) -> dict[str, float]:
                 held, produced = reply["held"], produced + len(reply["tokens"])
             return produced
 
-        started = time.perf_counter()
-        produced = sum(await asyncio.gather(*(one_session(index) for index in range(sessions))))
-        elapsed = time.perf_counter() - started
-    return {"sessions": sessions, "requests_per_s": sessions * (calls + 1) / elapsed,
-            "tokens_per_s": produced / elapsed, "seconds": elapsed}
+        await client.get("/health")  # connect before the clock starts
+        await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+        produced = sum(await asyncio.gather(*(one_session(index) for index in indices)))
+    return {"requests": len(indices) * (calls + 1), "produced": produced, "ended": time.time()}
 
 
 def llama_cpp_backends(model: Path | None, threads: int) -> tuple[ExpertBackend, ExpertBackend, str]:
@@ -361,16 +382,19 @@ def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
         info = client.get("/v1/models").json()[0]
         for count in (int(value) for value in concurrency.split(",")):
             throughput(client, info, sessions=count, calls=2, max_tokens=args.span,
-                       new_tokens=args.new_tokens, tag="warm" + label.replace(" ", ""))
+                       new_tokens=args.new_tokens, tag="warm" + label.replace(" ", ""),
+                       processes=args.clients)
             if stats is not None:
                 stats(clear=True)
             measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
-                                  new_tokens=args.new_tokens, tag=label.replace(" ", ""))
+                                  new_tokens=args.new_tokens, tag=label.replace(" ", ""),
+                                  processes=args.clients)
             steps = stats()["steps"] if stats is not None else []
             if steps:
                 measured["mean_decode_batch"] = statistics.fmean(steps)
             measured_runs.append(measured)
             batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
+            batch += f", {measured['client_processes']} clients" if measured["client_processes"] > 1 else ""
             rows.append((f"throughput {count} sessions{label}{batch}",
                          f"{measured['requests_per_s']:.1f} req/s", f"{measured['tokens_per_s']:.1f} tok/s",
                          f"{measured['seconds']:.1f} s"))
@@ -425,6 +449,8 @@ def main() -> int:
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
     parser.add_argument("--new-tokens", type=int, default=4,
                         help="tokens each throughput call adds (the base's tokens since the last call)")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="client processes of a throughput run (0: one per two cores, at most 8)")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # child process of a throughput run
     args = parser.parse_args()
     if args.load:

@@ -40,6 +40,12 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly
 EAGER_KERNELS = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")  # take a mask, no per-shape plan
 MIN_LENGTH_BUCKET = 64
+# A captured step's attention may also split the keys of a batch-1 step into chunks attended in
+# parallel and merged by their log-sum-exp (flash-decoding): one row's 8 KV heads otherwise keep
+# 8 of the chip's 132 multiprocessors busy, walking 2,000 keys in turn.
+SPLIT_KEYS = "EFFICIENT_SPLIT_KEYS"
+SPLIT_MIN_LENGTH = 512
+SPLIT_MASK = -1e30  # finite: a chunk whose keys are all masked gets weight 0, never NaN
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
 TOKEN, LOGPROB, TOP = 0, 1, 2
@@ -235,8 +241,10 @@ class StaticKVEngine:
                               eps=_eps(first.input_layernorm),
                               qk_eps=_eps(attention.q_norm) if self.qk_norm else 0.0,
                               activation=first.mlp.act_fn)
-        self._blocks = {False: blocks, True: blocks}
+        self._blocks = {False: (*blocks, merge_chunks), True: (*blocks, merge_chunks)}
         self.compiled = False
+        self._splits = 0  # key chunks of the batch-1 step being captured (0: attention in one call)
+        self._split_checked: dict[tuple[int, int], str | None] = {}
         with torch.inference_mode():
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
@@ -245,11 +253,14 @@ class StaticKVEngine:
         self.batch_buckets = batch_buckets(self.max_batch)
         self.length_buckets = length_buckets(capacity)
         self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
-        # Attention kernels tried for each captured shape; the faster replay is kept. The
-        # memory-efficient kernel runs one block per (row, KV head) and walks the keys in turn:
-        # at batch 1 and 2,000 keys that is 8 blocks on a 132-SM chip, where the plain matmul
-        # path (MATH) spreads the keys over the whole chip.
-        self.attention_candidates: tuple[str, ...] = ("EFFICIENT_ATTENTION", "MATH")
+        # Attention kernels tried for each captured shape; the faster replay is kept. Measured on
+        # an H200 (24x2048 model, bf16, compiled blocks), ms per step: cuDNN 1.67 / 2.32 / 1.99 /
+        # 3.30 at batch 1 over 128 / 2,048 keys and batch 32 over 128 / 2,048 keys; the
+        # memory-efficient kernel 1.77 / 4.47 / 2.05 / 5.01 (one block per row and KV head walks
+        # the keys in turn); MATH (eager blocks) 3.07 / 4.48 / 4.56 / 23.2. cuDNN matched a
+        # float64 reference and uncached passes as closely as the others (bench, tests).
+        # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
+        self.attention_candidates: tuple[str, ...] = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS)
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
         self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
@@ -281,9 +292,9 @@ class StaticKVEngine:
 
             # batch 1 and width 1 specialise; the layers share the compiled code
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            attention_inputs, mlp_block = (self._torch.compile(block, dynamic=True, fullgraph=True)
-                                           for block in self._blocks[False])
-            self._blocks[True] = (attention_inputs, mlp_block)
+            attention_inputs, mlp_block, merge = (
+                self._torch.compile(block, dynamic=True, fullgraph=True) for block in self._blocks[False])
+            self._blocks[True] = (attention_inputs, mlp_block, merge)
             was, self.compiled = self.compiled, True
             try:  # compile now, on throwaway steps, rather than inside the first capture
                 with self._torch.inference_mode(), warnings.catch_warnings():
@@ -405,7 +416,8 @@ class StaticKVEngine:
         torch = self._torch
         functional = torch.nn.functional
         batch, width = ids.shape
-        attention_inputs, mlp_block = self._blocks[self.compiled]
+        attention_inputs, mlp_block, merge = self._blocks[self.compiled]
+        splits = self._splits if batch == 1 else 0
         x = self._embed(ids)
         cos, sin = self._cos[positions], self._sin[positions]  # [B, W, 1, D]
         keys_at = torch.arange(length, device=self.device)
@@ -415,6 +427,8 @@ class StaticKVEngine:
             batch, 1, width * self.groups, length)
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, float("-inf"))
+        if splits:
+            bias = split_bias(torch, allowed, splits, self.dtype)
         flat = dest.reshape(-1)
         delta = None
         for index, weights in enumerate(self._weights):
@@ -422,9 +436,12 @@ class StaticKVEngine:
             slots = self.cache[index]  # [S + 1, C, 2, KVH, D]
             slots.view(-1, 2, self.kv_heads, self.head_dim).index_copy_(0, flat, kv)
             rows = slots[start:start + batch, :length]  # a view: no cache is copied
-            out = functional.scaled_dot_product_attention(
-                grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
-                attn_mask=bias, scale=self.scaling)
+            if splits:
+                out = merge(*split_attention(torch, grouped, rows, bias, splits, self.scaling))
+            else:
+                out = functional.scaled_dot_product_attention(
+                    grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
+                    attn_mask=bias, scale=self.scaling)
             x, delta = mlp_block(out, x, *weights.mlp)
         x = (x + delta)[torch.arange(batch, device=self.device), last]
         x = _rms_norm(functional, self._norm, x)
@@ -461,6 +478,13 @@ class StaticKVEngine:
         best: tuple[float, str, Any, Any] | None = None
         failures = []
         for name in self.attention_candidates:
+            if name == SPLIT_KEYS:
+                if not split_count(batch, length):
+                    continue  # only batch-1 steps over long key ranges split
+                problem = self._check_split(width, length)
+                if problem is not None:
+                    failures.append(f"{name}: {problem}")
+                    continue
             try:
                 with warnings.catch_warnings():  # "kernel not used because ..." for refusals
                     warnings.simplefilter("ignore")
@@ -479,6 +503,14 @@ class StaticKVEngine:
         return best[2], best[3]
 
     def _capture(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
+        self._splits = split_count(batch, length) if kernel == SPLIT_KEYS else 0
+        try:
+            return self._capture_with(batch, width, length,
+                                      "EFFICIENT_ATTENTION" if kernel == SPLIT_KEYS else kernel)
+        finally:
+            self._splits = 0
+
+    def _capture_with(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         torch = self._torch
         with self._kernels([kernel]):
             side = torch.cuda.Stream(device=self.device)
@@ -492,6 +524,17 @@ class StaticKVEngine:
                 output = self._compute(*self._views(batch, width), start=0, length=length)
         return graph, output
 
+    def _check_split(self, width: int, length: int) -> str | None:
+        """Split-key attention against one SDPA call on random data of this shape (once per
+        shape); None if they agree to bf16 accuracy, else why the split is not used."""
+        key = (width, length)
+        if key not in self._split_checked:
+            self._split_checked[key] = check_split_attention(
+                self._torch, device=self.device, dtype=self.dtype, kv_heads=self.kv_heads,
+                groups=self.groups, dim=self.head_dim, width=width, length=length, scale=self.scaling,
+                merge=self._blocks[self.compiled][2])
+        return self._split_checked[key]
+
     def _time(self, graph: Any, repeats: int = 3) -> float:
         import time
 
@@ -503,6 +546,79 @@ class StaticKVEngine:
             graph.replay()
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+
+def split_count(batch: int, length: int) -> int:
+    """Key chunks for a split-key step of this shape: 0 unless batch 1 over >= 512 keys;
+    chunks of >= 128 keys (a multiple of 16, as the kernel's bias needs), at most 16."""
+    if batch != 1 or length < SPLIT_MIN_LENGTH:
+        return 0
+    splits = min(16, length // 128)
+    while splits > 1 and (length % splits or (length // splits) % 16):
+        splits -= 1
+    return splits if splits > 1 else 0
+
+
+def split_bias(torch: Any, allowed: Any, splits: int, dtype: Any) -> Any:
+    """``[1, 1, R, T]`` allowed keys as an additive bias per key chunk, ``[S, 1, R, T / S]``."""
+    rows, length = allowed.shape[2], allowed.shape[3]
+    chunked = allowed.reshape(rows, splits, length // splits).permute(1, 0, 2)[:, None]
+    return torch.zeros(chunked.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~chunked, SPLIT_MASK)
+
+
+def split_attention(torch: Any, grouped: Any, rows: Any, bias: Any, splits: int,
+                    scale: float) -> tuple[Any, Any]:
+    """Attention of one row's grouped queries ``[1, KVH, R, D]`` over its slot ``rows``
+    ``[1, T, 2, KVH, D]`` in ``splits`` key chunks at once: per chunk outputs ``[S, KVH, R, D]``
+    and log-sum-exps ``[S, KVH, R]`` for ``merge_chunks``. The chunks are views of the slot."""
+    _, kv_heads, count, dim = grouped.shape
+    length = rows.shape[1]
+    chunks = rows[0].view(splits, length // splits, 2, kv_heads, dim)
+    keys, values = chunks[:, :, 0].transpose(1, 2), chunks[:, :, 1].transpose(1, 2)
+    query = grouped.expand(splits, kv_heads, count, dim)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, keys, values, bias.expand(splits, kv_heads, count, length // splits), True, 0.0,
+        False, scale=scale)[:2]
+    return out, lse[:, :, :count]
+
+
+def merge_chunks(out: Any, lse: Any) -> Any:
+    """Merge per-chunk attention outputs by their log-sum-exps: ``[S, H, R, D]`` -> ``[1, H, R, D]``."""
+    weight = (lse - lse.amax(dim=0, keepdim=True)).exp()
+    total = (weight[..., None] * out.float()).sum(dim=0, keepdim=True)
+    return (total / weight.sum(dim=0, keepdim=True)[..., None]).to(out.dtype)
+
+
+def check_split_attention(torch: Any, *, device: Any, dtype: Any, kv_heads: int, groups: int, dim: int,
+                          width: int, length: int, scale: float, merge: Any = merge_chunks) -> str | None:
+    """None when split-key attention equals one SDPA call (to 2e-2) on random data of this
+    shape, for a row that sees every key and one that sees a third of them; else the reason."""
+    splits = split_count(1, length)
+    generator = torch.Generator(device=device).manual_seed(1)
+    try:
+        with torch.inference_mode():
+            rows = torch.randn((1, length, 2, kv_heads, dim), generator=generator, device=device,
+                               dtype=dtype)
+            grouped = torch.randn((1, kv_heads, width * groups, dim), generator=generator,
+                                  device=device, dtype=dtype)
+            for end in (length, length // 3 + width):
+                positions = torch.arange(end - width, end, device=device)
+                allowed = torch.arange(length, device=device)[None, :] <= positions[:, None]
+                allowed = allowed[:, None].expand(width, groups, length).reshape(1, 1, width * groups, length)
+                full = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                    ~allowed, float("-inf"))
+                expected = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
+                    attn_mask=full, scale=scale)
+                got = merge(*split_attention(torch, grouped, rows, split_bias(torch, allowed, splits, dtype),
+                                             splits, scale))
+                error = float((got.float() - expected.float()).abs().max())
+                if not error < 2e-2:
+                    return f"differs from one attention call by {error:.3g} (keys 0..{end - 1})"
+    except Exception as exc:  # the kernel refuses these shapes or strides here
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,8 @@ def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_di
         "sessions": {"max_sessions": 5},
         "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
         "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
-               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"], "engine_process": False}})
+               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"], "engine_process": False,
+               "compile_blocks": False}})
     backend = build_backend(settings)
     try:
         assert isinstance(backend, HfBackend) and backend.table.slots == 5
@@ -392,7 +393,8 @@ def test_gateway_built_from_settings_runs_the_engine_in_a_child_process(
     settings = GatewaySettings.model_validate({
         "sessions": {"max_sessions": 3}, "auth": {"enabled": False, "keys_file": tiny_model_dir / "k.json"},
         "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
-        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4}})
+        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
+               "compile_blocks": False}})  # compiling is covered by test_compiled_blocks_equal_eager_blocks
     backend = build_backend(settings)
     try:
         assert isinstance(backend, ProcessBackend) and backend.pid not in (None, os.getpid())
@@ -471,3 +473,41 @@ def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
     for compiled, eager in zip(*outputs, strict=True):
         assert compiled[:, 0].tolist() == eager[:, 0].tolist()
         np.testing.assert_allclose(compiled, eager, atol=1e-3)
+
+
+def test_split_key_chunks_merge_to_one_attention_call() -> None:
+    """The split-key path's bias and merge (CPU: each chunk attended by plain arithmetic, as the
+    GPU kernel does); a chunk whose keys are all masked must weigh nothing, not give NaN."""
+    from expert_gateway.backends.static_kv import merge_chunks, split_bias, split_count
+
+    assert [split_count(1, length) for length in (128, 512, 2048, 4096, 3000)] == [0, 4, 16, 16, 0]
+    assert split_count(2, 2048) == 0
+    generator = torch.Generator().manual_seed(0)
+    kv_heads, groups, dim, length, width = 2, 3, 16, 512, 2
+    splits = split_count(1, length)
+    keys, values = (torch.randn((kv_heads, length, dim), generator=generator, dtype=torch.float64)
+                    for _ in range(2))
+    query = torch.randn((kv_heads, width * groups, dim), generator=generator, dtype=torch.float64)
+    for end in (length, 100, 3):  # every chunk, the first only, the first's first keys
+        positions = torch.arange(end - width, end)
+        allowed = (torch.arange(length)[None] <= positions[:, None])[:, None].expand(
+            width, groups, length).reshape(1, 1, width * groups, length)
+        bias = split_bias(torch, allowed, splits, torch.float64)  # [S, 1, R, T / S]
+        scores = (query[None] @ keys.view(kv_heads, splits, -1, dim).transpose(0, 1).transpose(-1, -2)
+                  ) * dim**-0.5 + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ values.view(kv_heads, splits, -1, dim).transpose(0, 1)
+        merged = merge_chunks(out, lse)[0]
+        full = (query @ keys.transpose(-1, -2)) * dim**-0.5
+        expected = torch.softmax(full.masked_fill(~allowed[0], float("-inf")), dim=-1) @ values
+        assert torch.isfinite(merged).all()
+        torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)  # merged in float32
+
+
+@cuda
+def test_split_key_attention_matches_one_call_on_the_gpu() -> None:
+    from expert_gateway.backends.static_kv import check_split_attention
+
+    for width, length in ((1, 2048), (4, 512), (8, 4096)):
+        assert check_split_attention(torch, device=torch.device("cuda"), dtype=torch.bfloat16, kv_heads=8,
+                                     groups=4, dim=64, width=width, length=length, scale=0.125) is None
