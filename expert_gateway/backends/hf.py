@@ -317,7 +317,9 @@ class HfBackend:
             top = min(options.top_logprobs, self._engine.top)
             ids = output[TOP:TOP + top]
             values = output[TOP + self._engine.top:TOP + self._engine.top + top]
-            job.logprobs.append(TokenLogprob(
+            # model_construct: our own ints and floats need no validation, and this runs for
+            # every row of every step on the scheduler thread.
+            job.logprobs.append(TokenLogprob.model_construct(
                 token=token, logprob=float(output[LOGPROB]),
                 top=[(int(index), float(value)) for index, value in zip(ids, values, strict=True)]))
 

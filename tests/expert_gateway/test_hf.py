@@ -450,31 +450,6 @@ def test_attention_kernels_match_a_float64_reference_over_slot_masks(kernel: str
         assert error < 2e-2, f"{kernel} width {width}: max error {error}"
 
 
-@cuda
-@pytest.mark.slow
-def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
-    """torch.compile'd layer blocks, replayed in graphs, give the eager steps' outputs."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda").eval()
-    engines = [StaticKVEngine(model, slots=8, capacity=128, max_batch=8, compile_blocks=compiled)
-               for compiled in (True, False)]
-    assert engines[0].compiled and not engines[1].compiled
-    rng = np.random.default_rng(5)
-    outputs: list[list[np.ndarray]] = [[], []]
-    for engine, seen in zip(engines, outputs, strict=True):
-        for row, length in enumerate([5, 17, 9, 30, 2, 11, 60]):  # eager prefills, then graphs
-            seen.append(engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])],
-                                    start=row))
-        cached = [5, 17, 9, 30, 2, 11, 60]
-        for rows, width in ((7, 1), (3, 4), (1, 1), (7, 2), (1, 8)):
-            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
-                                     for row in range(rows)]))
-            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
-        rng = np.random.default_rng(5)
-    for compiled, eager in zip(*outputs, strict=True):
-        assert compiled[:, 0].tolist() == eager[:, 0].tolist()
-        np.testing.assert_allclose(compiled, eager, atol=1e-3)
-
-
 def test_split_key_chunks_merge_to_one_attention_call() -> None:
     """The split-key path's bias and merge (CPU: each chunk attended by plain arithmetic, as the
     GPU kernel does); a chunk whose keys are all masked must weigh nothing, not give NaN."""
@@ -511,3 +486,28 @@ def test_split_key_attention_matches_one_call_on_the_gpu() -> None:
     for width, length in ((1, 2048), (4, 512), (8, 4096)):
         assert check_split_attention(torch, device=torch.device("cuda"), dtype=torch.bfloat16, kv_heads=8,
                                      groups=4, dim=64, width=width, length=length, scale=0.125) is None
+
+
+@cuda
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
+    """torch.compile'd layer blocks, replayed in graphs, give the eager steps' outputs."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=128, max_batch=8, compile_blocks=compiled)
+               for compiled in (True, False)]
+    assert engines[0].compiled and not engines[1].compiled
+    rng = np.random.default_rng(5)
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        for row, length in enumerate([5, 17, 9, 30, 2, 11, 60]):  # eager prefills, then graphs
+            seen.append(engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])],
+                                    start=row))
+        cached = [5, 17, 9, 30, 2, 11, 60]
+        for rows, width in ((7, 1), (3, 4), (1, 1), (7, 2), (1, 8)):
+            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
+                                     for row in range(rows)]))
+            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
+        rng = np.random.default_rng(5)
+    for compiled, eager in zip(*outputs, strict=True):
+        assert compiled[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(compiled, eager, atol=1e-3)
