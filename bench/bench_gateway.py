@@ -142,19 +142,27 @@ def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, cal
     if processes <= 0:
         processes = max(1, min(8, (os.cpu_count() or 2) // 2))
     processes = min(processes, sessions)
-    start_at = time.time() + 1.0 + 0.25 * processes  # every client imported and connected by then
     specs = [{"url": str(client.base_url), "info": info, "sessions": sessions, "calls": calls,
-              "max_tokens": max_tokens, "new_tokens": new_tokens, "tag": tag, "start_at": start_at,
+              "max_tokens": max_tokens, "new_tokens": new_tokens, "tag": tag,
               "indices": list(range(part, sessions, processes))} for part in range(processes)]
     children = [subprocess.Popen([sys.executable, __file__, "--load", json.dumps(spec)],
-                                 stdout=subprocess.PIPE, text=True) for spec in specs]
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for spec in specs]
+    for child in children:  # each has imported and connected: start them together
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("a load process failed to start")
+    started = time.time()
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
     parts = []
     for child in children:
         out, _ = child.communicate(timeout=1800)
         if child.returncode:
             raise RuntimeError(f"a load process failed with exit code {child.returncode}")
         parts.append(json.loads(out.strip().splitlines()[-1]))
-    elapsed = max(part["ended"] for part in parts) - start_at
+    elapsed = max(part["ended"] for part in parts) - started
     requests = sum(part["requests"] for part in parts)
     return {"sessions": sessions, "requests_per_s": requests / elapsed,
             "tokens_per_s": sum(part["produced"] for part in parts) / elapsed, "seconds": elapsed,
@@ -185,7 +193,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, float]:
             return produced
 
         await client.get("/health")  # connect before the clock starts
-        await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)  # the parent's "go"
         produced = sum(await asyncio.gather(*(one_session(index) for index in indices)))
     return {"requests": len(indices) * (calls + 1), "produced": produced, "ended": time.time()}
 
