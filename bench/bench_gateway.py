@@ -400,9 +400,18 @@ def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
             measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
                                   new_tokens=args.new_tokens, tag=label.replace(" ", ""),
                                   processes=args.clients)
-            steps = stats()["steps"] if stats is not None else []
+            found = stats() if stats is not None else {}
+            steps = found.get("steps", [])
             if steps:
                 measured["mean_decode_batch"] = statistics.fmean(steps)
+                timing = found["timing"]
+                if timing["loops"]:  # the scheduler: ms per stepping loop, and inside engine.step
+                    measured["loop_ms"] = timing["loop_s"] * 1e3 / timing["loops"]
+                    measured["engine_step_ms"] = timing["engine_s"] * 1e3 / len(steps)
+                    measured["mean_width"] = statistics.fmean(found["widths"])
+                    print(f"  scheduler at {count} sessions: {measured['loop_ms']:.2f} ms per loop, "
+                          f"{measured['engine_step_ms']:.2f} ms in engine.step, mean width "
+                          f"{measured['mean_width']:.1f}", file=sys.stderr, flush=True)
             measured_runs.append(measured)
             batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
             batch += f", {measured['client_processes']} clients" if measured["client_processes"] > 1 else ""
@@ -514,9 +523,10 @@ def main() -> int:
                          f"{long * 1e3:.1f} ms @2000", f"ratio {long / short:.2f}"))
     if "graphs" in results:  # now the 2,000-key steps are captured too
         choice = long_context.stats()["kernel_choice"]  # type: ignore[attr-defined]
+        # (batch, width, keys): a latency call feeds 2 tokens (the last one generated, and its own)
         results["graphs"]["picked_at"] = {key: choice.get(key) for key in (
-            "1,1,128", "1,1,2048", "32,1,128", "32,4,128", "64,1,512")}
-        shown = [f"{key}: {choice.get(key)}" for key in ("1,1,128", "1,1,2048", "32,4,128")]
+            "1,2,128", "1,2,2048", "32,1,512", "32,8,512", "64,8,512")}
+        shown = [f"{key}: {choice.get(key)}" for key in ("1,2,128", "1,2,2048", "32,8,512")]
         rows.append(("attention picked", shown[0], shown[1], shown[2]))
     short, long = interleaved(args.calls, engine_call(long_context, prefix=100),
                               engine_call(long_context, prefix=2000))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from expert_gateway.backends.base import Continuation, ContinueOptions, score_rows
+from expert_gateway.backends.hf_process import WireContinuation, WireLogprob, from_wire
 from expert_gateway.backends.slots import SlotTable
 from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
@@ -34,7 +36,6 @@ from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,
-    TokenLogprob,
     positional_uniform,
 )
 
@@ -58,9 +59,9 @@ class _Job:
     session_id: str
     sequence: list[int]
     options: ContinueOptions
-    future: Future[Continuation] = field(default_factory=Future)
+    future: Future[WireContinuation] = field(default_factory=Future)
     tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[WireLogprob] = field(default_factory=list)
     reused: int = 0
     pending: list[int] = field(default_factory=list)  # fed by the next step
 
@@ -102,6 +103,9 @@ class HfBackend:
         # Rows and widest row (tokens fed) of the recent batched steps, for tests and benchmarks.
         self.steps: deque[int] = deque(maxlen=STEP_HISTORY)
         self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
+        # Where the scheduler's time goes (see stats): loops that stepped without waiting for
+        # work, their seconds, and the seconds inside engine.step (inputs, replay, its wait).
+        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
         # releases it; with the default 5 ms switch interval, request threads busy with HTTP
         # held it for whole steps. Measured on an H200 with 32 sessions over HTTP: 5 ms gave
@@ -137,11 +141,15 @@ class HfBackend:
 
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
-        return self.submit(session_id, sequence, options=options).result()
+        return from_wire(self.submit(session_id, sequence, options=options).result())
 
     def submit(self, session_id: str, sequence: Sequence[int], *,
-               options: ContinueOptions) -> Future[Continuation]:
-        """Queue a continuation without waiting: the engine process answers through callbacks."""
+               options: ContinueOptions) -> Future[WireContinuation]:
+        """Queue a continuation without waiting; its future holds plain tuples (``from_wire``).
+
+        The engine process sends those tuples as they are, and no pydantic object is built on
+        the scheduler thread, which does this for every row of every step.
+        """
         job = _Job(session_id, list(sequence), options)
         self._inbox.put(job)
         return job.future
@@ -178,14 +186,15 @@ class HfBackend:
 
         ``clear`` empties the step history after reading it (benchmarks measure one run).
         """
-        steps, widths = list(self.steps), list(self.widths)
+        steps, widths, timing = list(self.steps), list(self.widths), dict(self._timing)
         if clear:
             self.steps.clear()
             self.widths.clear()
+            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0)
         choice = dict(self._engine.kernel_choice)
         return {"steps": steps, "widths": widths, "graphs": self._engine.graphs,
                 "kernel_choice": {",".join(map(str, key)): name for key, name in choice.items()},
-                "held": self._table.held(), "evictions": self._table.evictions}
+                "held": self._table.held(), "evictions": self._table.evictions, "timing": timing}
 
     def _call(self, work: Callable[[], Any]) -> Any:
         return self.submit_call(work).result()
@@ -200,7 +209,9 @@ class HfBackend:
 
     def _run(self) -> None:
         while True:
-            arrivals = self._drain(block=not (self._rows or self._waiting))
+            busy = bool(self._rows or self._waiting)  # then the drain below does not wait
+            looped = time.perf_counter()
+            arrivals = self._drain(block=not busy)
             if arrivals is None:
                 for job in [*self._rows, *self._waiting]:
                     job.future.set_exception(BackendError("the backend is closing"))
@@ -213,6 +224,9 @@ class HfBackend:
             self._admit_waiting()
             if self._rows:
                 self._step()
+                if busy:
+                    self._timing["loops"] += 1
+                    self._timing["loop_s"] += time.perf_counter() - looped
 
     def _drain(self, *, block: bool) -> list[_Job | _Call] | None:
         items: list[_Job | _Call] = []
@@ -284,7 +298,10 @@ class HfBackend:
         """Feed every running call's pending tokens in ONE step; sample one token for each."""
         rows = self._rows
         try:
-            output = self._engine.step([self._feed(job, row, job.pending) for row, job in enumerate(rows)])
+            feeds = [self._feed(job, row, job.pending) for row, job in enumerate(rows)]
+            started = time.perf_counter()
+            output = self._engine.step(feeds)
+            self._timing["engine_s"] += time.perf_counter() - started
         except Exception as exc:
             for row in reversed(range(len(rows))):
                 self._fail(row, exc)
@@ -317,11 +334,8 @@ class HfBackend:
             top = min(options.top_logprobs, self._engine.top)
             ids = output[TOP:TOP + top]
             values = output[TOP + self._engine.top:TOP + self._engine.top + top]
-            # model_construct: our own ints and floats need no validation, and this runs for
-            # every row of every step on the scheduler thread.
-            job.logprobs.append(TokenLogprob.model_construct(
-                token=token, logprob=float(output[LOGPROB]),
-                top=[(int(index), float(value)) for index, value in zip(ids, values, strict=True)]))
+            alternatives = [(int(index), float(value)) for index, value in zip(ids, values, strict=True)]
+            job.logprobs.append((token, float(output[LOGPROB]), alternatives))
 
     def _finished(self, job: _Job) -> bool:
         return len(job.tokens) >= job.options.max_tokens or job.tokens[-1] in self._eos_ids
@@ -336,9 +350,8 @@ class HfBackend:
 
     def _finish(self, row: int) -> None:
         job = self._retire(row)
-        job.future.set_result(Continuation(
-            tokens=job.tokens, logprobs=job.logprobs if job.options.want_logprobs else None,
-            reused_tokens=job.reused, prefilled_tokens=len(job.sequence) - job.reused))
+        job.future.set_result((job.tokens, job.logprobs if job.options.want_logprobs else None,
+                               job.reused, len(job.sequence) - job.reused))
 
     def _fail(self, row: int, exc: Exception) -> None:
         """End the call in ``row`` with an error; its slot keeps the KV of the tokens it holds."""

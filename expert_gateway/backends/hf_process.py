@@ -10,9 +10,10 @@ the same way (an API process, and an engine-core process that only schedules and
 initialised in the gateway process, which need not even import torch). Replies come back on the
 same pipe; one reader thread resolves the waiting callers' futures.
 
-Wire messages are pickled tuples ``(op, id, payload)``. Continuations travel as plain tuples and
-are rebuilt here, because pickling pydantic objects costs the engine's scheduler thread, which
-sends them, more than the rest of a reply. Errors travel as their message and are raised here as
+Wire messages are pickled tuples ``(op, id, payload)``. Continuations travel as the plain tuples
+the scheduler produces (``WireContinuation``) and become pydantic objects here, in the gateway
+process: building and pickling those on the engine's scheduler thread cost more than the rest
+of a reply. Errors travel as their message and are raised here as
 ``BackendError``: an exception class need not unpickle. If the engine process dies, every waiting
 and later call fails with a clear BackendError instead of hanging.
 
@@ -46,15 +47,10 @@ SWITCH_INTERVAL_S = 0.0005
 START_TIMEOUT_S = 1800.0  # loading a large model and capturing its graphs can take minutes
 CLOSE_TIMEOUT_S = 30.0
 
-# A continuation on the wire: tokens, logprobs as (token, logprob, top) or None, reused, prefilled.
-WireContinuation = tuple[list[int], list[tuple[int, float, list[tuple[int, float]]]] | None, int, int]
-
-
-def to_wire(result: Continuation) -> WireContinuation:
-    logprobs = None if result.logprobs is None else [
-        (entry.token, entry.logprob, [(int(token), float(value)) for token, value in entry.top])
-        for entry in result.logprobs]
-    return result.tokens, logprobs, result.reused_tokens, result.prefilled_tokens
+# A continuation as plain tuples (what HfBackend.submit's future holds and the pipe carries):
+# tokens, log-probs as (token, logprob, top) or None, tokens reused, tokens prefilled.
+WireLogprob = tuple[int, float, list[tuple[int, float]]]
+WireContinuation = tuple[list[int], list[WireLogprob] | None, int, int]
 
 
 def from_wire(wire: WireContinuation) -> Continuation:
@@ -249,7 +245,7 @@ def serve_engine(conn: Connection, factory: Callable[[], HfBackend]) -> None:
             if op == "continue":
                 session, sequence, options = payload
                 backend.submit(session, sequence, options=options).add_done_callback(
-                    functools.partial(reply, ident, to_wire))
+                    functools.partial(reply, ident, _same))
             elif op == "forget":
                 backend.forget(payload)
             elif op == "score":
