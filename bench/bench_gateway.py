@@ -4,12 +4,16 @@
    adds one token; only it is prefilled: target ratio <= 1.3, <= 1.1 for hf), and without
    sessions (every call resends the whole prefix with held = 0), for contrast; then the same
    session calls on the backend in-process, whose ratio is the model's own attention cost.
-2. Throughput with 1, 4 and 16 concurrent sessions (hf: 1, 8 and 32). The load runs in a child
-   process, as remote clients would: a client sharing the server's interpreter lock would
-   measure itself.
+2. Throughput with 1, 4 and 16 concurrent sessions (hf: 1, 8 and 32). The load runs in child
+   processes (one per two cores, at most 8), as remote clients would: a client sharing the
+   server's interpreter lock, or a single client process, would measure itself. hf: the mean
+   batch of the decode steps, and the scheduler's ms per loop and in the step.
 3. hf only: plain transformers ``generate`` on the same model in the same process (batch 32 and
    1, 64-token prompts, 64 new tokens), the gateway's tok/s as a ratio to it, and the greedy
    agreement of the gateway's spans with uncached forward passes of the model.
+   The engine runs in its own process (``--engine thread``: in the gateway's);
+   ``--compare-thread`` also runs the 32-session load with the engine in the gateway's process;
+   ``--kernel-checks`` gives greedy agreement and step times for each attention kernel.
 
     python bench/bench_gateway.py                       # llama_cpp backend, toy expert or SmolLM2
     python bench/bench_gateway.py --backend hf          # random Llama (--hidden, --layers) on CUDA

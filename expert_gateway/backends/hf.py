@@ -9,6 +9,10 @@ generating feeds its last sampled token. Steps of up to eight tokens a row are C
 call bringing more than ``batch_prefill_tokens`` new tokens is prefilled alone first, eagerly, in
 chunks. Sampling and log-probs come back from the device once per step.
 
+The gateway runs this backend in a child process by default (``hf_process.ProcessBackend``), so
+that HTTP handling does not share an interpreter lock with the scheduler. ``submit`` hands out
+plain tuples for that reason: nothing pydantic is built on the scheduler thread.
+
 torch and transformers are imported when the backend is opened, never at module import.
 """
 

@@ -20,6 +20,12 @@ On CUDA, steps of ``B`` in the batch buckets, ``W`` in ``GRAPH_WIDTHS`` and ``T`
 buckets are captured as CUDA graphs on first use (or by ``warmup``) and replayed; anything wider
 (a long prefill) runs eagerly through the same function.
 
+Each layer is two functions of tensors around the attention call (``layer_blocks``), which
+``compile_blocks`` runs through torch.compile on CUDA: their elementwise work (residual adds,
+RMSNorm, rotary embedding, the activation, layout changes) fuses into a few kernels. Each
+captured shape keeps the fastest of ``attention_candidates``; ``SPLIT_KEYS`` attends a batch-1
+step's keys in parallel chunks merged by log-sum-exp, after a check against one plain call.
+
 torch is imported when an engine is built, never at module import.
 """
 
