@@ -136,8 +136,9 @@ class LlamaCppSettings(Section):
     )
 
 
-AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"]
-DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("EFFICIENT_ATTENTION", "MATH")
+AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS"]
+DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = (
+    "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "EFFICIENT_SPLIT_KEYS")
 
 
 class HfSettings(Section):
@@ -160,8 +161,17 @@ class HfSettings(Section):
     cuda_graphs: bool = Field(
         default=True, description="capture the batched step as CUDA graphs at start-up and replay them")
     attention_kernels: list[AttentionKernel] = Field(
-        default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=3,
-        description="SDPA kernels tried for each captured step shape; the fastest replay is kept")
+        default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=4,
+        description="attention kernels tried for each captured step shape; the fastest replay is "
+                    "kept (EFFICIENT_SPLIT_KEYS: batch-1 steps over >= 512 keys, split and merged)")
+    compile_blocks: bool = Field(
+        default=True,
+        description="torch.compile the layer blocks around attention on CUDA (fuses their "
+                    "elementwise kernels; a minute or two more at start-up); eager if compiling fails")
+    engine_process: bool = Field(
+        default=True,
+        description="run the model and its scheduler in a child process, so that HTTP handling "
+                    "in the gateway process cannot hold up the batched step")
 
 
 class OpenAICompatSettings(Section):

@@ -48,15 +48,17 @@ def _llama_cpp(settings: GatewaySettings) -> ExpertBackend:
 
 def _hf(settings: GatewaySettings) -> ExpertBackend:
     from expert_gateway.backends.hf import HfBackend
+    from expert_gateway.backends.hf_process import ProcessBackend
 
     options = settings.hf
-    return HfBackend.open(model_path(settings), name=settings.model.name, device=options.device,
-                          dtype=options.dtype, max_batch=options.max_batch,
-                          max_context=options.max_context,
-                          slots=options.slots or settings.sessions.max_sessions,
-                          batch_prefill_tokens=options.batch_prefill_tokens,
-                          prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs,
-                          attention_kernels=tuple(options.attention_kernels))
+    opener = ProcessBackend.open if options.engine_process else HfBackend.open
+    return opener(model_path(settings), name=settings.model.name, device=options.device,
+                  dtype=options.dtype, max_batch=options.max_batch, max_context=options.max_context,
+                  slots=options.slots or settings.sessions.max_sessions,
+                  batch_prefill_tokens=options.batch_prefill_tokens,
+                  prefill_chunk=options.prefill_chunk, cuda_graphs=options.cuda_graphs,
+                  attention_kernels=tuple(options.attention_kernels),
+                  compile_blocks=options.compile_blocks)
 
 
 def _openai_compat(settings: GatewaySettings) -> ExpertBackend:

@@ -9,6 +9,10 @@ generating feeds its last sampled token. Steps of up to eight tokens a row are C
 call bringing more than ``batch_prefill_tokens`` new tokens is prefilled alone first, eagerly, in
 chunks. Sampling and log-probs come back from the device once per step.
 
+The gateway runs this backend in a child process by default (``hf_process.ProcessBackend``), so
+that HTTP handling does not share an interpreter lock with the scheduler. ``submit`` hands out
+plain tuples for that reason: nothing pydantic is built on the scheduler thread.
+
 torch and transformers are imported when the backend is opened, never at module import.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from expert_gateway.backends.base import Continuation, ContinueOptions, score_rows
+from expert_gateway.backends.hf_process import WireContinuation, WireLogprob, from_wire
 from expert_gateway.backends.slots import SlotTable
 from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
@@ -34,7 +40,6 @@ from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
     ScoreSequence,
-    TokenLogprob,
     positional_uniform,
 )
 
@@ -58,9 +63,9 @@ class _Job:
     session_id: str
     sequence: list[int]
     options: ContinueOptions
-    future: Future[Continuation] = field(default_factory=Future)
+    future: Future[WireContinuation] = field(default_factory=Future)
     tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[WireLogprob] = field(default_factory=list)
     reused: int = 0
     pending: list[int] = field(default_factory=list)  # fed by the next step
 
@@ -79,13 +84,14 @@ class HfBackend:
     def __init__(self, model: Any, *, name: str, fingerprint: str, vocab_size: int,
                  eos_ids: frozenset[int], max_batch: int, max_context: int, slots: int,
                  batch_prefill_tokens: int = 64, prefill_chunk: int = 512,
-                 cuda_graphs: bool = True, attention_kernels: tuple[str, ...] | None = None) -> None:
+                 cuda_graphs: bool = True, attention_kernels: tuple[str, ...] | None = None,
+                 compile_blocks: bool = False) -> None:
         self._torch, _ = _import_torch()
         self._model = model
         self._device = next(model.parameters()).device
         self._eos_ids = eos_ids
         self._engine = StaticKVEngine(model, slots=slots, capacity=max_context, max_batch=max_batch,
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs, compile_blocks=compile_blocks)
         if attention_kernels:
             self._engine.attention_candidates = attention_kernels
         self._table = SlotTable(slots, max_context)
@@ -101,6 +107,9 @@ class HfBackend:
         # Rows and widest row (tokens fed) of the recent batched steps, for tests and benchmarks.
         self.steps: deque[int] = deque(maxlen=STEP_HISTORY)
         self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
+        # Where the scheduler's time goes (see stats): loops that stepped without waiting for
+        # work, their seconds, and the seconds inside engine.step (inputs, replay, its wait).
+        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
         # releases it; with the default 5 ms switch interval, request threads busy with HTTP
         # held it for whole steps. Measured on an H200 with 32 sessions over HTTP: 5 ms gave
@@ -114,7 +123,7 @@ class HfBackend:
     def open(cls, path: Path, *, name: str, device: str, dtype: str, max_batch: int,
              max_context: int, slots: int, batch_prefill_tokens: int = 64,
              prefill_chunk: int = 512, cuda_graphs: bool = True,
-             attention_kernels: tuple[str, ...] | None = None) -> HfBackend:
+             attention_kernels: tuple[str, ...] | None = None, compile_blocks: bool = False) -> HfBackend:
         """Load the model folder and capture the step graphs (a few seconds on a GPU)."""
         torch, transformers = _import_torch()
         try:
@@ -128,7 +137,7 @@ class HfBackend:
                       vocab_size=int(model.config.vocab_size), eos_ids=eos_ids, max_batch=max_batch,
                       max_context=max_context, slots=slots, batch_prefill_tokens=batch_prefill_tokens,
                       prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs,
-                      attention_kernels=attention_kernels)
+                      attention_kernels=attention_kernels, compile_blocks=compile_blocks)
         backend.warmup()
         return backend
 
@@ -136,12 +145,25 @@ class HfBackend:
 
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
+        return from_wire(self.submit(session_id, sequence, options=options).result())
+
+    def submit(self, session_id: str, sequence: Sequence[int], *,
+               options: ContinueOptions) -> Future[WireContinuation]:
+        """Queue a continuation without waiting; its future holds plain tuples (``from_wire``).
+
+        The engine process sends those tuples as they are, and no pydantic object is built on
+        the scheduler thread, which does this for every row of every step.
+        """
         job = _Job(session_id, list(sequence), options)
         self._inbox.put(job)
-        return job.future.result()
+        return job.future
 
     def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
-        return list(self._call(lambda: [self._score_one(entry) for entry in sequences]))
+        return list(self.submit_score(sequences).result())
+
+    def submit_score(self, sequences: Sequence[ScoreSequence]) -> Future[list[ScoreResult]]:
+        """Queue a score without waiting (run on the scheduler thread between steps)."""
+        return self.submit_call(lambda: [self._score_one(entry) for entry in sequences])
 
     def forget(self, session_id: str) -> None:
         """Free the session's slot (kept while a running call uses it: see ``SlotTable``)."""
@@ -163,16 +185,37 @@ class HfBackend:
     def table(self) -> SlotTable:
         return self._table
 
+    def stats(self, *, clear: bool = False) -> dict[str, Any]:
+        """Recent batched steps (rows and widest row fed), graphs and attention kernels picked.
+
+        ``clear`` empties the step history after reading it (benchmarks measure one run).
+        """
+        steps, widths, timing = list(self.steps), list(self.widths), dict(self._timing)
+        if clear:
+            self.steps.clear()
+            self.widths.clear()
+            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0)
+        choice = dict(self._engine.kernel_choice)
+        return {"steps": steps, "widths": widths, "graphs": self._engine.graphs,
+                "kernel_choice": {",".join(map(str, key)): name for key, name in choice.items()},
+                "held": self._table.held(), "evictions": self._table.evictions, "timing": timing}
+
     def _call(self, work: Callable[[], Any]) -> Any:
+        return self.submit_call(work).result()
+
+    def submit_call(self, work: Callable[[], Any]) -> Future[Any]:
+        """Run ``work`` on the scheduler thread between steps; its future, without waiting."""
         call = _Call(work)
         self._inbox.put(call)
-        return call.future.result()
+        return call.future
 
     # -- the scheduler -----------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            arrivals = self._drain(block=not (self._rows or self._waiting))
+            busy = bool(self._rows or self._waiting)  # then the drain below does not wait
+            looped = time.perf_counter()
+            arrivals = self._drain(block=not busy)
             if arrivals is None:
                 for job in [*self._rows, *self._waiting]:
                     job.future.set_exception(BackendError("the backend is closing"))
@@ -185,6 +228,9 @@ class HfBackend:
             self._admit_waiting()
             if self._rows:
                 self._step()
+                if busy:
+                    self._timing["loops"] += 1
+                    self._timing["loop_s"] += time.perf_counter() - looped
 
     def _drain(self, *, block: bool) -> list[_Job | _Call] | None:
         items: list[_Job | _Call] = []
@@ -256,7 +302,10 @@ class HfBackend:
         """Feed every running call's pending tokens in ONE step; sample one token for each."""
         rows = self._rows
         try:
-            output = self._engine.step([self._feed(job, row, job.pending) for row, job in enumerate(rows)])
+            feeds = [self._feed(job, row, job.pending) for row, job in enumerate(rows)]
+            started = time.perf_counter()
+            output = self._engine.step(feeds)
+            self._timing["engine_s"] += time.perf_counter() - started
         except Exception as exc:
             for row in reversed(range(len(rows))):
                 self._fail(row, exc)
@@ -289,9 +338,8 @@ class HfBackend:
             top = min(options.top_logprobs, self._engine.top)
             ids = output[TOP:TOP + top]
             values = output[TOP + self._engine.top:TOP + self._engine.top + top]
-            job.logprobs.append(TokenLogprob(
-                token=token, logprob=float(output[LOGPROB]),
-                top=[(int(index), float(value)) for index, value in zip(ids, values, strict=True)]))
+            alternatives = [(int(index), float(value)) for index, value in zip(ids, values, strict=True)]
+            job.logprobs.append((token, float(output[LOGPROB]), alternatives))
 
     def _finished(self, job: _Job) -> bool:
         return len(job.tokens) >= job.options.max_tokens or job.tokens[-1] in self._eos_ids
@@ -306,9 +354,8 @@ class HfBackend:
 
     def _finish(self, row: int) -> None:
         job = self._retire(row)
-        job.future.set_result(Continuation(
-            tokens=job.tokens, logprobs=job.logprobs if job.options.want_logprobs else None,
-            reused_tokens=job.reused, prefilled_tokens=len(job.sequence) - job.reused))
+        job.future.set_result((job.tokens, job.logprobs if job.options.want_logprobs else None,
+                               job.reused, len(job.sequence) - job.reused))
 
     def _fail(self, row: int, exc: Exception) -> None:
         """End the call in ``row`` with an error; its slot keeps the KV of the tokens it holds."""

@@ -20,6 +20,12 @@ On CUDA, steps of ``B`` in the batch buckets, ``W`` in ``GRAPH_WIDTHS`` and ``T`
 buckets are captured as CUDA graphs on first use (or by ``warmup``) and replayed; anything wider
 (a long prefill) runs eagerly through the same function.
 
+Each layer is two functions of tensors around the attention call (``layer_blocks``), which
+``compile_blocks`` runs through torch.compile on CUDA: their elementwise work (residual adds,
+RMSNorm, rotary embedding, the activation, layout changes) fuses into a few kernels. Each
+captured shape keeps the fastest of ``attention_candidates``; ``SPLIT_KEYS`` attends a batch-1
+step's keys in parallel chunks merged by log-sum-exp, after a check against one plain call.
+
 torch is imported when an engine is built, never at module import.
 """
 
@@ -40,6 +46,12 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly
 EAGER_KERNELS = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")  # take a mask, no per-shape plan
 MIN_LENGTH_BUCKET = 64
+# A captured step's attention may also split the keys of a batch-1 step into chunks attended in
+# parallel and merged by their log-sum-exp (flash-decoding): one row's 8 KV heads otherwise keep
+# 8 of the chip's 132 multiprocessors busy, walking 2,000 keys in turn.
+SPLIT_KEYS = "EFFICIENT_SPLIT_KEYS"
+SPLIT_MIN_LENGTH = 512
+SPLIT_MASK = -1e30  # finite: a chunk whose keys are all masked gets weight 0, never NaN
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
 TOKEN, LOGPROB, TOP = 0, 1, 2
@@ -197,7 +209,7 @@ class StaticKVEngine:
     """Static per-slot KV cache and the batched step over slot rows (graphs on CUDA)."""
 
     def __init__(self, model: Any, *, slots: int, capacity: int, max_batch: int,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, compile_blocks: bool = False) -> None:
         import torch
 
         self._torch = torch
@@ -229,7 +241,16 @@ class StaticKVEngine:
                                       self.head_dim), dtype=self.dtype, device=self.device)
         except (RuntimeError, MemoryError) as exc:
             raise BackendError(f"cannot allocate {self.kv_bytes / GIB:.2f} GiB of KV slots: {exc}") from exc
-        self._fused = [_fuse_projections(torch, layer) for layer in self._layers]
+        self._weights = [_layer_weights(torch, layer) for layer in self._layers]
+        first = self._layers[0]
+        blocks = layer_blocks(torch, heads=self.heads, kv_heads=self.kv_heads, dim=self.head_dim,
+                              eps=_eps(first.input_layernorm),
+                              qk_eps=_eps(attention.q_norm) if self.qk_norm else 0.0,
+                              activation=first.mlp.act_fn)
+        self._blocks = {False: (*blocks, merge_chunks), True: (*blocks, merge_chunks)}
+        self.compiled = False
+        self._splits = 0  # key chunks of the batch-1 step being captured (0: attention in one call)
+        self._split_checked: dict[tuple[int, int], str | None] = {}
         with torch.inference_mode():
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
@@ -238,11 +259,14 @@ class StaticKVEngine:
         self.batch_buckets = batch_buckets(self.max_batch)
         self.length_buckets = length_buckets(capacity)
         self.graphs_enabled = cuda_graphs and self.device.type == "cuda"
-        # Attention kernels tried for each captured shape; the faster replay is kept. The
-        # memory-efficient kernel runs one block per (row, KV head) and walks the keys in turn:
-        # at batch 1 and 2,000 keys that is 8 blocks on a 132-SM chip, where the plain matmul
-        # path (MATH) spreads the keys over the whole chip.
-        self.attention_candidates: tuple[str, ...] = ("EFFICIENT_ATTENTION", "MATH")
+        # Attention kernels tried for each captured shape; the faster replay is kept. Measured on
+        # an H200 (24x2048 model, bf16, compiled blocks), ms per step: cuDNN 1.67 / 2.32 / 1.99 /
+        # 3.30 at batch 1 over 128 / 2,048 keys and batch 32 over 128 / 2,048 keys; the
+        # memory-efficient kernel 1.77 / 4.47 / 2.05 / 5.01 (one block per row and KV head walks
+        # the keys in turn); MATH (eager blocks) 3.07 / 4.48 / 4.56 / 23.2. cuDNN matched a
+        # float64 reference and uncached passes as closely as the others (bench, tests).
+        # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
+        self.attention_candidates: tuple[str, ...] = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS)
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
         self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
@@ -253,6 +277,8 @@ class StaticKVEngine:
             self._inputs = torch.zeros((6, cells), dtype=torch.float64, device=self.device)
             self._host_inputs = torch.zeros((6, cells), dtype=torch.float64).pin_memory()
             self._pool = torch.cuda.graph_pool_handle()
+        if compile_blocks and self.device.type == "cuda":
+            self.compile_blocks()
 
     # -- public ----------------------------------------------------------------------------
 
@@ -260,6 +286,36 @@ class StaticKVEngine:
     def graphs(self) -> int:
         """CUDA graphs captured so far."""
         return len(self._graphs)
+
+    def compile_blocks(self, enabled: bool = True) -> None:
+        """Run the two per-layer blocks through torch.compile (fused elementwise kernels).
+
+        Compiled once with dynamic shapes for all layers (the weights are arguments, not
+        constants) on first use of each shape class; graphs captured before are dropped.
+        """
+        if enabled and self._blocks[True] is self._blocks[False]:
+            import torch._dynamo
+
+            # batch 1 and width 1 specialise; the layers share the compiled code
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            attention_inputs, mlp_block, merge = (
+                self._torch.compile(block, dynamic=True, fullgraph=True) for block in self._blocks[False])
+            self._blocks[True] = (attention_inputs, mlp_block, merge)
+            was, self.compiled = self.compiled, True
+            try:  # compile now, on throwaway steps, rather than inside the first capture
+                with self._torch.inference_mode(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # inductor's advice (TF32 and the like)
+                    self._probe()
+            except Exception as exc:  # no compiler toolchain, or an unsupported op: stay eager
+                self._blocks[True] = self._blocks[False]
+                warnings.warn(f"torch.compile of the layer blocks failed, running them eagerly: "
+                              f"{type(exc).__name__}: {str(exc)[:500]}", RuntimeWarning, stacklevel=2)
+                return
+            finally:
+                self.compiled = was
+        if enabled != self.compiled:
+            self.compiled = enabled
+            self.reset_graphs()
 
     def step(self, rows: Sequence[RowFeed], *, start: int = 0) -> np.ndarray:
         """Feed ``rows`` (slots ``start``...) in one forward pass; one output row each.
@@ -330,6 +386,18 @@ class StaticKVEngine:
                 timings.append(time.perf_counter() - started)
         return float(np.median(timings) * 1e3)
 
+    def _probe(self) -> None:
+        """One eager step over padding only (its writes land in the scratch slot)."""
+        torch = self._torch
+        for batch, width in ((2, 2), (1, 1), (1, 2), (2, 1)):  # the shapes that specialise
+            feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
+                              scratch=self.scratch)
+            ints = [torch.from_numpy(array).to(self.device)
+                    for array in (feed.ids, feed.positions, feed.dest, feed.last)]
+            floats = [torch.from_numpy(array).to(self.device) for array in (feed.temperature, feed.uniform)]
+            with self._kernels(EAGER_KERNELS):
+                self._compute(*ints, *floats, start=0, length=MIN_LENGTH_BUCKET)
+
     def reset_graphs(self) -> None:
         """Capture afresh on next use (after changing ``attention_candidates``)."""
         self._graphs.clear()
@@ -345,52 +413,44 @@ class StaticKVEngine:
                  uniform: Any, *, start: int, length: int) -> Any:
         """One forward step over slot rows; few kernels per layer, since a graph replays each.
 
-        Per layer: one GEMM for q, k and v together, rotary embedding of q and k together, one
-        indexed write of k and v into the slots, one attention call, one GEMM for the gate and
-        up projections together, RMSNorm through ``F.rms_norm``.
+        Per layer: ``attention_inputs`` (residual add, RMSNorm, one GEMM for q, k and v, rotary
+        embedding, the grouped query layout), one indexed write of k and v into the slots, one
+        attention call, then ``mlp_block`` (o_proj, residual add, RMSNorm, one GEMM for gate and
+        up, the activation, down_proj). With ``compiled`` the two blocks are torch.compile'd, which
+        fuses their elementwise work into a few kernels; the arithmetic is the same.
         """
         torch = self._torch
         functional = torch.nn.functional
         batch, width = ids.shape
-        heads, kv_heads, dim, groups = self.heads, self.kv_heads, self.head_dim, self.groups
+        attention_inputs, mlp_block, merge = self._blocks[self.compiled]
+        splits = self._splits if batch == 1 else 0
         x = self._embed(ids)
         cos, sin = self._cos[positions], self._sin[positions]  # [B, W, 1, D]
         keys_at = torch.arange(length, device=self.device)
         allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
         # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
-        allowed = allowed[:, None, :, None].expand(batch, 1, width, groups, length).reshape(
-            batch, 1, width * groups, length)
+        allowed = allowed[:, None, :, None].expand(batch, 1, width, self.groups, length).reshape(
+            batch, 1, width * self.groups, length)
         bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, float("-inf"))
+        if splits:
+            bias = split_bias(torch, allowed, splits, self.dtype)
         flat = dest.reshape(-1)
-        for index, (layer, fused) in enumerate(zip(self._layers, self._fused, strict=True)):
-            attention = layer.self_attn
-            hidden = _rms_norm(functional, layer.input_layernorm, x)
-            qkv = functional.linear(hidden, fused.qkv, fused.qkv_bias).view(
-                batch, width, heads + 2 * kv_heads, dim)
-            if self.qk_norm:
-                query = _rotate(torch, attention.q_norm(qkv[:, :, :heads]), cos, sin)
-                key = _rotate(torch, attention.k_norm(qkv[:, :, heads:heads + kv_heads]), cos, sin)
-            else:
-                rotated = _rotate(torch, qkv[:, :, :heads + kv_heads], cos, sin)
-                query, key = rotated[:, :, :heads], rotated[:, :, heads:]
-            value = qkv[:, :, heads + kv_heads:]
+        delta = None
+        for index, weights in enumerate(self._weights):
+            x, grouped, kv = attention_inputs(x, delta, cos, sin, *weights.attention)
             slots = self.cache[index]  # [S + 1, C, 2, KVH, D]
-            slots.view(-1, 2, kv_heads, dim).index_copy_(
-                0, flat, torch.stack((key, value), dim=2).view(-1, 2, kv_heads, dim))
-            grouped = query.reshape(batch, width, kv_heads, groups, dim).permute(0, 2, 1, 3, 4).reshape(
-                batch, kv_heads, width * groups, dim)
+            slots.view(-1, 2, self.kv_heads, self.head_dim).index_copy_(0, flat, kv)
             rows = slots[start:start + batch, :length]  # a view: no cache is copied
-            out = functional.scaled_dot_product_attention(
-                grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
-                attn_mask=bias, scale=self.scaling)
-            out = out.reshape(batch, kv_heads, width, groups, dim).permute(0, 2, 1, 3, 4).reshape(
-                batch, width, heads * dim)
-            x = x + attention.o_proj(out)
-            hidden = _rms_norm(functional, layer.post_attention_layernorm, x)
-            gate, up = functional.linear(hidden, fused.gate_up, fused.gate_up_bias).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-        x = _rms_norm(functional, self._norm, x[torch.arange(batch, device=self.device), last])
+            if splits:
+                out = merge(*split_attention(torch, grouped, rows, bias, splits, self.scaling))
+            else:
+                out = functional.scaled_dot_product_attention(
+                    grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
+                    attn_mask=bias, scale=self.scaling)
+            x, delta = mlp_block(out, x, *weights.mlp)
+        x = (x + delta)[torch.arange(batch, device=self.device), last]
+        x = _rms_norm(functional, self._norm, x)
         logits = self._lm_head(x).float()
         return sample_head(torch, logits, temperature, uniform, self.top)
 
@@ -424,6 +484,13 @@ class StaticKVEngine:
         best: tuple[float, str, Any, Any] | None = None
         failures = []
         for name in self.attention_candidates:
+            if name == SPLIT_KEYS:
+                if not split_count(batch, length):
+                    continue  # only batch-1 steps over long key ranges split
+                problem = self._check_split(width, length)
+                if problem is not None:
+                    failures.append(f"{name}: {problem}")
+                    continue
             try:
                 with warnings.catch_warnings():  # "kernel not used because ..." for refusals
                     warnings.simplefilter("ignore")
@@ -442,6 +509,14 @@ class StaticKVEngine:
         return best[2], best[3]
 
     def _capture(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
+        self._splits = split_count(batch, length) if kernel == SPLIT_KEYS else 0
+        try:
+            return self._capture_with(batch, width, length,
+                                      "EFFICIENT_ATTENTION" if kernel == SPLIT_KEYS else kernel)
+        finally:
+            self._splits = 0
+
+    def _capture_with(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         torch = self._torch
         with self._kernels([kernel]):
             side = torch.cuda.Stream(device=self.device)
@@ -455,6 +530,17 @@ class StaticKVEngine:
                 output = self._compute(*self._views(batch, width), start=0, length=length)
         return graph, output
 
+    def _check_split(self, width: int, length: int) -> str | None:
+        """Split-key attention against one SDPA call on random data of this shape (once per
+        shape); None if they agree to bf16 accuracy, else why the split is not used."""
+        key = (width, length)
+        if key not in self._split_checked:
+            self._split_checked[key] = check_split_attention(
+                self._torch, device=self.device, dtype=self.dtype, kv_heads=self.kv_heads,
+                groups=self.groups, dim=self.head_dim, width=width, length=length, scale=self.scaling,
+                merge=self._blocks[self.compiled][2])
+        return self._split_checked[key]
+
     def _time(self, graph: Any, repeats: int = 3) -> float:
         import time
 
@@ -466,6 +552,157 @@ class StaticKVEngine:
             graph.replay()
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+
+def split_count(batch: int, length: int) -> int:
+    """Key chunks for a split-key step of this shape: 0 unless batch 1 over >= 512 keys;
+    chunks of >= 128 keys (a multiple of 16, as the kernel's bias needs), at most 16."""
+    if batch != 1 or length < SPLIT_MIN_LENGTH:
+        return 0
+    splits = min(16, length // 128)
+    while splits > 1 and (length % splits or (length // splits) % 16):
+        splits -= 1
+    return splits if splits > 1 else 0
+
+
+def split_bias(torch: Any, allowed: Any, splits: int, dtype: Any) -> Any:
+    """``[1, 1, R, T]`` allowed keys as an additive bias per key chunk, ``[S, 1, R, T / S]``."""
+    rows, length = allowed.shape[2], allowed.shape[3]
+    chunked = allowed.reshape(rows, splits, length // splits).permute(1, 0, 2)[:, None]
+    return torch.zeros(chunked.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~chunked, SPLIT_MASK)
+
+
+def split_attention(torch: Any, grouped: Any, rows: Any, bias: Any, splits: int,
+                    scale: float) -> tuple[Any, Any]:
+    """Attention of one row's grouped queries ``[1, KVH, R, D]`` over its slot ``rows``
+    ``[1, T, 2, KVH, D]`` in ``splits`` key chunks at once: per chunk outputs ``[S, KVH, R, D]``
+    and log-sum-exps ``[S, KVH, R]`` for ``merge_chunks``. The chunks are views of the slot."""
+    _, kv_heads, count, dim = grouped.shape
+    length = rows.shape[1]
+    chunks = rows[0].view(splits, length // splits, 2, kv_heads, dim)
+    keys, values = chunks[:, :, 0].transpose(1, 2), chunks[:, :, 1].transpose(1, 2)
+    query = grouped.expand(splits, kv_heads, count, dim)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, keys, values, bias.expand(splits, kv_heads, count, length // splits), True, 0.0,
+        False, scale=scale)[:2]
+    return out, lse[:, :, :count]
+
+
+def merge_chunks(out: Any, lse: Any) -> Any:
+    """Merge per-chunk attention outputs by their log-sum-exps: ``[S, H, R, D]`` -> ``[1, H, R, D]``."""
+    weight = (lse - lse.amax(dim=0, keepdim=True)).exp()
+    total = (weight[..., None] * out.float()).sum(dim=0, keepdim=True)
+    return (total / weight.sum(dim=0, keepdim=True)[..., None]).to(out.dtype)
+
+
+def check_split_attention(torch: Any, *, device: Any, dtype: Any, kv_heads: int, groups: int, dim: int,
+                          width: int, length: int, scale: float, merge: Any = merge_chunks) -> str | None:
+    """None when split-key attention equals one SDPA call (to 2e-2) on random data of this
+    shape, for a row that sees every key and one that sees a third of them; else the reason."""
+    splits = split_count(1, length)
+    generator = torch.Generator(device=device).manual_seed(1)
+    try:
+        with torch.inference_mode():
+            rows = torch.randn((1, length, 2, kv_heads, dim), generator=generator, device=device,
+                               dtype=dtype)
+            grouped = torch.randn((1, kv_heads, width * groups, dim), generator=generator,
+                                  device=device, dtype=dtype)
+            for end in (length, length // 3 + width):
+                positions = torch.arange(end - width, end, device=device)
+                allowed = torch.arange(length, device=device)[None, :] <= positions[:, None]
+                allowed = allowed[:, None].expand(width, groups, length).reshape(1, 1, width * groups, length)
+                full = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                    ~allowed, float("-inf"))
+                expected = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2),
+                    attn_mask=full, scale=scale)
+                got = merge(*split_attention(torch, grouped, rows, split_bias(torch, allowed, splits, dtype),
+                                             splits, scale))
+                error = float((got.float() - expected.float()).abs().max())
+                if not error < 2e-2:
+                    return f"differs from one attention call by {error:.3g} (keys 0..{end - 1})"
+    except Exception as exc:  # the kernel refuses these shapes or strides here
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """A layer's tensors in the argument order of ``layer_blocks``' two functions."""
+
+    attention: tuple[Any, ...]  # input norm, qkv, qkv bias, q norm, k norm
+    mlp: tuple[Any, ...]  # o_proj weight and bias, post-attention norm, gate_up and bias, down and bias
+
+
+def _layer_weights(torch: Any, layer: Any) -> _LayerWeights:
+    fused = _fuse_projections(torch, layer)
+    attention, mlp = layer.self_attn, layer.mlp
+    q_norm = getattr(attention, "q_norm", None)
+    k_norm = getattr(attention, "k_norm", None)
+    return _LayerWeights(
+        attention=(layer.input_layernorm.weight, fused.qkv, fused.qkv_bias,
+                   None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight),
+        mlp=(attention.o_proj.weight, attention.o_proj.bias, layer.post_attention_layernorm.weight,
+             fused.gate_up, fused.gate_up_bias, mlp.down_proj.weight, mlp.down_proj.bias))
+
+
+def layer_blocks(torch: Any, *, heads: int, kv_heads: int, dim: int, eps: float, qk_eps: float,
+                 activation: Any) -> tuple[Any, Any]:
+    """The two halves of a decoder layer around attention, as functions of tensors only.
+
+    Weights are arguments, so one compiled version serves every layer. ``attention_inputs``
+    returns the residual stream, the queries grouped per KV head (``[B, KVH, W * G, D]``: query
+    row r of a KV head is token r // G of head r % G) and the new keys and values in the cache's
+    row layout ``[B * W, 2, KVH, D]``; ``mlp_block`` returns the residual stream after attention
+    and the MLP's output, which the next layer's ``attention_inputs`` adds (so the add fuses
+    with the next RMSNorm).
+    """
+    functional = torch.nn.functional
+    groups = heads // kv_heads
+
+    def norm(x: Any, weight: Any, epsilon: float) -> Any:
+        # transformers' Llama RMSNorm: float32 statistics, weight applied in the model's dtype
+        return weight * functional.rms_norm(x.float(), (x.shape[-1],), eps=epsilon).to(x.dtype)
+
+    def rotate(tensor: Any, cos: Any, sin: Any) -> Any:
+        half = tensor.shape[-1] // 2  # transformers' rotate_half convention
+        return tensor * cos + torch.cat((-tensor[..., half:], tensor[..., :half]), dim=-1) * sin
+
+    def attention_inputs(x: Any, delta: Any, cos: Any, sin: Any, input_norm: Any, qkv_weight: Any,
+                         qkv_bias: Any, q_norm: Any, k_norm: Any) -> tuple[Any, Any, Any]:
+        if delta is not None:
+            x = x + delta
+        batch, width = x.shape[0], x.shape[1]
+        qkv = functional.linear(norm(x, input_norm, eps), qkv_weight, qkv_bias).view(
+            batch, width, heads + 2 * kv_heads, dim)
+        if q_norm is None:
+            rotated = rotate(qkv[:, :, :heads + kv_heads], cos, sin)
+            query, key = rotated[:, :, :heads], rotated[:, :, heads:]
+        else:
+            query = rotate(norm(qkv[:, :, :heads], q_norm, qk_eps), cos, sin)
+            key = rotate(norm(qkv[:, :, heads:heads + kv_heads], k_norm, qk_eps), cos, sin)
+        value = qkv[:, :, heads + kv_heads:]
+        kv = torch.stack((key, value), dim=2).reshape(batch * width, 2, kv_heads, dim)
+        grouped = query.reshape(batch, width, kv_heads, groups, dim).permute(0, 2, 1, 3, 4).reshape(
+            batch, kv_heads, width * groups, dim)
+        return x, grouped, kv
+
+    def mlp_block(out: Any, x: Any, o_weight: Any, o_bias: Any, post_norm: Any, gate_up: Any,
+                  gate_up_bias: Any, down: Any, down_bias: Any) -> tuple[Any, Any]:
+        batch, width = x.shape[0], x.shape[1]
+        out = out.reshape(batch, kv_heads, width, groups, dim).permute(0, 2, 1, 3, 4).reshape(
+            batch, width, heads * dim)
+        x = x + functional.linear(out, o_weight, o_bias)
+        gate, up = functional.linear(norm(x, post_norm, eps), gate_up, gate_up_bias).chunk(2, dim=-1)
+        return x, functional.linear(activation(gate) * up, down, down_bias)
+
+    return attention_inputs, mlp_block
+
+
+def _eps(norm: Any) -> float:
+    value = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    return float(value) if value is not None else 1e-6
 
 
 @dataclass(frozen=True)
@@ -511,12 +748,4 @@ def _fuse_projections(torch: Any, layer: Any) -> _Fused:
 
 def _rms_norm(functional: Any, norm: Any, x: Any) -> Any:
     """transformers' Llama RMSNorm (float32 statistics, weight applied in the model's dtype)."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return norm.weight * functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _rotate(torch: Any, tensor: Any, cos: Any, sin: Any) -> Any:
-    """Rotary embedding as transformers applies it (rotate_half convention)."""
-    half = tensor.shape[-1] // 2
-    rotated = torch.cat((-tensor[..., half:], tensor[..., :half]), dim=-1)
-    return tensor * cos + rotated * sin
+    return norm.weight * functional.rms_norm(x.float(), (x.shape[-1],), eps=_eps(norm)).to(x.dtype)

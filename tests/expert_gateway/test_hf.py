@@ -27,6 +27,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from expert_gateway.backends.hf import FINGERPRINT_FILE, HfBackend, _Job  # noqa: E402
+from expert_gateway.backends.hf_process import ProcessBackend  # noqa: E402
 from expert_gateway.backends.static_kv import RowFeed, StaticKVEngine  # noqa: E402
 
 FINGERPRINT = "0123456789abcdef" * 4
@@ -149,7 +150,7 @@ def test_ragged_new_tokens_of_many_sessions_share_one_step(hf_backend: HfBackend
     assert (hf_backend.steps[first_step], hf_backend.widths[first_step]) == (6, 6)
     for job, sequence, prompt in zip(jobs, extended, prompts, strict=True):
         assert job.reused == len(prompt)
-        assert job.tokens == job.future.result().tokens == _reference_greedy(hf_backend, sequence, 4)
+        assert job.tokens == job.future.result()[0] == _reference_greedy(hf_backend, sequence, 4)
 
 
 def test_session_evicted_mid_call_does_not_break_its_batch(hf_backend: HfBackend) -> None:
@@ -160,7 +161,7 @@ def test_session_evicted_mid_call_does_not_break_its_batch(hf_backend: HfBackend
             for index, prompt in enumerate(prompts)]
     _schedule(hf_backend, jobs, before_steps=lambda: hf_backend.forget("evicted0"))
     for job in jobs:
-        assert job.future.result().tokens == _reference_greedy(hf_backend, job.sequence, 3)
+        assert job.future.result()[0] == _reference_greedy(hf_backend, job.sequence, 3)
 
 
 def test_score_matches_a_forward_pass(hf_backend: HfBackend) -> None:
@@ -277,7 +278,8 @@ def test_backend_built_from_settings_sizes_slots_from_max_sessions(tiny_model_di
         "sessions": {"max_sessions": 5},
         "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
         "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
-               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"]}})
+               "attention_kernels": ["MATH", "EFFICIENT_ATTENTION"], "engine_process": False,
+               "compile_blocks": False}})
     backend = build_backend(settings)
     try:
         assert isinstance(backend, HfBackend) and backend.table.slots == 5
@@ -314,3 +316,198 @@ def test_graph_replays_equal_eager_steps(tiny_model_dir: Path) -> None:
     for graphed, eager in zip(*outputs, strict=True):
         assert graphed[:, 0].tolist() == eager[:, 0].tolist()
         np.testing.assert_allclose(graphed, eager, atol=1e-4)
+
+
+# -- the engine in its own process (hf.engine_process) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def process_backend(tiny_model_dir: Path) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32",
+                                  max_batch=16, max_context=128, slots=12)
+    yield backend
+    backend.close()
+
+
+def test_engine_process_answers_exactly_with_logprobs_and_sessions(
+        process_backend: ProcessBackend, hf_backend: HfBackend) -> None:
+    """Same answers as the in-process backend (same weights); the session's KV stays in its slot."""
+    assert process_backend.info == hf_backend.info.model_copy(update={"max_context": 128})
+    prompt = _prompt(90)
+    options = ContinueOptions(max_tokens=4, top_logprobs=3, want_logprobs=True)
+    reply = process_backend.continue_("pg", prompt, options=options)
+    local = hf_backend.continue_("pg-local", prompt, options=options)
+    assert reply.tokens == local.tokens == _reference_greedy(hf_backend, prompt, 4)
+    assert reply.logprobs is not None and local.logprobs is not None
+    assert [entry.model_dump() for entry in reply.logprobs] == [
+        entry.model_dump() for entry in local.logprobs]
+    extended = [*prompt, *reply.tokens, 7]
+    again = process_backend.continue_("pg", extended, options=ContinueOptions(max_tokens=2))
+    assert (again.reused_tokens, again.prefilled_tokens) == (len(extended) - 2, 2)  # last token unfed
+    assert again.tokens == _reference_greedy(hf_backend, extended, 2)
+    assert process_backend.stats()["held"]["pg"] == len(extended) + 1
+
+
+def test_engine_process_batches_concurrent_calls(process_backend: ProcessBackend,
+                                                 hf_backend: HfBackend) -> None:
+    process_backend.stats(clear=True)
+    prompts = [_prompt(100 + index) for index in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda index: process_backend.continue_(
+            f"pc{index}", prompts[index], options=ContinueOptions(max_tokens=6)), range(8)))
+    for reply, prompt in zip(replies, prompts, strict=True):
+        assert reply.tokens == _reference_greedy(hf_backend, prompt, 6)
+    assert max(process_backend.stats()["steps"]) > 1
+
+
+def test_engine_process_scores_forgets_and_reports_errors(process_backend: ProcessBackend,
+                                                          hf_backend: HfBackend) -> None:
+    tokens = _prompt(4) + _prompt(5)
+    remote = process_backend.score([ScoreSequence(tokens=tokens, start=2)])
+    assert remote == hf_backend.score([ScoreSequence(tokens=tokens, start=2)])
+    process_backend.continue_("pf", _prompt(8), options=ContinueOptions(max_tokens=1))
+    process_backend.forget("pf")
+    assert "pf" not in process_backend.stats()["held"]  # forget travels in order with calls
+    with pytest.raises(BackendError, match="max_context = 128"):
+        process_backend.continue_("pbig", list(range(90)) * 2, options=ContinueOptions(max_tokens=1))
+    reply = process_backend.continue_("pok", _prompt(9), options=ContinueOptions(max_tokens=1))
+    assert reply.tokens == _reference_greedy(hf_backend, _prompt(9), 1)
+
+
+@pytest.mark.slow
+def test_engine_process_start_up_errors_reach_the_gateway(tiny_model_dir: Path) -> None:
+    with pytest.raises(BackendError, match=r"sessions x 128 tokens.*lower sessions.max_sessions"):
+        ProcessBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32", max_batch=4,
+                            max_context=128, slots=10**12)
+
+
+@pytest.mark.slow
+def test_gateway_built_from_settings_runs_the_engine_in_a_child_process(
+        tiny_model_dir: Path, hf_backend: HfBackend) -> None:
+    """The default. HTTP calls go through the proxy; if the engine dies, calls fail, none hangs."""
+    import os
+    import signal
+
+    from expert_gateway.backends import build_backend
+
+    settings = GatewaySettings.model_validate({
+        "sessions": {"max_sessions": 3}, "auth": {"enabled": False, "keys_file": tiny_model_dir / "k.json"},
+        "model": {"backend": "hf", "preset": "path", "path": str(tiny_model_dir), "name": "tiny"},
+        "hf": {"device": DEVICE, "dtype": "float32", "max_context": 64, "max_batch": 4,
+               "compile_blocks": False}})  # compiling is covered by test_compiled_blocks_equal_eager_blocks
+    backend = build_backend(settings)
+    try:
+        assert isinstance(backend, ProcessBackend) and backend.pid not in (None, os.getpid())
+        app = create_app(settings, backend=backend)
+        body = {"session": "s", "model": "tiny", "held": 0, "tokens": _prompt(12), "max_tokens": 3,
+                "tokenizer": FINGERPRINT}
+        with serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+            reply = client.post("/v1/continue", json=body)
+            assert reply.json()["tokens"] == _reference_greedy(hf_backend, _prompt(12), 3)
+            assert backend.pid is not None
+            os.kill(backend.pid, signal.SIGKILL)
+            for session in ("s", "t"):  # in flight when it died, or sent after
+                failed = client.post("/v1/continue", json={**body, "session": session})
+                assert failed.status_code == 503 and "engine process" in failed.text
+        with pytest.raises(BackendError, match="exited"):
+            backend.continue_("d", _prompt(2), options=ContinueOptions(max_tokens=1))
+    finally:
+        backend.close()
+
+
+@cuda
+@pytest.mark.parametrize("kernel", ["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"])
+def test_attention_kernels_match_a_float64_reference_over_slot_masks(kernel: str) -> None:
+    """The step's attention call (grouped queries, strided slot views, per-row causal mask) in
+    bf16 with each kernel the engine may pick, against float64 arithmetic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, kv_heads, groups, dim, length, capacity = 5, 2, 4, 64, 2048, 2048
+    for width in (1, 3):
+        cache = torch.randn((batch + 1, capacity, 2, kv_heads, dim), generator=generator, device="cuda",
+                            dtype=torch.bfloat16)
+        query = torch.randn((batch, kv_heads, width * groups, dim), generator=generator, device="cuda",
+                            dtype=torch.bfloat16)
+        ends = torch.tensor([1, 17, 700, 1500, 2048 - width + 1], device="cuda")[:, None]
+        positions = ends - 1 + torch.arange(width, device="cuda")[None]  # [B, W]
+        allowed = torch.arange(length, device="cuda")[None, None] <= positions[:, :, None]
+        allowed = allowed[:, None, :, None].expand(batch, 1, width, groups, length).reshape(
+            batch, 1, width * groups, length)
+        bias = torch.zeros(allowed.shape, dtype=torch.bfloat16, device="cuda").masked_fill_(
+            ~allowed, float("-inf"))
+        rows = cache[:batch, :length]
+        keys, values = rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)
+        try:
+            with torch.inference_mode(), sdpa_kernel([getattr(SDPBackend, kernel)]):
+                got = torch.nn.functional.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=bias, scale=dim**-0.5)
+        except RuntimeError as exc:  # the engine skips a kernel that refuses a shape
+            pytest.skip(f"{kernel} refuses this step: {exc}")
+        scores = (query.double() @ keys.double().transpose(-1, -2)) * dim**-0.5
+        expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ values.double()
+        error = (got.double() - expected).abs().max().item()
+        assert error < 2e-2, f"{kernel} width {width}: max error {error}"
+
+
+def test_split_key_chunks_merge_to_one_attention_call() -> None:
+    """The split-key path's bias and merge (CPU: each chunk attended by plain arithmetic, as the
+    GPU kernel does); a chunk whose keys are all masked must weigh nothing, not give NaN."""
+    from expert_gateway.backends.static_kv import merge_chunks, split_bias, split_count
+
+    assert [split_count(1, length) for length in (128, 512, 2048, 4096, 3000)] == [0, 4, 16, 16, 0]
+    assert split_count(2, 2048) == 0
+    generator = torch.Generator().manual_seed(0)
+    kv_heads, groups, dim, length, width = 2, 3, 16, 512, 2
+    splits = split_count(1, length)
+    keys, values = (torch.randn((kv_heads, length, dim), generator=generator, dtype=torch.float64)
+                    for _ in range(2))
+    query = torch.randn((kv_heads, width * groups, dim), generator=generator, dtype=torch.float64)
+    for end in (length, 100, 3):  # every chunk, the first only, the first's first keys
+        positions = torch.arange(end - width, end)
+        allowed = (torch.arange(length)[None] <= positions[:, None])[:, None].expand(
+            width, groups, length).reshape(1, 1, width * groups, length)
+        bias = split_bias(torch, allowed, splits, torch.float64)  # [S, 1, R, T / S]
+        scores = (query[None] @ keys.view(kv_heads, splits, -1, dim).transpose(0, 1).transpose(-1, -2)
+                  ) * dim**-0.5 + bias
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ values.view(kv_heads, splits, -1, dim).transpose(0, 1)
+        merged = merge_chunks(out, lse)[0]
+        full = (query @ keys.transpose(-1, -2)) * dim**-0.5
+        expected = torch.softmax(full.masked_fill(~allowed[0], float("-inf")), dim=-1) @ values
+        assert torch.isfinite(merged).all()
+        torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)  # merged in float32
+
+
+@cuda
+def test_split_key_attention_matches_one_call_on_the_gpu() -> None:
+    from expert_gateway.backends.static_kv import check_split_attention
+
+    for width, length in ((1, 2048), (4, 512), (8, 4096)):
+        assert check_split_attention(torch, device=torch.device("cuda"), dtype=torch.bfloat16, kv_heads=8,
+                                     groups=4, dim=64, width=width, length=length, scale=0.125) is None
+
+
+@cuda
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
+    """torch.compile'd layer blocks, replayed in graphs, give the eager steps' outputs."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=128, max_batch=8, compile_blocks=compiled)
+               for compiled in (True, False)]
+    assert engines[0].compiled and not engines[1].compiled
+    rng = np.random.default_rng(5)
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        for row, length in enumerate([5, 17, 9, 30, 2, 11, 60]):  # eager prefills, then graphs
+            seen.append(engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])],
+                                    start=row))
+        cached = [5, 17, 9, 30, 2, 11, 60]
+        for rows, width in ((7, 1), (3, 4), (1, 1), (7, 2), (1, 8)):
+            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
+                                     for row in range(rows)]))
+            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
+        rng = np.random.default_rng(5)
+    for compiled, eager in zip(*outputs, strict=True):
+        assert compiled[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(compiled, eager, atol=1e-3)
