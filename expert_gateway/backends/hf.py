@@ -9,6 +9,10 @@ generating feeds its last sampled token. Steps of up to eight tokens a row are C
 call bringing more than ``batch_prefill_tokens`` new tokens is prefilled alone first, eagerly, in
 chunks. Sampling and log-probs come back from the device once per step.
 
+The loop is pipelined one step deep: it launches step k + 1, whose running calls take their last
+token straight from step k's output on the device, and only then reads step k's tokens and
+answers, admits and retires calls, so that Python's bookkeeping runs while the GPU steps.
+
 The gateway runs this backend in a child process by default (``hf_process.ProcessBackend``), so
 that HTTP handling does not share an interpreter lock with the scheduler. ``submit`` hands out
 plain tuples for that reason: nothing pydantic is built on the scheduler thread.
@@ -34,7 +38,7 @@ import numpy as np
 from expert_gateway.backends.base import Continuation, ContinueOptions, score_rows
 from expert_gateway.backends.hf_process import WireContinuation, WireLogprob, from_wire
 from expert_gateway.backends.slots import SlotTable
-from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, RowFeed, StaticKVEngine
+from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, PendingStep, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
 from tandem_core.protocol import (
     ModelInfo,
@@ -67,7 +71,19 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[WireLogprob] = field(default_factory=list)
     reused: int = 0
-    pending: list[int] = field(default_factory=list)  # fed by the next step
+    pending: list[int] = field(default_factory=list)  # host tokens fed by the next step
+    row: int = -1  # its row (= slot) while running
+    expected: int = 0  # tokens it will have once every launched step is read
+    source: int = -1  # its row in the last launched step, while that step is unread
+    done: bool = False  # answered (or failed): later outputs of launched steps are dropped
+
+
+@dataclass
+class _Launched:
+    """A launched batched step not yet read: its calls, one per output row."""
+
+    jobs: list[_Job]
+    pending: PendingStep
 
 
 @dataclass
@@ -104,12 +120,13 @@ class HfBackend:
         self._inbox: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._rows: list[_Job] = []  # row b runs in slot b (scheduler thread only)
         self._waiting: deque[_Job] = deque()
+        self._launched: _Launched | None = None  # the step in flight, read after the next launch
         # Rows and widest row (tokens fed) of the recent batched steps, for tests and benchmarks.
         self.steps: deque[int] = deque(maxlen=STEP_HISTORY)
         self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
         # Where the scheduler's time goes (see stats): loops that stepped without waiting for
-        # work, their seconds, and the seconds inside engine.step (inputs, replay, its wait).
-        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0}
+        # work, their seconds, the seconds launching steps (inputs, replay) and waiting for them.
+        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0, "wait_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
         # releases it; with the default 5 ms switch interval, request threads busy with HTTP
         # held it for whole steps. Measured on an H200 with 32 sessions over HTTP: 5 ms gave
@@ -194,7 +211,7 @@ class HfBackend:
         if clear:
             self.steps.clear()
             self.widths.clear()
-            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0)
+            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0, wait_s=0.0)
         choice = dict(self._engine.kernel_choice)
         return {"steps": steps, "widths": widths, "graphs": self._engine.graphs,
                 "kernel_choice": {",".join(map(str, key)): name for key, name in choice.items()},
@@ -213,20 +230,25 @@ class HfBackend:
 
     def _run(self) -> None:
         while True:
-            busy = bool(self._rows or self._waiting)  # then the drain below does not wait
+            busy = bool(self._rows or self._waiting or self._launched)  # then the drain does not wait
             looped = time.perf_counter()
             arrivals = self._drain(block=not busy)
             if arrivals is None:
-                for job in [*self._rows, *self._waiting]:
-                    job.future.set_exception(BackendError("the backend is closing"))
+                error = BackendError("the backend is closing")
+                launched = self._launched.jobs if self._launched else []
+                for job in [*self._rows, *self._waiting, *launched]:
+                    if not job.future.done():
+                        job.future.set_exception(error)
                 return
             for item in arrivals:
                 if isinstance(item, _Job):
                     self._waiting.append(item)
                 else:
+                    self._settle()  # other work sees the engine idle and every token read
                     self._run_call(item)
+            self._retire_complete()
             self._admit_waiting()
-            if self._rows:
+            if self._rows or self._launched:
                 self._step()
                 if busy:
                     self._timing["loops"] += 1
@@ -272,6 +294,7 @@ class HfBackend:
                 f"hf.max_context = {capacity}"))
             return
         row, swaps = self._table.acquire(job.session_id)
+        job.row = row
         self._rows.append(job)
         try:
             self._apply(swaps)
@@ -284,7 +307,11 @@ class HfBackend:
             self._fail(row, exc)
 
     def _prefill_alone(self, row: int, job: _Job) -> None:
-        """Feed a long run of new tokens in eager chunks of one row; sample the first token."""
+        """Feed a long run of new tokens in eager chunks of one row; sample the first token.
+
+        Runs behind the step in flight (same stream) and waits for its own output; the
+        device-side tokens of that step, which the next launch reads, stay as they are.
+        """
         pending = job.pending
         output = None
         for begin in range(0, len(pending), self.prefill_chunk):
@@ -293,38 +320,105 @@ class HfBackend:
             output = self._engine.step([feed], start=row)
             self._table.extend(row, chunk)
         assert output is not None
+        job.expected += 1
         self._take(job, output[0])
         job.pending = [job.tokens[-1]]
         if self._finished(job):
             self._finish(row)
 
     def _step(self) -> None:
-        """Feed every running call's pending tokens in ONE step; sample one token for each."""
+        """Launch ONE step over every running call, then read the step launched before it.
+
+        Step k + 1 is launched before step k's tokens reach the host: a running call feeds its
+        last sampled token straight from the device (``RowFeed.source``), so the host's
+        bookkeeping of step k (taking tokens, answering calls, admitting new ones) overlaps
+        the GPU's step k + 1. A call that reaches max_tokens is not launched again; one that
+        samples an end-of-sequence token at step k has already been fed to step k + 1, whose
+        output for it is dropped (its slot keeps that token's KV, which its table records).
+        """
+        previous, self._launched = self._launched, None
+        if self._rows:
+            self._launch()
+        if previous is not None:
+            self._read(previous)
+
+    def _launch(self) -> None:
         rows = self._rows
         try:
-            feeds = [self._feed(job, row, job.pending) for row, job in enumerate(rows)]
+            feeds = []
+            for row, job in enumerate(rows):
+                if job.pending:
+                    feeds.append(self._feed(job, row, job.pending))
+                else:  # its last token is still on the device, in its row of the step in flight
+                    feed = self._feed(job, row, [0])
+                    feeds.append(RowFeed(feed.cached, feed.tokens, feed.temperature, feed.uniform,
+                                         source=job.source))
             started = time.perf_counter()
-            output = self._engine.step(feeds)
+            pending = self._engine.launch(feeds)
             self._timing["engine_s"] += time.perf_counter() - started
         except Exception as exc:
             for row in reversed(range(len(rows))):
                 self._fail(row, exc)
             return
         self.steps.append(len(rows))
-        self.widths.append(max(len(job.pending) for job in rows))
+        self.widths.append(max(len(feed.tokens) for feed in feeds))
         for row, job in enumerate(rows):
-            self._table.extend(row, job.pending)
-            self._take(job, output[row])
-            job.pending = [job.tokens[-1]]
-        for row in reversed(range(len(rows))):
-            if self._finished(rows[row]):
-                self._finish(row)
+            if job.pending:  # host tokens: the slot holds them once this step has run
+                self._table.extend(row, job.pending)
+                job.pending = []
+            job.source = row
+            job.expected += 1
+        self._launched = _Launched(list(rows), pending)
+
+    def _read(self, launched: _Launched) -> None:
+        """Take the tokens of a launched step; answer the calls that are complete."""
+        started = time.perf_counter()
+        try:
+            output = launched.pending.result()
+        except Exception as exc:
+            for job in launched.jobs:
+                if job.done:
+                    continue
+                if job.row >= 0:
+                    self._retire(job.row)
+                self._reject(job, exc)
+            return
+        finally:
+            self._timing["wait_s"] += time.perf_counter() - started
+        relaunched = self._launched.jobs if self._launched is not None else []
+        ended = []
+        for index, job in enumerate(launched.jobs):
+            if job.done:
+                continue
+            self._take(job, output[index])
+            token = job.tokens[-1]
+            if job.row >= 0 and job.source >= 0 and relaunched and relaunched[job.source] is job:
+                # already fed to the step in flight, from the device: its KV is being written
+                self._table.extend(job.row, [token])
+            elif job.row >= 0:
+                job.pending = [token]
+                job.source = -1
+            if self._finished(job):
+                ended.append(job)
+        # Only now, with every table up to date with the device, may slots move.
+        for job in ended:
+            if job.row >= 0:
+                self._retire(job.row)
+            self._answer(job)
+
+    def _retire_complete(self) -> None:
+        """Give up the rows of calls whose last token is already launched (max_tokens reached):
+        they are answered when that step is read."""
+        for row in reversed(range(len(self._rows))):
+            job = self._rows[row]
+            if job.expected >= job.options.max_tokens:
+                self._retire(row)
 
     def _feed(self, job: _Job, row: int, tokens: list[int]) -> RowFeed:
         options = job.options
         uniform = 0.0
         if options.temperature > 0:
-            position = len(job.sequence) + len(job.tokens)
+            position = len(job.sequence) + job.expected  # where the token this step samples goes
             uniform = (positional_uniform(options.seed, position) if options.seed is not None
                        else float(np.random.random()))
         return RowFeed(cached=self._table.length(row), tokens=tokens,
@@ -348,25 +442,41 @@ class HfBackend:
         """Take the call out of ``row``; the last running call moves into that row."""
         job = self._rows[row]
         self._apply(self._table.release(row))
-        self._rows[row] = self._rows[-1]
+        moved = self._rows[-1]
+        self._rows[row] = moved
+        moved.row = row
         self._rows.pop()
+        job.row = -1
         return job
 
-    def _finish(self, row: int) -> None:
-        job = self._retire(row)
+    def _answer(self, job: _Job) -> None:
+        job.done = True
         job.future.set_result((job.tokens, job.logprobs if job.options.want_logprobs else None,
                                job.reused, len(job.sequence) - job.reused))
 
+    def _finish(self, row: int) -> None:
+        self._answer(self._retire(row))
+
     def _fail(self, row: int, exc: Exception) -> None:
         """End the call in ``row`` with an error; its slot keeps the KV of the tokens it holds."""
-        job = self._retire(row)
+        self._reject(self._retire(row), exc)
+
+    def _reject(self, job: _Job, exc: Exception) -> None:
+        job.done = True
         if not job.future.done():
             job.future.set_exception(exc if isinstance(exc, BackendError)
                                      else BackendError(f"batched step failed: {exc}"))
 
+    def _settle(self) -> None:
+        """Read the step in flight, if any (before work that needs the engine to itself)."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            self._read(launched)
+
     def _apply(self, swaps: list[tuple[int, int]]) -> None:
+        # after the table's swap, ``first`` physically holds ``second``'s tokens and vice versa
         for first, second in swaps:
-            self._engine.swap(first, second, max(self._table.length(first), self._table.length(second)))
+            self._engine.swap(first, second, self._table.length(second), self._table.length(first))
 
     def _score_one(self, item: ScoreSequence) -> ScoreResult:
         if item.start >= len(item.tokens):

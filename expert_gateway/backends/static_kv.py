@@ -43,7 +43,9 @@ from expert_gateway.errors import BackendError
 from tandem_core.protocol import MAX_TOP_LOGPROBS
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-GRAPH_WIDTHS = (1, 2, 4, 8)  # tokens per row of a captured step; wider steps run eagerly
+# Tokens per row of a captured step; wider steps run eagerly. 6: a call that adds 4 tokens feeds
+# 5 (its last sampled token too), which width 8 would pad by 60%.
+GRAPH_WIDTHS = (1, 2, 4, 6, 8)
 EAGER_KERNELS = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH")  # take a mask, no per-shape plan
 MIN_LENGTH_BUCKET = 64
 # A captured step's attention may also split the keys of a batch-1 step into chunks attended in
@@ -110,6 +112,9 @@ class RowFeed:
     tokens: Sequence[int]
     temperature: float = 0.0
     uniform: float = 0.0
+    # >= 0: the row's first token is the one the previous launched step sampled in its row
+    # ``source`` (still on the device; ``tokens[0]`` is then a placeholder). See ``launch``.
+    source: int = -1
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class StepInput:
     last: np.ndarray  # [B] index of each row's last real token
     temperature: np.ndarray  # [B] float64, 0 = greedy
     uniform: np.ndarray  # [B] float64 uniforms for inverse-CDF sampling
+    source: np.ndarray  # [B] row of the previous step whose sampled token is fed first, or -1
     length: int  # keys the step must attend over: 1 + the largest real position
 
 
@@ -141,6 +147,7 @@ def build_step(rows: Sequence[RowFeed], *, batch: int, width: int, start: int, c
     last = np.zeros(batch, dtype=np.int64)
     temperature = np.zeros(batch, dtype=np.float64)
     uniform = np.zeros(batch, dtype=np.float64)
+    source = np.full(batch, -1, dtype=np.int64)
     length = 1
     for index, row in enumerate(rows):
         count = len(row.tokens)
@@ -155,8 +162,9 @@ def build_step(rows: Sequence[RowFeed], *, batch: int, width: int, start: int, c
         last[index] = count - 1
         temperature[index] = row.temperature
         uniform[index] = row.uniform
+        source[index] = row.source
         length = max(length, end)
-    return StepInput(ids, positions, dest, last, temperature, uniform, length)
+    return StepInput(ids, positions, dest, last, temperature, uniform, source, length)
 
 
 def sample_head(torch: Any, logits: Any, temperature: Any, uniform: Any, top: int) -> Any:
@@ -270,12 +278,27 @@ class StaticKVEngine:
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
         self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
-        if self.graphs_enabled:
-            # One float64 buffer (ids, positions, destinations, last, temperature, uniform; all
-            # integers here are far below 2**53): one host-to-device copy per step.
+        # The tokens the last launched batched step sampled, one per row, kept on the device so
+        # that the next step can be launched before the host has read them (RowFeed.source).
+        self._sampled = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._turn = 0  # input loads so far; a load fills host input buffer turn % 2
+        self._out_turn = 0  # launches so far; a launch's outputs land in host buffer turn % 2
+        self._holders: list[PendingStep | None] = [None, None]
+        if self.device.type == "cuda":
+            # One float64 buffer (ids, positions, destinations, last, temperature, uniform,
+            # source; all integers here are far below 2**53): one host-to-device copy per step.
+            # Two of each pinned host buffer: a launch fills one while the other's copies may
+            # still be queued behind the step in flight.
             cells = self.max_batch * GRAPH_WIDTHS[-1]
-            self._inputs = torch.zeros((6, cells), dtype=torch.float64, device=self.device)
-            self._host_inputs = torch.zeros((6, cells), dtype=torch.float64).pin_memory()
+            self._inputs = torch.zeros((7, cells), dtype=torch.float64, device=self.device)
+            self._host_inputs = [torch.zeros((7, cells), dtype=torch.float64).pin_memory()
+                                 for _ in range(2)]
+            self._host_outputs = [torch.zeros((slots, TOP + 2 * self.top),
+                                              dtype=torch.float64).pin_memory() for _ in range(2)]
+            self._loaded = [torch.cuda.Event(), torch.cuda.Event()]
+            for event in self._loaded:
+                event.record()
+        if self.graphs_enabled:
             self._pool = torch.cuda.graph_pool_handle()
         if compile_blocks and self.device.type == "cuda":
             self.compile_blocks()
@@ -318,16 +341,35 @@ class StaticKVEngine:
             self.reset_graphs()
 
     def step(self, rows: Sequence[RowFeed], *, start: int = 0) -> np.ndarray:
-        """Feed ``rows`` (slots ``start``...) in one forward pass; one output row each.
+        """Feed ``rows`` (slots ``start``...) in one forward pass and wait; one output row each.
 
         Output columns: the sampled token, its log-prob, ``top`` ids, ``top`` log-probs.
+        A step at ``start`` 0 is a batched step (``launch``); any other is a one-row prefill,
+        run eagerly, that leaves the device-side sampled tokens of the last launch alone.
+        """
+        if start == 0:
+            return self.launch(rows).result()
+        width = max(len(row.tokens) for row in rows)
+        feed = build_step(rows, batch=len(rows), width=width, start=start, capacity=self.capacity,
+                          scratch=self.scratch)
+        length = bucket(feed.length, self.length_buckets)
+        with self._torch.inference_mode(), self._kernels(EAGER_KERNELS):
+            output = self._compute(*self._tensors(feed), start=start, length=length, chain=False)
+            return np.asarray(output[:len(rows)].cpu().numpy())
+
+    def launch(self, rows: Sequence[RowFeed]) -> PendingStep:
+        """Queue the batched step over rows ``0..len(rows) - 1`` on the device; do not wait.
+
+        Its sampled tokens stay on the device for the next launch (``RowFeed.source``): the host
+        may prepare and launch step k + 1 while step k runs, and read step k's outputs after.
+        The outputs land in one of two pinned host buffers, so at most two launches may be
+        unread at a time (a third reads the oldest first).
         """
         width = max(len(row.tokens) for row in rows)
-        graphed = (self.graphs_enabled and start == 0 and width <= GRAPH_WIDTHS[-1]
-                   and len(rows) <= self.max_batch)
+        graphed = (self.graphs_enabled and width <= GRAPH_WIDTHS[-1] and len(rows) <= self.max_batch)
         batch = bucket(len(rows), self.batch_buckets) if graphed else len(rows)
         width = bucket(width, GRAPH_WIDTHS) if graphed else width
-        feed = build_step(rows, batch=batch, width=width, start=start, capacity=self.capacity,
+        feed = build_step(rows, batch=batch, width=width, start=0, capacity=self.capacity,
                           scratch=self.scratch)
         length = bucket(feed.length, self.length_buckets)
         torch = self._torch
@@ -337,21 +379,37 @@ class StaticKVEngine:
                 self._load(feed)
                 graph.replay()
             else:
-                ints = [torch.from_numpy(array).to(self.device)
-                        for array in (feed.ids, feed.positions, feed.dest, feed.last)]
-                floats = [torch.from_numpy(array).to(self.device)
-                          for array in (feed.temperature, feed.uniform)]
-                output = self._compute(*ints, *floats, start=start, length=length)
-            return np.asarray(output[:len(rows)].cpu().numpy())
+                output = self._compute(*self._tensors(feed), start=0, length=length, chain=True)
+                if self.device.type != "cuda":
+                    return PendingStep(np.asarray(output[:len(rows)].numpy()))
+            turn = self._out_turn % 2
+            self._out_turn += 1
+            held = self._holders[turn]
+            if held is not None:
+                held.result()  # its buffer is about to be reused: read it first
+            host = self._host_outputs[turn]
+            host[:len(rows)].copy_(output[:len(rows)], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            pending = PendingStep(None, host=host, rows=len(rows), event=event)
+            self._holders[turn] = pending
+            return pending
 
-    def swap(self, first: int, second: int, length: int) -> None:
-        """Exchange the first ``length`` positions of two slots (both sessions keep their KV)."""
-        if length <= 0 or first == second:
+    def swap(self, first: int, second: int, length: int, other: int | None = None) -> None:
+        """Exchange two slots' KV: ``length`` positions held in ``first``, ``other`` (default
+        ``length``) in ``second``. The shorter side goes through a temporary: 2 x shorter +
+        longer positions copied, instead of 3 x the longer."""
+        other = length if other is None else other
+        if max(length, other) <= 0 or first == second:
             return
+        if length > other:  # keep the temporary the shorter one
+            first, second, length, other = second, first, other, length
         with self._torch.inference_mode():
-            held = self.cache[:, first, :length].clone()  # three plain copies at memory speed
-            self.cache[:, first, :length].copy_(self.cache[:, second, :length])
-            self.cache[:, second, :length].copy_(held)
+            held = self.cache[:, first, :length].clone()
+            if other > 0:
+                self.cache[:, first, :other].copy_(self.cache[:, second, :other])
+            if length > 0:
+                self.cache[:, second, :length].copy_(held)
 
     def warmup(self, max_length: int | None = None) -> int:
         """Capture the graphs of every bucket up to ``max_length`` keys now; how many exist."""
@@ -392,11 +450,8 @@ class StaticKVEngine:
         for batch, width in ((2, 2), (1, 1), (1, 2), (2, 1)):  # the shapes that specialise
             feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
                               scratch=self.scratch)
-            ints = [torch.from_numpy(array).to(self.device)
-                    for array in (feed.ids, feed.positions, feed.dest, feed.last)]
-            floats = [torch.from_numpy(array).to(self.device) for array in (feed.temperature, feed.uniform)]
             with self._kernels(EAGER_KERNELS):
-                self._compute(*ints, *floats, start=0, length=MIN_LENGTH_BUCKET)
+                self._compute(*self._tensors(feed), start=0, length=MIN_LENGTH_BUCKET, chain=False)
 
     def reset_graphs(self) -> None:
         """Capture afresh on next use (after changing ``attention_candidates``)."""
@@ -409,8 +464,13 @@ class StaticKVEngine:
 
         return sdpa_kernel([getattr(SDPBackend, name) for name in names])
 
+    def _tensors(self, feed: StepInput) -> list[Any]:
+        """A step's host arrays as device tensors (eager steps)."""
+        return [self._torch.from_numpy(array).to(self.device) for array in (
+            feed.ids, feed.positions, feed.dest, feed.last, feed.temperature, feed.uniform, feed.source)]
+
     def _compute(self, ids: Any, positions: Any, dest: Any, last: Any, temperature: Any,
-                 uniform: Any, *, start: int, length: int) -> Any:
+                 uniform: Any, source: Any, *, start: int, length: int, chain: bool) -> Any:
         """One forward step over slot rows; few kernels per layer, since a graph replays each.
 
         Per layer: ``attention_inputs`` (residual add, RMSNorm, one GEMM for q, k and v, rotary
@@ -418,10 +478,17 @@ class StaticKVEngine:
         attention call, then ``mlp_block`` (o_proj, residual add, RMSNorm, one GEMM for gate and
         up, the activation, down_proj). With ``compiled`` the two blocks are torch.compile'd, which
         fuses their elementwise work into a few kernels; the arithmetic is the same.
+
+        With ``chain`` (batched steps) a row whose ``source`` is >= 0 takes the previous step's
+        sampled token of that row as its first token, and the step's own sampled tokens are
+        kept for the next.
         """
         torch = self._torch
         functional = torch.nn.functional
         batch, width = ids.shape
+        if chain:
+            fed = torch.where(source >= 0, self._sampled[source.clamp(min=0)], ids[:, 0])
+            ids = torch.cat((fed[:, None], ids[:, 1:]), dim=1)
         attention_inputs, mlp_block, merge = self._blocks[self.compiled]
         splits = self._splits if batch == 1 else 0
         x = self._embed(ids)
@@ -452,7 +519,10 @@ class StaticKVEngine:
         x = (x + delta)[torch.arange(batch, device=self.device), last]
         x = _rms_norm(functional, self._norm, x)
         logits = self._lm_head(x).float()
-        return sample_head(torch, logits, temperature, uniform, self.top)
+        output = sample_head(torch, logits, temperature, uniform, self.top)
+        if chain:
+            self._sampled[:batch].copy_(output[:, TOKEN])
+        return output
 
     # -- graphs ------------------------------------------------------------------------------
 
@@ -461,16 +531,24 @@ class StaticKVEngine:
         cells = batch * width
         ints = self._inputs[:4, :cells].long()
         ids, positions, dest = (ints[row].view(batch, width) for row in range(3))
-        return [ids, positions, dest, ints[3, :batch], self._inputs[4, :batch], self._inputs[5, :batch]]
+        return [ids, positions, dest, ints[3, :batch], self._inputs[4, :batch], self._inputs[5, :batch],
+                self._inputs[6, :batch].long()]
 
     def _load(self, feed: StepInput) -> None:
+        """Copy a step's inputs to the device buffer the graphs read (queued behind the step in
+        flight, which still reads it)."""
         batch, width = feed.ids.shape
         cells = batch * width
-        host = self._host_inputs.numpy()
+        turn = self._turn % 2
+        self._turn += 1
+        self._loaded[turn].synchronize()  # its last copy is done (long since, in practice)
+        host = self._host_inputs[turn].numpy()
         for row, array in enumerate((feed.ids, feed.positions, feed.dest)):
             host[row, :cells] = array.reshape(-1)
         host[3, :batch], host[4, :batch], host[5, :batch] = feed.last, feed.temperature, feed.uniform
-        self._inputs.copy_(self._host_inputs, non_blocking=True)
+        host[6, :batch] = feed.source
+        self._inputs.copy_(self._host_inputs[turn], non_blocking=True)
+        self._loaded[turn].record()
 
     def _graph(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
         """The captured step for this shape: captured now with each attention candidate if new,
@@ -478,6 +556,19 @@ class StaticKVEngine:
         key = (batch, width, length)
         if key in self._graphs:
             return self._graphs[key]
+        # Captures and their timed replays overwrite the sampled tokens that the step being
+        # prepared may read (RowFeed.source): put them back after.
+        torch = self._torch
+        torch.cuda.synchronize(self.device)
+        sampled = self._sampled.clone()
+        try:
+            return self._capture_best(batch, width, length)
+        finally:
+            self._sampled.copy_(sampled)
+            torch.cuda.synchronize(self.device)
+
+    def _capture_best(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
+        key = (batch, width, length)
         # Capture over padding only: every write lands in the scratch slot.
         self._load(build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
                               scratch=self.scratch))
@@ -523,11 +614,11 @@ class StaticKVEngine:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) before capture
-                    self._compute(*self._views(batch, width), start=0, length=length)
+                    self._compute(*self._views(batch, width), start=0, length=length, chain=True)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = self._compute(*self._views(batch, width), start=0, length=length)
+                output = self._compute(*self._views(batch, width), start=0, length=length, chain=True)
         return graph, output
 
     def _check_split(self, width: int, length: int) -> str | None:
@@ -552,6 +643,21 @@ class StaticKVEngine:
             graph.replay()
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+
+class PendingStep:
+    """A launched step's outputs: ``result`` waits for them (once) and returns a host copy."""
+
+    def __init__(self, ready: np.ndarray | None, *, host: Any = None, rows: int = 0,
+                 event: Any = None) -> None:
+        self._ready, self._host, self._rows, self._event = ready, host, rows, event
+
+    def result(self) -> np.ndarray:
+        if self._ready is None:
+            self._event.synchronize()  # releases the interpreter lock while it waits
+            self._ready = np.array(self._host[:self._rows].numpy())
+            self._host = self._event = None
+        return self._ready
 
 
 def split_count(batch: int, length: int) -> int:

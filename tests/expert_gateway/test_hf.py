@@ -131,7 +131,8 @@ def _schedule(backend: HfBackend, jobs: list[_Job], *,
         for job in jobs:
             backend._admit(job)
         before_steps()
-        while backend._rows:
+        while backend._rows or backend._launched:
+            backend._retire_complete()
             backend._step()
 
     backend._call(run)
@@ -511,3 +512,78 @@ def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
     for compiled, eager in zip(*outputs, strict=True):
         assert compiled[:, 0].tolist() == eager[:, 0].tolist()
         np.testing.assert_allclose(compiled, eager, atol=1e-3)
+
+
+# -- the pipelined loop: steps launched before the previous one is read ------------------------
+
+
+def test_launched_steps_feed_their_sampled_tokens_on_the_device(tiny_model_dir: Path) -> None:
+    """Two launches before any read (the second takes the first's tokens on the device) equal
+    two steps whose tokens went through the host; on CUDA the launches replay graphs."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).to(DEVICE).eval()
+    engines = [StaticKVEngine(model, slots=6, capacity=128, max_batch=4, cuda_graphs=True)
+               for _ in range(2)]
+    prompts = [_prompt(70 + row) for row in range(3)]
+    for engine in engines:
+        for row, prompt in enumerate(prompts):
+            engine.step([RowFeed(0, prompt)], start=row)
+    chained, stepped = engines
+    first = chained.launch([RowFeed(len(prompt), [5]) for prompt in prompts])
+    second = chained.launch([RowFeed(len(prompt) + 1, [0], source=row) for row, prompt in enumerate(prompts)])
+    expected_first = stepped.step([RowFeed(len(prompt), [5]) for prompt in prompts])
+    expected_second = stepped.step([RowFeed(len(prompt) + 1, [int(expected_first[row, 0])])
+                                    for row, prompt in enumerate(prompts)])
+    np.testing.assert_allclose(second.result(), expected_second, atol=1e-4)
+    np.testing.assert_allclose(first.result(), expected_first, atol=1e-4)
+    for row, prompt in enumerate(prompts):
+        sequence = [*prompt, 5, int(expected_first[row, 0])]
+        assert int(expected_second[row, 0]) == _reference_greedy_model(model, sequence)
+
+
+def _reference_greedy_model(model: object, tokens: list[int]) -> int:
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([tokens], device=DEVICE)).logits  # type: ignore[operator]
+    return int(logits[0, -1].argmax())
+
+
+def test_end_of_sequence_mid_span_ends_the_call_and_keeps_the_session_exact(tiny_model_dir: Path) -> None:
+    """A call that samples an end-of-sequence token was already fed to the next step: its
+    output there is dropped, its answer stops at that token, and the token's KV (written by
+    that step) is reused by the session's next call."""
+    backend = HfBackend.open(tiny_model_dir, name="tiny", device=DEVICE, dtype="float32", max_batch=4,
+                             max_context=128, slots=4)
+    try:
+        prompts = [_prompt(80), _prompt(81)]
+        references = [_reference_greedy(backend, prompt, 6) for prompt in prompts]
+        stop = next(token for index, token in enumerate(references[0])
+                    if index >= 2 and token not in references[0][:index])
+        backend._eos_ids = frozenset({stop})
+        jobs = [_Job(f"eos{index}", prompt, ContinueOptions(max_tokens=6))
+                for index, prompt in enumerate(prompts)]
+        _schedule(backend, jobs)
+        for job, reference in zip(jobs, references, strict=True):
+            end = reference.index(stop) + 1 if stop in reference else len(reference)
+            assert job.future.result()[0] == reference[:end]
+        answer = jobs[0].future.result()[0]
+        extended = [*prompts[0], *answer, 7]
+        again = backend.continue_("eos0", extended, options=ContinueOptions(max_tokens=3))
+        assert again.reused_tokens == len(extended) - 1 and again.prefilled_tokens == 1
+        backend._eos_ids = frozenset()
+        assert again.tokens == _reference_greedy(backend, extended, 3)[:len(again.tokens)]
+    finally:
+        backend.close()
+
+
+def test_slot_swap_moves_each_sides_own_length(tiny_model_dir: Path) -> None:
+    """``swap`` with different lengths per side exchanges exactly what each slot holds."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    engine = StaticKVEngine(model, slots=3, capacity=16, max_batch=2)
+    with torch.inference_mode():
+        engine.cache.copy_(torch.randn(engine.cache.shape))
+        before = engine.cache.clone()
+        engine.swap(0, 2, 3, 11)  # slot 0 holds 3 positions, slot 2 holds 11
+        assert torch.equal(engine.cache[:, 2, :3], before[:, 0, :3])
+        assert torch.equal(engine.cache[:, 0, :11], before[:, 2, :11])
+        engine.swap(1, 0, 0, 11)  # slot 1 is empty: only slot 0's 11 positions move
+        assert torch.equal(engine.cache[:, 1, :11], before[:, 2, :11])
+        assert torch.equal(engine.cache[:, 3], before[:, 3])  # scratch untouched
