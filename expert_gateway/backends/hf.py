@@ -126,6 +126,8 @@ class HfBackend:
         self.widths: deque[int] = deque(maxlen=STEP_HISTORY)
         # Where the scheduler's time goes (see stats): loops that stepped without waiting for
         # work, their seconds, the seconds launching steps (inputs, replay) and waiting for them.
+        # Measured on an H200 at 32 sessions (24x2048 model): 4.3 ms per loop, 0.6 ms launching,
+        # 1.7 ms waiting; 7.6 ms per loop before the loop was pipelined.
         self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0, "wait_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
         # releases it; with the default 5 ms switch interval, request threads busy with HTTP

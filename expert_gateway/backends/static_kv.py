@@ -446,7 +446,6 @@ class StaticKVEngine:
 
     def _probe(self) -> None:
         """One eager step over padding only (its writes land in the scratch slot)."""
-        torch = self._torch
         for batch, width in ((2, 2), (1, 1), (1, 2), (2, 1)):  # the shapes that specialise
             feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
                               scratch=self.scratch)
