@@ -371,10 +371,15 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
     try:  # where a replayed step spends its time, by kernel (stderr, for the notes)
         import torch
 
-        engine.replay_ms(32, 1, 128, repeats=3)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            engine.replay_ms(32, 1, 128, repeats=10)
-        print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+        # 32,1,128: a full decode step; 1,2,128 and 1,2,2048: the latency calls at 100 and 2,000
+        # held tokens, whose difference is what the @2000 / @100 ratio still pays for
+        for shape in ((32, 1, 128), (1, 2, 128), (1, 2, 2048)):
+            engine.replay_ms(*shape, repeats=3)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                engine.replay_ms(*shape, repeats=10)
+            print(f"profile of 10 replays of step {shape} (batch, width, keys), "
+                  f"{engine.kernel_choice.get(shape)}:", file=sys.stderr)
+            print(profile.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
     except Exception as exc:
         print(f"profile failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
     return timings
