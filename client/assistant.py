@@ -15,13 +15,14 @@ import contextlib
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import SecretStr
 
+from client.decoding import AnswerToken, DecodeResult, StopCutter
 from client.documents import DocumentStore, Passage
 from client.egress import EgressSummary
 from client.prompting import Segment
@@ -33,7 +34,7 @@ from client.provenance import (
     private,
 )
 from client.settings import ClientSettings, PolicySettings
-from client.tokens import GeneratedToken, Provenance
+from client.tokens import GeneratedToken
 from tandem_core.errors import ConfigError
 
 Role = Literal["system", "user", "assistant", "developer", "tool"]
@@ -80,16 +81,6 @@ class Question:
         return users[-1] if users else ""
 
 
-@dataclass(frozen=True)
-class AnswerToken:
-    """One token of an answer with the text it adds (whole UTF-8 characters only)."""
-
-    token_id: int
-    text: str
-    provenance: Provenance
-    deferral_probability: float
-
-
 @dataclass
 class Answer:
     request_id: str
@@ -109,15 +100,21 @@ class Answer:
 
 
 class TokenSource(Protocol):
-    """The decoder as the assistant needs it: prompt segments in, tokens with provenance out."""
+    """The decoder as the assistant needs it: prompt segments in, tokens with provenance out.
+
+    The stream's return value is the decoder's ``DecodeResult``: its ``finish_reason`` and
+    egress summary are the answer's, so there is one place that decides why an answer ended.
+    """
 
     def prompt_length(self, segments: Sequence[Segment]) -> int:
         """How many tokens the prompt takes."""
         ...
 
     def generate(self, segments: Sequence[Segment], *, request_id: str, max_tokens: int,
-                 temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
-        """Decode after the prompt until end of generation or ``max_tokens``."""
+                 temperature: float, seed: int | None, stop: Sequence[str]
+                 ) -> Generator[GeneratedToken, None, DecodeResult]:
+        """Decode after the prompt until end of generation, a stop sequence, ``max_tokens``
+        or the end of the context window; return the result."""
         ...
 
 
@@ -193,112 +190,34 @@ class Assistant:
         prompt_tokens = self.decoder.prompt_length(segments)
         stream = self.decoder.generate(
             segments, request_id=request_id, max_tokens=question.max_tokens,
-            temperature=question.temperature, seed=question.seed,
+            temperature=question.temperature, seed=question.seed, stop=tuple(question.stop),
         )
+        # The decoder ends the answer (stop sequence included) and says why; this cutter, the
+        # same implementation on the same tokens, only holds back text a stop may still cut.
         cutter = StopCutter(question.stop)
-        finish: Literal["stop", "length", "cancelled"] = "stop"
-        for generated in stream:
-            for token in cutter.push(generated):
-                if on_token is not None:
-                    on_token(token)
-            if cutter.stopped:
-                break
-            if cancelled is not None and cancelled.is_set():
-                finish = "cancelled"
-                break
-        else:
-            finish = "length" if cutter.generated >= question.max_tokens else "stop"
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()  # a generator stopped early releases the decoder's state now
+        result: DecodeResult | None = None
+        try:
+            while cancelled is None or not cancelled.is_set():
+                try:
+                    generated = next(stream)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                for token in cutter.push(generated):
+                    if on_token is not None:
+                        on_token(token)
+        finally:
+            stream.close()  # a stream stopped early releases the decoder's state now
         for token in cutter.flush():
             if on_token is not None:
                 on_token(token)
-        if cutter.stopped:
-            finish = "stop"
+        if result is not None:
+            return Answer(request_id, cutter.text, cutter.tokens, passages, result.finish_reason,
+                          prompt_tokens, result.egress)
+        # Cancelled: the decoder never finished, so the audit log holds the account of egress.
         egress = self.ledger.summary(request_id) if self.ledger is not None else EgressSummary()
-        return Answer(request_id, cutter.text, cutter.tokens, passages, finish, prompt_tokens,
-                      egress)
-
-
-class StopCutter:
-    """Turns token bytes into text and cuts the answer at the first stop sequence.
-
-    Tokens are released only when no stop sequence could still begin inside their text, so a
-    streamed answer never shows text that the final answer cuts off.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        import codecs
-
-        self.stops = [stop for stop in stops if stop]
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held: list[AnswerToken] = []
-        self.tokens: list[AnswerToken] = []
-        self.text = ""
-        self.stopped = False
-        self.generated = 0
-
-    def push(self, generated: GeneratedToken) -> list[AnswerToken]:
-        if self.stopped:
-            return []
-        self.generated += 1
-        piece = self._decoder.decode(generated.text)
-        self._held.append(AnswerToken(generated.token_id, piece, generated.provenance,
-                                      generated.deferral_probability))
-        return self._release(final=False)
-
-    def flush(self) -> list[AnswerToken]:
-        if not self.stopped:
-            tail = self._decoder.decode(b"", final=True)
-            if tail and self._held:
-                last = self._held[-1]
-                self._held[-1] = AnswerToken(last.token_id, last.text + tail, last.provenance,
-                                             last.deferral_probability)
-        return self._release(final=True)
-
-    def _release(self, *, final: bool) -> list[AnswerToken]:
-        pending = "".join(token.text for token in self._held)
-        cut = self._first_stop(self.text, pending)
-        if cut is not None:
-            self.stopped = True
-            return self._take(cut)
-        keep = 0 if final else self._unsafe_suffix(self.text + pending)
-        return self._take(len(pending) - keep)
-
-    def _first_stop(self, released: str, pending: str) -> int | None:
-        """Where, in ``pending``, the first stop sequence begins (it may start in released text)."""
-        window = released[-max((len(stop) for stop in self.stops), default=0):] + pending
-        offset = len(window) - len(pending)
-        found = [window.find(stop) for stop in self.stops]
-        starts = [position for position in found if position >= 0]
-        return max(0, min(starts) - offset) if starts else None
-
-    def _unsafe_suffix(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop sequence."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
-
-    def _take(self, characters: int) -> list[AnswerToken]:
-        released: list[AnswerToken] = []
-        while self._held and characters >= len(self._held[0].text):
-            token = self._held.pop(0)
-            characters -= len(token.text)
-            released.append(token)
-        if self.stopped and self._held and characters > 0:
-            token = self._held[0]
-            released.append(AnswerToken(token.token_id, token.text[:characters], token.provenance,
-                                        token.deferral_probability))
-        if self.stopped:
-            self._held.clear()
-        self.tokens += released
-        self.text += "".join(token.text for token in released)
-        return released
+        return Answer(request_id, cutter.text, cutter.tokens, passages, "cancelled",
+                      prompt_tokens, egress)
 
 
 def plain_prompt_builder(question: Question, passages: Sequence[str | Segment]) -> list[Segment]:
@@ -395,7 +314,7 @@ def _split_marks(rendered: str, nonce: str, private: Sequence[Segment],
 # -- wiring the real parts ------------------------------------------------------------------------
 
 class CoDecoderSource:
-    """Adapts ``client.decoding.CoDecoder`` to ``TokenSource`` and remembers each egress summary.
+    """Adapts ``client.decoding.CoDecoder`` to ``TokenSource``; reads the audit log as ledger.
 
     Control tokens (EOS, ``<|im_end|>``) carry no text and are not part of the answer.
     """
@@ -405,48 +324,40 @@ class CoDecoderSource:
         self.decoder = decoder
         self.audit_path = audit_path
         self.pool = pool  # client.serving.DecoderPool: one decoder per concurrent answer
-        self._summaries: dict[str, EgressSummary] = {}
-        self._lock = threading.Lock()
 
     def prompt_length(self, segments: Sequence[Segment]) -> int:
         return int(self.decoder.prompt_length(segments))
 
     def generate(self, segments: Sequence[Segment], *, request_id: str, max_tokens: int,
-                 temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
+                 temperature: float, seed: int | None, stop: Sequence[str] = ()
+                 ) -> Generator[GeneratedToken, None, DecodeResult]:
         lease = self.pool.checkout() if self.pool is not None else contextlib.nullcontext(self.decoder)
         with lease as decoder:
-            yield from self._generate(decoder, segments, request_id=request_id,
-                                      max_tokens=max_tokens, temperature=temperature, seed=seed)
+            return (yield from self._generate(decoder, segments, request_id=request_id,
+                                              max_tokens=max_tokens, temperature=temperature,
+                                              seed=seed, stop=tuple(stop)))
 
     def _generate(self, decoder: Any, segments: Sequence[Segment], *, request_id: str,
-                  max_tokens: int, temperature: float, seed: int | None
-                  ) -> Iterator[GeneratedToken]:
+                  max_tokens: int, temperature: float, seed: int | None, stop: tuple[str, ...]
+                  ) -> Generator[GeneratedToken, None, DecodeResult]:
         stream = decoder.stream(segments, request_id=request_id, max_tokens=max_tokens,
-                                temperature=temperature, seed=seed)
+                                temperature=temperature, seed=seed, stop=stop)
         try:
             while True:
                 try:
                     token = next(stream)
                 except StopIteration as done:
-                    self._remember(request_id, done.value.egress)
-                    return
+                    result: DecodeResult = done.value
+                    destination = getattr(self.decoder.expert, "destination", "")
+                    return replace(result, egress=replace(
+                        result.egress, destinations=(destination,) if result.egress.calls else ()))
                 if token.text:
                     yield token
         finally:
             stream.close()  # an answer cut short releases the decoder (and its lock) at once
 
-    def _remember(self, request_id: str, egress: EgressSummary) -> None:
-        destination = getattr(self.decoder.expert, "destination", "")
-        with self._lock:
-            self._summaries[request_id] = replace(
-                egress, destinations=(destination,) if egress.calls else ())
-
     def summary(self, request_id: str) -> EgressSummary:
-        """The decoder's count when it ran to the end, else the audit log's account."""
-        with self._lock:
-            known = self._summaries.pop(request_id, None)
-        if known is not None:
-            return known
+        """What left the machine for an answer that did not finish: the audit log's account."""
         if self.audit_path is None:
             return EgressSummary()
         return summarize_egress(audit_records(self.audit_path, request_id))

@@ -15,6 +15,7 @@ it; only the tokens the expert session does not hold yet are sent.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import threading
 import time
@@ -77,6 +78,94 @@ class DecodingOptions:
 
 
 @dataclass(frozen=True)
+class AnswerToken:
+    """One token of an answer with the text it adds (whole UTF-8 characters only)."""
+
+    token_id: int
+    text: str
+    provenance: Provenance
+    deferral_probability: float
+
+
+class StopCutter:
+    """Turns token bytes into text and cuts the answer at the first stop sequence.
+
+    Tokens are released only when no stop sequence could still begin inside their text, so a
+    streamed answer never shows text that the final answer cuts off.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held: list[AnswerToken] = []
+        self.tokens: list[AnswerToken] = []
+        self.text = ""
+        self.stopped = False
+        self.generated = 0
+
+    def push(self, generated: GeneratedToken) -> list[AnswerToken]:
+        if self.stopped:
+            return []
+        self.generated += 1
+        piece = self._decoder.decode(generated.text)
+        self._held.append(AnswerToken(generated.token_id, piece, generated.provenance,
+                                      generated.deferral_probability))
+        return self._release(final=False)
+
+    def flush(self) -> list[AnswerToken]:
+        if not self.stopped:
+            tail = self._decoder.decode(b"", final=True)
+            if tail and self._held:
+                last = self._held[-1]
+                self._held[-1] = AnswerToken(last.token_id, last.text + tail, last.provenance,
+                                             last.deferral_probability)
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> list[AnswerToken]:
+        pending = "".join(token.text for token in self._held)
+        cut = self._first_stop(self.text, pending)
+        if cut is not None:
+            self.stopped = True
+            return self._take(cut)
+        keep = 0 if final else self._unsafe_suffix(self.text + pending)
+        return self._take(len(pending) - keep)
+
+    def _first_stop(self, released: str, pending: str) -> int | None:
+        """Where, in ``pending``, the first stop sequence begins (it may start in released text)."""
+        window = released[-max((len(stop) for stop in self.stops), default=0):] + pending
+        offset = len(window) - len(pending)
+        found = [window.find(stop) for stop in self.stops]
+        starts = [position for position in found if position >= 0]
+        return max(0, min(starts) - offset) if starts else None
+
+    def _unsafe_suffix(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop sequence."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _take(self, characters: int) -> list[AnswerToken]:
+        released: list[AnswerToken] = []
+        while self._held and characters >= len(self._held[0].text):
+            token = self._held.pop(0)
+            characters -= len(token.text)
+            released.append(token)
+        if self.stopped and self._held and characters > 0:
+            token = self._held[0]
+            released.append(AnswerToken(token.token_id, token.text[:characters], token.provenance,
+                                        token.deferral_probability))
+        if self.stopped:
+            self._held.clear()
+        self.tokens += released
+        self.text += "".join(token.text for token in released)
+        return released
+
+
+@dataclass(frozen=True)
 class DecodeResult:
     request_id: str
     tokens: list[GeneratedToken]
@@ -119,10 +208,13 @@ class _Answer:
     generated: list[GeneratedToken] = field(default_factory=list)
     held_view: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
-    stop_at: int | None = None  # byte offset where a stop sequence begins
     counters: dict[str, int] = field(default_factory=dict)
     private_sources: list[str] = field(default_factory=list)  # per token; "" when public
     last_error: str = ""
+    cutter: StopCutter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cutter = StopCutter(self.options.stop)
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -130,9 +222,6 @@ class _Answer:
     @property
     def remaining(self) -> int:
         return self.max_new - len(self.generated)
-
-    def answer_bytes(self) -> bytes:
-        return b"".join(token.text for token in self.generated)
 
 
 class CoDecoder:
@@ -269,32 +358,16 @@ class CoDecoder:
         answer.tokens.append(token)
         answer.private_mask.append(False)
         answer.private_sources.append("")
-        answer.generated.append(GeneratedToken(token, self.base.token_bytes(token), provenance,
-                                               score))
-        if self.base.is_end_of_generation(token) or self._find_stop(answer):
+        generated = GeneratedToken(token, self.base.token_bytes(token), provenance, score)
+        answer.generated.append(generated)
+        answer.cutter.push(generated)
+        if self.base.is_end_of_generation(token) or answer.cutter.stopped:
             answer.finish = "stop"
-        elif answer.remaining <= 0:
+        elif answer.remaining <= 0:  # max_tokens, or the end of the context window
             answer.finish = "length"
 
-    def _find_stop(self, answer: _Answer) -> bool:
-        if not answer.options.stop:
-            return False
-        text = answer.answer_bytes()
-        last = len(answer.generated[-1].text)
-        for stop in answer.options.stop:
-            encoded = stop.encode("utf-8")
-            if not encoded:
-                continue
-            found = text.find(encoded, max(0, len(text) - last - len(encoded) + 1))
-            if found >= 0:
-                answer.stop_at = found
-                return True
-        return False
-
     def _result(self, answer: _Answer) -> DecodeResult:
-        text = answer.answer_bytes()
-        if answer.stop_at is not None:
-            text = text[:answer.stop_at]
+        answer.cutter.flush()
         counters = answer.counters
         summary = EgressSummary(calls=counters.get("calls", 0),
                                 tokens_sent=counters.get("tokens_sent", 0),
@@ -309,9 +382,8 @@ class CoDecoder:
                                     name[7:] for name in counters if name.startswith("denied:"))),
                                 last_error=answer.last_error)
         assert answer.finish is not None
-        return DecodeResult(answer.request_id, answer.generated,
-                            text.decode("utf-8", errors="replace"), answer.finish,
-                            answer.prompt_length, summary)
+        return DecodeResult(answer.request_id, answer.generated, answer.cutter.text,
+                            answer.finish, answer.prompt_length, summary)
 
     # -- deferral ----------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.assistant import Assistant, plain_prompt_builder
 from client.daemon import DaemonServices
+from client.decoding import DecodeResult, StopCutter
 from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.prompting import Segment
@@ -34,20 +35,32 @@ class FakeDecoder:
         return sum(len(segment.text) for segment in segments)
 
     def generate(self, segments: Sequence[Segment], *, request_id: str, max_tokens: int,
-                 temperature: float, seed: int | None) -> Iterator[GeneratedToken]:
+                 temperature: float, seed: int | None, stop: Sequence[str] = ()
+                 ) -> Generator[GeneratedToken, None, DecodeResult]:
         self.prompts.append(list(segments))
         prompt = "".join(segment.text for segment in segments)
         if self.fail_on is not None and self.fail_on in prompt:
             raise RuntimeError("the fake decoder was told to fail")
         found = re.search(r"Question: (.*)\nAnswer:$", prompt, re.DOTALL)
         answer = " = " + (found.group(1) if found else prompt).upper()
+        cutter = StopCutter(stop)
+        tokens: list[GeneratedToken] = []
         for index, character in enumerate(answer[:max_tokens]):
             if self.delay_s:
                 time.sleep(self.delay_s)
             provenance = ("expert" if character.isdigit() else "fallback" if character == "?"
                           else "denied" if character == "!" else "base")
-            yield GeneratedToken(index, character.encode(), provenance,  # type: ignore[arg-type]
-                                 0.1 if provenance == "base" else 0.9)
+            token = GeneratedToken(index, character.encode(), provenance,  # type: ignore[arg-type]
+                                   0.1 if provenance == "base" else 0.9)
+            tokens.append(token)
+            cutter.push(token)
+            yield token
+            if cutter.stopped:
+                break
+        cutter.flush()
+        finish = "length" if len(tokens) >= max_tokens and not cutter.stopped else "stop"
+        return DecodeResult(request_id, tokens, cutter.text, finish, len(prompt),  # type: ignore[arg-type]
+                            FakeLedger().summary(request_id))
 
 
 class FakeLedger:
@@ -92,7 +105,8 @@ class Gate:
     def prompt_length(self, segments: Sequence[Segment]) -> int:
         return self.inner.prompt_length(segments)
 
-    def generate(self, segments: Sequence[Segment], **kwargs: object) -> Iterator[GeneratedToken]:
+    def generate(self, segments: Sequence[Segment], **kwargs: object
+                 ) -> Generator[GeneratedToken, None, DecodeResult]:
         self.entered.set()
         self.release.wait(30)
-        yield from self.inner.generate(segments, **kwargs)  # type: ignore[arg-type]
+        return (yield from self.inner.generate(segments, **kwargs))  # type: ignore[arg-type]

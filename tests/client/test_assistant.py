@@ -19,6 +19,7 @@ from client.assistant import (
     plain_prompt_builder,
     summarize_egress,
 )
+from client.decoding import DecodeResult
 from client.documents import DocumentStore
 from client.egress import EgressSummary
 from client.prompting import Segment
@@ -169,14 +170,21 @@ def test_egress_summary_from_audit_records() -> None:
 
 def test_a_finished_answer_keeps_the_decoders_counts_and_its_destination() -> None:
     counted = EgressSummary(calls=2, tokens_sent=9, tokens_received=4, deferred_positions=3)
+    result = DecodeResult("r1", tokens_of("ab"), "ab", "length", 1, counted)
 
     def stream(*args: object, **kwargs: object) -> Generator[GeneratedToken, None, object]:
         yield from tokens_of("ab")
-        return SimpleNamespace(egress=counted)
+        return result
 
-    decoder = SimpleNamespace(stream=stream, expert=SimpleNamespace(destination="http://gw"))
+    decoder = SimpleNamespace(stream=stream, expert=SimpleNamespace(destination="http://gw"),
+                              prompt_length=lambda segments: 1)
     source = CoDecoderSource(decoder)
-    list(source.generate([Segment("q")], request_id="r1", max_tokens=2, temperature=0.0, seed=None))
-    assert source.summary("r1") == EgressSummary(calls=2, tokens_sent=9, tokens_received=4,
-                                                 deferred_positions=3, destinations=("http://gw",))
-    assert source.summary("r1") == EgressSummary()  # read once; no audit log to fall back on
+    assistant = Assistant(decoder=source, documents=None, prompt_builder=plain_prompt_builder,
+                          ledger=source)
+    answer = assistant.answer(Question(prompt="q", max_tokens=2), request_id="r1")
+    assert answer.finish_reason == "length" and answer.text == "ab"
+    assert answer.egress == EgressSummary(calls=2, tokens_sent=9, tokens_received=4,
+                                          deferred_positions=3, destinations=("http://gw",))
+    assert source.summary("r1") == EgressSummary()  # no audit log to read
+
+

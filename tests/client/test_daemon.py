@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -530,6 +531,28 @@ def test_sixteen_concurrent_toy_answers_are_all_correct(
         answers = list(pool.map(ask, asked))
     for demo, answer in zip(asked, answers, strict=True):
         assert demo["answer"].strip() in answer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_an_answer_that_fills_the_context_finishes_with_length(toy_daemon: ToyDaemon) -> None:
+    """The decoder stops where the context window ends; the API must say so ("length")."""
+    url, _, _ = toy_daemon
+    question = "Question: what is 12 plus 30?"
+
+    def complete(prompt: str, max_tokens: int) -> dict[str, Any]:
+        reply = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tandem-toy", "prompt": prompt, "max_tokens": max_tokens, "seed": 1})
+        assert reply.status_code == 200, reply.text
+        return reply.json()  # type: ignore[no-any-return]
+
+    probe = complete(question, 1)["usage"]["prompt_tokens"]
+    room = 2  # the toy tokenizer is byte level: each padding byte is one token
+    prompt = question + "z" * (512 - room - probe)
+    full = complete(prompt, 64)
+    assert full["usage"]["prompt_tokens"] == 512 - room
+    assert full["usage"]["completion_tokens"] == room
+    assert full["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.slow
