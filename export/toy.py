@@ -38,7 +38,8 @@ from export.gguf_writer import (
     write_llama_gguf,
 )
 
-CODE_FILES = ("toy.py", "toy_model.py", "toy_data.py", "gguf_writer.py", "toy_eval.py")
+CODE_FILES = ("toy.py", "toy_model.py", "toy_data.py", "gguf_writer.py", "toy_eval.py",
+              "torch_import.py")
 DIGITS = "0123456789"
 
 

@@ -15,32 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from export import torch_import
 from export.gguf_writer import LlamaHyperparameters, tensor_shapes
-from tandem_core.errors import TandemError
+from export.torch_import import TorchMissingError as TorchMissingError  # math_model's import
 
 if TYPE_CHECKING:
     import torch
 
-# One thread: on a shared 2-core machine two OpenMP threads spin-wait on each other and a
-# training step gets ten times slower; one thread is also the simplest path to same-bytes builds.
-TORCH_THREADS = 1
-
-
-class TorchMissingError(TandemError):
-    """torch is needed to build the toy pair."""
-
 
 def import_torch() -> Any:
-    """torch, pinned to two threads and deterministic algorithms, or an install hint."""
-    try:
-        import torch
-    except ModuleNotFoundError as exc:
-        raise TorchMissingError(
-            "building the toy models needs torch: pip install 'tandem[train]'"
-        ) from exc
-    torch.set_num_threads(TORCH_THREADS)
-    torch.use_deterministic_algorithms(True)
-    return torch
+    """torch pinned to one thread and deterministic algorithms: the toy pair builds byte-exact."""
+    return torch_import.import_torch("building the toy models", pinned=True)
 
 
 @dataclass(frozen=True)

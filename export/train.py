@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from export.collect import CollectedData, load_collected
+from export.torch_import import import_torch
 from tandem_core.errors import TandemError
 
 if TYPE_CHECKING:
@@ -35,15 +36,6 @@ INSTALL_HINT = "training needs the train extra: pip install 'tandem[train]'"
 
 class TrainingError(TandemError):
     """The head could not be trained from the given data."""
-
-
-def import_torch() -> Any:
-    """torch, or an error whose message is the fix."""
-    try:
-        import torch
-    except ImportError as exc:
-        raise TrainingError(f"torch is not installed; {INSTALL_HINT}") from exc
-    return torch
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@
     │   └── KeyStoreError                the keys file cannot be read or written (CLI)
     └── offline tooling, one class per export/ module (needs the train extra)
         ├── GGUFWriteError          gguf_writer.py: a GGUF cannot be read or written
-        ├── TorchMissingError       toy_model.py: torch is not installed
+        ├── TorchMissingError       torch_import.py: torch is not installed
         ├── ToyBuildError           cli_toy.py: `tandem toy build` was asked the impossible
         ├── CollectError            collect.py: bad corpus, unusable model, failing expert
         ├── TrainingError           train.py: the head cannot be trained from the data
