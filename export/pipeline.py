@@ -14,19 +14,17 @@ uses the HTTP ``/v1/score`` path and decoding the HTTP ``/v1/continue`` path.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from export.cached_build import cached_build
 from export.pipeline_config import PipelineConfig
 from tandem_core.errors import TandemError
 
@@ -369,23 +367,15 @@ def ensure_toy_head(toy_pair: Any, *, cache_dir: Path | None = None, seed: int =
                     progress: bool = False) -> Path:
     """The toy pair's trained ``switch.onnx``, built on first use (one builder at a time)."""
     parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    parent.mkdir(parents=True, exist_ok=True)
     final = parent / inputs_hash(toy_pair, seed=seed)
-    if (final / "result.json").exists():
-        return final / "switch.onnx"
-    with open(parent / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / "result.json").exists():
-            staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=parent))
-            try:
-                _run(toy_pair, staging, seed=seed, progress=progress)
-                result = json.loads((staging / "result.json").read_text())
-                result["switch_onnx"] = str(final / "switch.onnx")
-                (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-                os.rename(staging, final)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return final / "switch.onnx"
+
+    def build(staging: Path) -> None:
+        _run(toy_pair, staging, seed=seed, progress=progress)
+        result = json.loads((staging / "result.json").read_text())
+        result["switch_onnx"] = str(final / "switch.onnx")
+        (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    return cached_build(final, build, done="result.json") / "switch.onnx"
 
 
 def toy_head_result(switch_onnx: Path) -> dict[str, Any]:

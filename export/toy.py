@@ -14,15 +14,12 @@ happens in a temporary directory renamed into place, so nobody sees half a pair.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from export import toy_data
+from export.cached_build import cached_build
 from export.gguf_writer import (
     LlamaHyperparameters,
     Vocabulary,
@@ -223,42 +221,9 @@ def default_cache_dir() -> Path:
 def ensure_toy_pair(cache_dir: Path | None = None, *, progress: Progress | None = None) -> ToyPair:
     """The cached default pair, built on first use (one builder at a time across processes)."""
     root_parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root_parent.mkdir(parents=True, exist_ok=True)
     final = root_parent / code_hash()
-    if (final / "report.json").exists():
-        return ToyPair.at(final)
-    with open(root_parent / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / "report.json").exists():
-            remove_abandoned_builds(root_parent, locked=final.name)
-            staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=root_parent))
-            try:
-                build_toy_pair(staging, progress=progress)
-                os.rename(staging, final)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return ToyPair.at(final)
-
-
-def remove_abandoned_builds(root_parent: Path, *, locked: str) -> None:
-    """Delete ``<hash>.building-*`` folders that no live builder owns.
-
-    A builder holds ``<hash>.lock`` for as long as its folder is in use, and the kernel drops the
-    lock when the builder dies, so a lock we can take means the folder was abandoned. Folders of
-    other code versions would otherwise stay forever: nobody builds that hash again.
-    ``locked`` is the hash whose lock the caller already holds.
-    """
-    for staging in sorted(root_parent.glob("*.building-*")):
-        owner = staging.name.partition(".building-")[0]
-        if owner == locked:
-            shutil.rmtree(staging, ignore_errors=True)
-            continue
-        with open(root_parent / f"{owner}.lock", "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its builder is still at work
-            shutil.rmtree(staging, ignore_errors=True)
+    return ToyPair.at(cached_build(
+        final, lambda staging: build_toy_pair(staging, progress=progress), done="report.json"))
 
 
 def build_toy_pair(
