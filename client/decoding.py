@@ -520,26 +520,15 @@ class CoDecoder:
         request = EgressRequest(answer.request_id, answer.session, list(answer.tokens),
                                 list(answer.private_mask), list(answer.held_view),
                                 list(answer.private_sources))
-        decision = self.policy.decide(request)
-        if self.audit is None:
-            return decision, None
         try:
-            return decision, self._audit_decision(answer, decision)
+            return authorize_egress(
+                self.policy, self.audit, request,
+                destination=self.expert.destination if self.expert else "",
+                model=self.expert.model if self.expert else "",
+                detokenize=lambda ids: self.base.detokenize(ids).decode("utf-8", errors="replace"))
         except AuditError as exc:  # fail closed: no durable record, no request
             logger.error("expert call not sent: %s", exc)
             return EgressDecision(False, "audit_unavailable"), None
-
-    def _audit_decision(self, answer: _Answer, decision: EgressDecision) -> str:
-        assert self.audit is not None
-        sent = list(decision.new_tokens) if decision.allowed else []
-        record = EgressRecord(
-            request_id=answer.request_id, session=answer.session,
-            destination=self.expert.destination if self.expert else "",
-            model=self.expert.model if self.expert else "", decision=decision,
-            sent_tokens=sent,
-            sent_text=self.base.detokenize(sent).decode("utf-8", errors="replace"),
-            held=decision.send_from if decision.allowed else 0)
-        return self.audit.record_egress(record)
 
     def _record_failure(self, egress_id: str | None, exc: ExpertError, started: float,
                         answer: _Answer, tokens: int) -> None:
@@ -559,6 +548,26 @@ class CoDecoder:
                 self.audit.record_outcome(egress_id, outcome)
             except AuditError as exc:  # the call already happened; its egress record stands
                 logger.error("outcome of expert call %s not recorded: %s", egress_id, exc)
+
+
+def authorize_egress(policy: EgressPolicy, audit: AuditSink | None, request: EgressRequest, *,
+                     destination: str, model: str, detokenize: Callable[[list[int]], str]
+                     ) -> tuple[EgressDecision, str | None]:
+    """The policy's decision for ``request``, recorded by the audit before anything is sent.
+
+    Returns the decision and the audit record's id. Raises ``AuditError`` when the record cannot
+    be written; the caller must then send nothing (the decoder falls back to the base, collection
+    stops). The decoder and ``export.collect`` both ask the expert through this one gate.
+    """
+    decision = policy.decide(request)
+    if audit is None:
+        return decision, None
+    sent = list(decision.new_tokens) if decision.allowed else []
+    record = EgressRecord(
+        request_id=request.request_id, session=request.session, destination=destination,
+        model=model, decision=decision, sent_tokens=sent, sent_text=detokenize(sent) if sent else "",
+        held=decision.send_from if decision.allowed else 0)
+    return decision, audit.record_egress(record)
 
 
 def compose_distribution(base_logits: np.ndarray, score: float, expert_token: int,

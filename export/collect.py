@@ -24,7 +24,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRecord, EgressRequest
+from client.decoding import authorize_egress
+from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRequest
 from client.prompting import Segment, plain_prompt
 from tandem_core.errors import TandemError
 
@@ -305,17 +306,13 @@ class AuditedScorer:
 
     def _clear(self, item: ScoringItem) -> tuple[list[int], int, str | None] | None:
         """Ask policy for the remote view, write the audit record, return what may be sent."""
-        request_id = uuid.uuid4().hex
-        decision = self.policy.decide(EgressRequest(request_id, self.session, list(item.tokens),
-                                                    list(item.private), ()))
+        request = EgressRequest(uuid.uuid4().hex, self.session, list(item.tokens),
+                                list(item.private), ())  # no held view: each sequence whole
+        decision, egress_id = authorize_egress(
+            self.policy, self.audit, request, destination=self.endpoint.destination,
+            model=self.endpoint.model, detokenize=self.detokenize)
         answer = list(item.tokens[item.start:])
         view = list(decision.remote_view)
-        egress_id = None
-        if self.audit is not None:
-            egress_id = self.audit.record_egress(EgressRecord(
-                request_id, self.session, self.endpoint.destination, self.endpoint.model, decision,
-                view if decision.allowed else [], self.detokenize(view) if decision.allowed else "",
-                held=0))
         if not decision.allowed or len(view) <= len(answer) or view[len(view) - len(answer):] != answer:
             # Denied, or the policy hid part of the answer: there is nothing to learn from.
             self.counter.denied += 1
