@@ -33,9 +33,10 @@ from client.provenance import (
     plain_prompt_with_sources,
     private,
 )
-from client.settings import ClientSettings, PolicySettings
+from client.settings import ClientSettings, DecodingSettings, PolicySettings
 from client.tokens import GeneratedToken
 from tandem_core.errors import ConfigError
+from tandem_core.settings import default_of
 
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 
@@ -56,8 +57,8 @@ class Question:
 
     messages: Sequence[ChatTurn] = ()
     prompt: str | None = None
-    max_tokens: int = 128
-    temperature: float = 0.0
+    max_tokens: int = default_of(DecodingSettings, "max_tokens")
+    temperature: float = default_of(DecodingSettings, "temperature")
     seed: int | None = None
     stop: Sequence[str] = ()
     retrieve: bool = True

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.access import Access, add_access_routes
@@ -50,17 +50,13 @@ from client.openai_api import (
 )
 from client.settings import DaemonSettings, DecodingSettings
 from tandem_core.errors import ContextOverflowError, TandemError
+from tandem_core.settings import default_of
 
 logger = logging.getLogger(__name__)
 
 EgressReader = Callable[[str], list[dict[str, Any]]]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _MAX_JSON_BYTES = 8 * 1024 * 1024
-
-
-def _default(section: type[BaseModel], name: str) -> Any:
-    """A settings field's default: the settings are the one source of each default."""
-    return section.model_fields[name].default
 
 
 @dataclass
@@ -72,13 +68,13 @@ class DaemonServices:
     model_name: str
     egress_reader: EgressReader | None = None
     api_key: SecretStr | None = None
-    max_upload_bytes: int = _default(DaemonSettings, "max_upload_bytes")
-    max_queue: int = _default(DaemonSettings, "max_queue")
-    max_queue_per_client: int = _default(DaemonSettings, "max_queue_per_client")
+    max_upload_bytes: int = default_of(DaemonSettings, "max_upload_bytes")
+    max_queue: int = default_of(DaemonSettings, "max_queue")
+    max_queue_per_client: int = default_of(DaemonSettings, "max_queue_per_client")
     max_parallel: int = 1  # answers run at once (the decoder pool's size)
     trusted_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # None: any Host header
-    default_max_tokens: int = _default(DecodingSettings, "max_tokens")
-    default_temperature: float = _default(DecodingSettings, "temperature")
+    default_max_tokens: int = default_of(DecodingSettings, "max_tokens")
+    default_temperature: float = default_of(DecodingSettings, "temperature")
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
 

@@ -40,11 +40,12 @@ from client.errors import AuditError, ExpertDeniedError
 from client.expert import Expert, ExpertReply, Gated, reply_problem
 from client.prompting import Segment
 from client.provenance import source_of
-from client.settings import ClientSettings
+from client.settings import ClientSettings, DecodingSettings, SwitchSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
 from tandem_core.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from tandem_core.protocol import TokenLogprob, sample_from_logits
+from tandem_core.settings import default_of
 from tandem_core.tokens import common_prefix_length
 
 logger = logging.getLogger(__name__)
@@ -54,17 +55,20 @@ DEFAULT_THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class DecodingOptions:
-    """How to decode; ``threshold=None`` uses the switch head's calibrated threshold."""
+    """How to decode; ``threshold=None`` uses the switch head's calibrated threshold.
 
-    max_tokens: int = 128
-    temperature: float = 0.0
+    The defaults are those of ``DecodingSettings`` and ``SwitchSettings`` (one source each).
+    """
+
+    max_tokens: int = default_of(DecodingSettings, "max_tokens")
+    temperature: float = default_of(DecodingSettings, "temperature")
     seed: int | None = None
-    threshold: float | None = None
-    warmup_tokens: int = 0
-    warmup_threshold: float = 1.0
-    lookahead: int = 8
-    compose: bool = False
-    top_logprobs: int = 5
+    threshold: float | None = default_of(SwitchSettings, "threshold")
+    warmup_tokens: int = default_of(SwitchSettings, "warmup_tokens")
+    warmup_threshold: float = default_of(SwitchSettings, "warmup_threshold")
+    lookahead: int = default_of(DecodingSettings, "lookahead")
+    compose: bool = default_of(DecodingSettings, "compose")
+    top_logprobs: int = default_of(DecodingSettings, "top_logprobs")
     stop: tuple[str, ...] = ()
     incremental: bool = True  # send only what the expert session lacks (False: whole prefix)
 

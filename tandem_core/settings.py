@@ -8,7 +8,7 @@ the same way everywhere. Nothing here runs at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
@@ -20,6 +20,12 @@ class Section(BaseModel):
     """One ``[section]`` of a settings file; unknown keys are an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def default_of(section: type[BaseModel], name: str) -> Any:
+    """A settings field's default, for code that takes the value as a plain argument (a dataclass
+    field, a function default): the settings stay the one source of each default."""
+    return section.model_fields[name].default
 
 
 class TomlSettings(BaseSettings):

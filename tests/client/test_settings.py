@@ -69,7 +69,7 @@ def test_daemon_services_take_their_defaults_from_the_settings() -> None:
 
 
 def test_decoding_defaults_agree_with_the_settings() -> None:
-    """DecodingOptions and Question still repeat decoding fields; their defaults must not drift."""
+    """DecodingOptions and Question take their defaults from the settings; they must not drift."""
     from client.assistant import Question
     from client.decoding import DecodingOptions
     from client.settings import DecodingSettings
