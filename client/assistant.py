@@ -35,6 +35,7 @@ from client.provenance import (
 )
 from client.settings import ClientSettings, DecodingSettings, PolicySettings
 from client.tokens import GeneratedToken
+from tandem_core.base_model import BaseModel
 from tandem_core.errors import ConfigError
 from tandem_core.settings import default_of
 
@@ -534,7 +535,7 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
                    max_parallel=settings.base.max_parallel)
 
 
-def prompt_builder_for(base: Any, style: str) -> PromptBuilder:
+def prompt_builder_for(base: BaseModel, style: str) -> PromptBuilder:
     """plain: the toy format; chat: the GGUF chat template; auto: chat when the GGUF has one."""
     template = base.chat_template
     if style == "chat" and template is None:

@@ -43,6 +43,7 @@ from client.provenance import source_of
 from client.settings import ClientSettings, DecodingSettings, SwitchSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
+from tandem_core.base_model import BaseModel
 from tandem_core.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from tandem_core.protocol import TokenLogprob, sample_from_logits
 from tandem_core.settings import default_of
@@ -231,7 +232,7 @@ class _Answer:
 class CoDecoder:
     """The Co-LLM decoding loop over one base model (one answer at a time)."""
 
-    def __init__(self, *, base: Any, switch: SwitchScorer, expert: Expert | None,
+    def __init__(self, *, base: BaseModel, switch: SwitchScorer, expert: Expert | None,
                  policy: EgressPolicy | None = None, audit: AuditSink | None = None,
                  options: DecodingOptions | None = None, seq: int = 0) -> None:
         self.base = base

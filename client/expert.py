@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
-import numpy as np
 from pydantic import SecretStr, ValidationError
 
 from client.errors import CircuitOpenError, ExpertAuthError, ExpertRateLimitedError, ExpertUnavailableError
 from client.settings import ExpertSettings
 from client.transport import DeadlineTransport, call_deadline, check_gateway_url
+from tandem_core.base_model import BaseModel
+from tandem_core.continuation import ContinueOptions, continue_sequence
 from tandem_core.errors import (
     ConfigError,
     ContextOverflowError,
@@ -44,11 +45,7 @@ from tandem_core.protocol import (
     ScoreRequest,
     ScoreResult,
     ScoreSequence,
-    TokenLogprob,
-    log_softmax,
-    sample_from_logits,
 )
-from tandem_core.tokens import common_prefix_length
 
 ExpertReply = ContinueReply
 
@@ -85,9 +82,14 @@ class ExpertCall:
 
 @dataclass
 class InProcessExpert:
-    """An expert running a local ``LlamaModel`` with the gateway's session and sampling rules."""
+    """An expert running a local ``BaseModel`` with the gateway's session and sampling rules.
 
-    base: Any  # a tandem_core.base_model.LlamaModel; Any keeps llama_cpp out of import time
+    The sampling loop and the cache-reusing prefill are ``tandem_core.continuation``'s, the same
+    code the gateway's llama.cpp backend runs; only the session table and the mapping of model
+    errors to the gateway's statuses are kept here.
+    """
+
+    base: BaseModel  # a LlamaModel in practice (tandem_core.base_model imports llama_cpp lazily)
     model: str = "toy-expert"
     destination: str = "in-process"
     calls: list[ExpertCall] = field(default_factory=list)
@@ -109,46 +111,17 @@ class InProcessExpert:
         if not sequence:
             raise ExpertRejectedError("nothing to continue: the sequence is empty",
                                       status_code=422, error_type="invalid_request")
+        options = ContinueOptions(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                  top_logprobs=top_logprobs, want_logprobs=top_logprobs > 0)
         try:
-            generated, logprobs = self._generate(sequence, max_tokens, temperature, seed,
-                                                 top_logprobs)
+            generated, logprobs, _ = continue_sequence(self.base, sequence, options=options)
         except ContextOverflowError as exc:
             raise ExpertRejectedError(str(exc), status_code=413, error_type="too_large") from exc
         except ModelError as exc:
             raise ExpertUnavailableError(f"expert model failed: {exc}") from exc
         self._sessions[session] = sequence + generated
-        return ContinueReply(tokens=generated, logprobs=logprobs if top_logprobs else None,
+        return ContinueReply(tokens=generated, logprobs=logprobs,
                              held=len(sequence) + len(generated), model=self.model)
-
-    def _generate(self, sequence: list[int], max_tokens: int, temperature: float,
-                  seed: int | None, top_logprobs: int) -> tuple[list[int], list[TokenLogprob]]:
-        logits = self._logits_after(sequence)
-        generated: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        while True:
-            token = sample_from_logits(logits, temperature=temperature, seed=seed,
-                                       position=len(sequence) + len(generated))
-            generated.append(token)
-            if top_logprobs:
-                logprobs.append(_token_logprob(logits, token, top_logprobs))
-            if len(generated) == max_tokens or self.base.is_end_of_generation(token):
-                return generated, logprobs
-            logits = self._logits_after(sequence + generated)
-
-    def _logits_after(self, sequence: list[int]) -> np.ndarray:
-        """Logits for the token after ``sequence``, reusing the KV cache where it agrees."""
-        shared = common_prefix_length(self.base.cached_tokens(), sequence)
-        shared = min(shared, len(sequence) - 1)  # always decode at least one token for logits
-        self.base.rollback(shared)
-        output = self.base.decode(sequence[shared:], last_only=True)
-        return np.asarray(output.logits[-1])
-
-
-def _token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
-    logprobs = log_softmax(np.asarray(logits, dtype=np.float64))
-    best = np.argsort(-logprobs, kind="stable")[:top]
-    return TokenLogprob(token=token, logprob=float(logprobs[token]),
-                        top=[(int(index), float(logprobs[index])) for index in best])
 
 
 class CircuitBreaker:

@@ -27,6 +27,7 @@ import numpy as np
 from client.decoding import authorize_egress
 from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRequest
 from client.prompting import Segment, plain_prompt
+from tandem_core.base_model import BaseModel
 from tandem_core.errors import TandemError
 
 ARRAY_NAMES = ("hidden", "features", "base_logprob", "expert_logprob", "base_argmax",
@@ -168,17 +169,7 @@ def file_sha256(path: Path) -> str:
 # --- tokenization -------------------------------------------------------------------------------
 
 
-class Tokenizing(Protocol):
-    bos_id: int
-    eos_id: int
-
-    @property
-    def chat_template(self) -> str | None: ...
-
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]: ...
-
-
-def resolve_style(model: Tokenizing, style: PromptStyle) -> Literal["plain", "chat"]:
+def resolve_style(model: BaseModel, style: PromptStyle) -> Literal["plain", "chat"]:
     if style == "auto":
         return "chat" if model.chat_template else "plain"
     if style == "chat" and not model.chat_template:
@@ -197,7 +188,7 @@ def render_chat(template: str, prompt: str) -> str:
     )
 
 
-def prompt_segments(model: Tokenizing, example: Example, style: Literal["plain", "chat"]) -> list[Segment]:
+def prompt_segments(model: BaseModel, example: Example, style: Literal["plain", "chat"]) -> list[Segment]:
     """The prompt as the client builds it: the toy's segments, or the chat template's rendering."""
     if style == "chat":
         assert model.chat_template is not None
@@ -205,7 +196,7 @@ def prompt_segments(model: Tokenizing, example: Example, style: Literal["plain",
     return list(example.segments or (Segment(example.prompt),))
 
 
-def encode_example(model: Any, example: Example,
+def encode_example(model: BaseModel, example: Example,
                    style: Literal["plain", "chat"]) -> tuple[list[int], list[bool], int]:
     """Token ids of prompt + answer + EOS, their private mask, and where the answer starts.
 
@@ -335,22 +326,20 @@ class AuditedScorer:
 class LocalScoring:
     """``/v1/score`` computed by an in-process llama.cpp expert: same answers, no HTTP."""
 
-    def __init__(self, model: Any, *, name: str = "local-expert") -> None:
+    def __init__(self, model: BaseModel, *, name: str = "local-expert") -> None:
         self.expert_model = model
         self.model = name
         self.destination = "in-process"
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]]) -> list[Any]:
-        from tandem_core.protocol import ScoreResult, log_softmax
+        from tandem_core.continuation import score_sequence
 
         results = []
         for tokens, start in sequences:
+            # From an empty cache in one decode call (the model batches it), so a shard's bytes
+            # do not depend on which sequence was scored before.
             self.expert_model.reset()
-            logits = self.expert_model.decode(list(tokens[:-1])).logits
-            log_probs = log_softmax(logits[start - 1:].astype(np.float64))
-            gold = np.asarray(tokens[start:])
-            results.append(ScoreResult(logprobs=log_probs[np.arange(len(gold)), gold].tolist(),
-                                       argmax=log_probs.argmax(axis=-1).tolist()))
+            results.append(score_sequence(self.expert_model, tokens, start, chunk=len(tokens)))
         self.expert_model.reset()
         return results
 
@@ -369,7 +358,7 @@ class CollectPlan:
     progress: bool = True
 
 
-def collect(plan: CollectPlan, *, base: Any, base_path: Path, scorer: ExpertScorer,
+def collect(plan: CollectPlan, *, base: BaseModel, base_path: Path, scorer: ExpertScorer,
             expert_info: dict[str, Any], after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run the collection into ``plan.out``; shards already written by an identical run are kept."""
     examples = read_corpus(plan.corpus, limit=plan.limit)
@@ -396,7 +385,7 @@ def _chunks(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
         yield list(examples[start:start + size])
 
 
-def _start_manifest(plan: CollectPlan, base: Any, base_path: Path, expert_info: dict[str, Any],
+def _start_manifest(plan: CollectPlan, base: BaseModel, base_path: Path, expert_info: dict[str, Any],
                     style: str, examples: int) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -434,7 +423,7 @@ def _shard_done(path: Path, run_key: str) -> bool:
         return False
 
 
-def _collect_chunk(chunk: Sequence[Example], base: Any, scorer: ExpertScorer,
+def _collect_chunk(chunk: Sequence[Example], base: BaseModel, scorer: ExpertScorer,
                    style: Literal["plain", "chat"],
                    score_batch: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     rows: list[dict[str, np.ndarray]] = []
@@ -461,7 +450,7 @@ def _collect_chunk(chunk: Sequence[Example], base: Any, scorer: ExpertScorer,
     return _stack(rows, base.hidden_size), {"skipped": skipped, "denied": denied}
 
 
-def _base_pass(base: Any, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
+def _base_pass(base: BaseModel, tokens: Sequence[int], start: int) -> dict[str, np.ndarray]:
     """One decode of everything but the last token: row i predicts token i + 1."""
     from tandem_core.protocol import log_softmax
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from export.collect import Example, prompt_segments, read_corpus, resolve_style
+from tandem_core.base_model import BaseModel
 from tandem_core.errors import TandemError
 
 GSM8K_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -124,7 +125,7 @@ class SystemResult:
 class Models:
     """Opened models and the expert for one evaluation; ``open_models`` closes them."""
 
-    base: Any
+    base: BaseModel
     expert: Any
     policy: Any
     audit: Any

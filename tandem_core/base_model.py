@@ -5,7 +5,10 @@ normed hidden state (context ``embeddings=True`` with pooling NONE), so the swit
 same vector the LM head reads without a second forward pass. ``rollback`` drops KV entries with
 ``llama_memory_seq_rm`` so a verified expert span can be cut back exactly.
 
-This module is the one boundary where llama.cpp failures become ``client.errors`` exceptions.
+This module is the one boundary where llama.cpp failures become ``tandem_core.errors``
+exceptions. ``BaseModel`` is the typed seam: the decoder, the in-process expert, collection and
+the test fakes are written against it, so ``LlamaModel``, a ``SequenceView`` of the batch engine
+and a numpy stand-in are interchangeable and mypy checks every caller.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +49,67 @@ class DecodeOutput:
 
     logits: np.ndarray
     hidden: np.ndarray
+
+
+@runtime_checkable
+class BaseModel(Protocol):
+    """What the rest of Tandem needs from a base model: a tokenizer and one KV stream per
+    sequence id that can be extended (``decode``) and cut back (``rollback``).
+
+    Read-only properties rather than plain attributes, so an implementation may compute them
+    (``SequenceView.n_ctx`` is one sequence's share of the context). ``runtime_checkable`` lets
+    a test check that a fake has every member; mypy checks the signatures.
+    """
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one sequence may hold."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the final hidden state (the switch head's input)."""
+        ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary: two models agree on token ids only if these are equal."""
+        ...
+
+    @property
+    def chat_template(self) -> str | None: ...
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]: ...
+
+    def token_bytes(self, token_id: int, *, special: bool = False) -> bytes: ...
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes: ...
+
+    def is_end_of_generation(self, token_id: int) -> bool: ...
+
+    def position(self, seq: int = 0) -> int: ...
+
+    def cached_tokens(self, seq: int = 0) -> list[int]: ...
+
+    def decode(self, tokens: Sequence[int], *, seq: int = 0,
+               last_only: bool = False) -> DecodeOutput: ...
+
+    def rollback(self, to_position: int, *, seq: int = 0) -> None: ...
+
+    def reset(self, seq: int = 0) -> None: ...
+
+    def close(self) -> None:
+        """Release what the model holds (for a ``SequenceView``: its sequence)."""
+        ...
 
 
 def smollm2_path() -> Path:

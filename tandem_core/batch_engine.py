@@ -359,13 +359,51 @@ class SequenceView:
         self.last_scores: np.ndarray | None = None
 
     def __getattr__(self, name: str) -> Any:
-        # tokenize, token_bytes, detokenize, is_end_of_generation, vocab_size, n_ctx, ...
+        # the rest of the model's surface (n_threads, bos_id, close_sequence's callers, ...)
         return getattr(self._model, name)
+
+    # The BaseModel members are spelled out so that mypy sees a SequenceView as a BaseModel.
 
     @property
     def n_ctx(self) -> int:
         """The context one sequence may use."""
         return self._model.seq_capacity
+
+    @property
+    def vocab_size(self) -> int:
+        return self._model.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self._model.hidden_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._model.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._model.eos_id
+
+    @property
+    def fingerprint(self) -> str:
+        return self._model.fingerprint
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._model.chat_template
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
+        return self._model.tokenize(text, add_bos=add_bos, special=special)
+
+    def token_bytes(self, token_id: int, *, special: bool = False) -> bytes:
+        return self._model.token_bytes(token_id, special=special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        return self._model.detokenize(tokens, special=special)
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        return self._model.is_end_of_generation(token_id)
 
     def _own(self, seq: int) -> None:
         if seq != self.seq:

@@ -3,36 +3,23 @@
 A backend continues a session's full sequence (the gateway's session store decides what that
 sequence is) and scores fixed sequences. It keeps whatever cache it likes under the session id,
 prefills only past the longest common prefix with what it holds, and reports how many tokens it
-reused so the gateway can count prefill saved by sessions.
+reused so the gateway can count prefill saved by sessions. How a ``BaseModel`` continues and
+scores is ``tandem_core.continuation``, shared with the client's in-process expert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
+# The sampling loop and the scoring are the core's, shared with the client's in-process expert;
+# they are re-exported here because every backend module imports them from this one.
+from tandem_core.continuation import ContinueOptions, generate, score_rows, token_logprob
+from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence, TokenLogprob
 
-from tandem_core.protocol import (
-    ModelInfo,
-    ScoreResult,
-    ScoreSequence,
-    TokenLogprob,
-    log_softmax,
-    sample_from_logits,
-)
-
-
-@dataclass(frozen=True)
-class ContinueOptions:
-    """How to extend a sequence: span length and sampling."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    seed: int | None = None
-    top_logprobs: int = 0
-    want_logprobs: bool = False
+__all__ = ["Continuation", "ContinueOptions", "ExpertBackend", "generate", "score_rows",
+           "token_logprob"]
 
 
 @dataclass(frozen=True)
@@ -67,47 +54,3 @@ class ExpertBackend(Protocol):
     def close(self) -> None:
         """Release models, threads and connections."""
         ...
-
-
-def token_logprob(logits: np.ndarray, token: int, *, top: int) -> TokenLogprob:
-    """The raw-distribution log-prob of ``token`` and the ``top`` best alternatives."""
-    logprobs = log_softmax(np.asarray(logits, dtype=np.float64))
-    best: list[tuple[int, float]] = []
-    if top > 0:
-        order = np.argsort(-logprobs, kind="stable")[:top]
-        best = [(int(index), float(logprobs[index])) for index in order]
-    return TokenLogprob(token=token, logprob=float(logprobs[token]), top=best)
-
-
-def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], *, position: int,
-             options: ContinueOptions, is_end: Callable[[int], bool]
-             ) -> tuple[list[int], list[TokenLogprob] | None]:
-    """Sample up to ``max_tokens`` tokens; ``step(token)`` feeds one and returns the next logits.
-
-    ``position`` is the absolute index of the first new token in the session's sequence, so a
-    seeded draw is the same whether the span is asked in one call or token by token. The last
-    token is not fed (its KV is made by the next call, which may not want it).
-    """
-    tokens: list[int] = []
-    logprobs: list[TokenLogprob] = []
-    logits = first_logits
-    for index in range(options.max_tokens):
-        token = sample_from_logits(logits, temperature=options.temperature, seed=options.seed,
-                                   position=position + index)
-        tokens.append(token)
-        if options.want_logprobs:
-            logprobs.append(token_logprob(logits, token, top=options.top_logprobs))
-        if is_end(token) or index == options.max_tokens - 1:
-            break
-        logits = step(token)
-    return tokens, (logprobs if options.want_logprobs else None)
-
-
-def score_rows(logits: np.ndarray, targets: Sequence[int]) -> ScoreResult:
-    """Score ``targets[i]`` against ``logits[i]`` (the distribution just before it)."""
-    logprobs = log_softmax(np.asarray(logits, dtype=np.float64))
-    rows = np.arange(len(targets))
-    return ScoreResult(
-        logprobs=[float(value) for value in logprobs[rows, list(targets)]],
-        argmax=[int(value) for value in np.argmax(logprobs, axis=-1)],
-    )

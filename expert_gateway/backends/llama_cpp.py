@@ -16,20 +16,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from expert_gateway.backends.base import (
-    Continuation,
-    ContinueOptions,
-    generate,
-    score_rows,
-)
+from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
 from tandem_core.base_model import LlamaModel
 from tandem_core.batch_engine import BatchEngine, SequenceView
+from tandem_core.continuation import continue_sequence, score_sequence
 from tandem_core.errors import TandemError
 from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence
-from tandem_core.tokens import common_prefix_length
 
 SCORE_SEQ = 0
 
@@ -73,11 +66,7 @@ class LlamaCppBackend:
         view = self._engine.view(seq)
         view.open()
         try:
-            reused, logits = self._prefill(view, sequence)
-            tokens, logprobs = generate(
-                logits, lambda token: view.decode([token]).logits[-1], position=len(sequence),
-                options=options, is_end=self._model.is_end_of_generation,
-            )
+            tokens, logprobs, reused = continue_sequence(view, sequence, options=options, seq=seq)
         except TandemError as exc:
             self._drop(view)
             raise BackendError(f"llama.cpp failed: {exc}") from exc
@@ -92,7 +81,8 @@ class LlamaCppBackend:
         with self._score:
             view.open()
             try:
-                return [self._score_one(view, item.tokens, item.start) for item in sequences]
+                return [score_sequence(view, item.tokens, item.start, chunk=self._model.n_batch,
+                                       seq=SCORE_SEQ) for item in sequences]
             except TandemError as exc:
                 self._drop(view)
                 raise BackendError(f"llama.cpp failed: {exc}") from exc
@@ -140,34 +130,6 @@ class LlamaCppBackend:
         with self._tables:
             self._busy.discard(seq)
             self._tables.notify_all()
-
-    def _prefill(self, view: SequenceView, sequence: Sequence[int]) -> tuple[int, np.ndarray]:
-        """Make the view hold ``sequence``; return tokens reused and the last position's logits."""
-        # Keep at least one token to decode: its logits are the distribution of the next token.
-        reused = min(common_prefix_length(view.cached_tokens(), sequence), len(sequence) - 1)
-        view.rollback(reused)
-        output = view.decode(list(sequence[reused:]), last_only=True)
-        return reused, output.logits[-1]
-
-    def _score_one(self, view: SequenceView, tokens: Sequence[int], start: int) -> ScoreResult:
-        if start >= len(tokens):
-            return ScoreResult(logprobs=[], argmax=[])
-        # Rows needed: the logits after tokens[start-1] .. tokens[-2].
-        reused = min(common_prefix_length(view.cached_tokens(), tokens), start - 1)
-        view.rollback(reused)
-        logprobs: list[float] = []
-        argmax: list[int] = []
-        # Chunk by chunk, so a long sequence never holds [length, vocab] logits at once.
-        for chunk_start in range(reused, len(tokens) - 1, self._model.n_batch):
-            chunk = list(tokens[chunk_start:min(chunk_start + self._model.n_batch, len(tokens) - 1)])
-            rows = view.decode(chunk).logits
-            first = max(start - 1 - chunk_start, 0)
-            if first < len(chunk):
-                targets = tokens[chunk_start + first + 1:chunk_start + len(chunk) + 1]
-                scored = score_rows(rows[first:], targets)
-                logprobs += scored.logprobs
-                argmax += scored.argmax
-        return ScoreResult(logprobs=logprobs, argmax=argmax)
 
     def _drop(self, view: SequenceView) -> None:
         """After a failure the KV content is unknown: start that sequence afresh."""

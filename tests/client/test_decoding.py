@@ -27,7 +27,7 @@ from client.egress import (
 from client.errors import ExpertUnavailableError
 from client.expert import InProcessExpert
 from client.prompting import Segment
-from tandem_core.base_model import DecodeOutput
+from tandem_core.base_model import BaseModel, DecodeOutput
 from tandem_core.errors import ContextOverflowError, ModelError
 from tandem_core.protocol import TokenLogprob, log_softmax, sample_from_logits
 
@@ -94,6 +94,17 @@ class TinyLM:
 
     def is_end_of_generation(self, token_id: int) -> bool:
         return token_id == EOS
+
+    @property
+    def fingerprint(self) -> str:
+        return f"tiny-lm-{self.vocab_size}"
+
+    @property
+    def chat_template(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self.cache.clear()
 
 
 @dataclass
@@ -461,6 +472,17 @@ def test_compose_mixes_base_and_expert_distributions() -> None:
     mixture = compose_distribution(logits, 0.5, 2, top)
     np.testing.assert_allclose(mixture, [0.35, 0.1 + 0.5 / 3, 0.05 + 0.5 * 2 / 3])
     np.testing.assert_allclose(compose_distribution(logits, 1.0, 1, None), [0, 1, 0])
+
+
+def test_the_numpy_fake_is_a_base_model_and_a_partial_one_is_not() -> None:
+    """The seam the decoder, the in-process expert and collection are typed against."""
+    assert isinstance(TinyLM(0), BaseModel)
+
+    class NoRollback(TinyLM):
+        rollback = None  # type: ignore[assignment]
+
+    assert not isinstance(NoRollback(0), BaseModel)
+    assert not isinstance(object(), BaseModel)
 
 
 # -- the real toy pair under llama.cpp ----------------------------------------------------------

@@ -23,7 +23,7 @@ from client.decoding import CoDecoder, DecodingOptions
 from client.errors import ExpertUnavailableError
 from client.expert import ExpertReply, InProcessExpert
 from client.serving import DecoderPool
-from tandem_core.base_model import LlamaModel
+from tandem_core.base_model import BaseModel, LlamaModel
 from tandem_core.batch_engine import BatchEngine, CancelledError, SequenceSwitch
 from tandem_core.errors import ModelLoadError
 from tests.client.test_decoding import NUMERICAL_NOISE, fragile_draw, toy_prompts
@@ -212,6 +212,16 @@ def test_answers_decoded_together_equal_each_decoded_alone(
                                 threshold=job["options"].threshold)
     if len(jobs) > 1:
         assert engine.stats.max_sequences > 1  # they really shared steps
+
+
+def test_the_model_and_a_view_of_one_sequence_are_both_base_models(shared: LlamaModel) -> None:
+    """The decoder takes either; a view answers for its own sequence and the shared tokenizer."""
+    view = BatchEngine(shared).view(2)
+    assert isinstance(shared, BaseModel) and isinstance(view, BaseModel)
+    assert (view.n_ctx, view.vocab_size, view.fingerprint) == (512, shared.vocab_size,
+                                                                shared.fingerprint)
+    assert view.tokenize("1+2=", add_bos=True) == shared.tokenize("1+2=", add_bos=True)
+    assert view.detokenize(view.tokenize("1+2=")) == b"1+2="
 
 
 def test_a_step_is_one_decode_over_every_live_sequence(
