@@ -34,6 +34,7 @@ from client.provenance import (
     private,
 )
 from client.settings import ClientSettings, DecodingSettings, PolicySettings
+from client.switch import NeverDefer as NeverDefer  # its old home, still imported from here
 from client.tokens import GeneratedToken
 from tandem_core.base_model import BaseModel
 from tandem_core.errors import ConfigError
@@ -365,17 +366,6 @@ class CoDecoderSource:
         return summarize_egress(audit_records(self.audit_path, request_id))
 
 
-class NeverDefer:
-    """A switch that always keeps the base: used when no head exists for the base model."""
-
-    threshold = 1.0
-
-    def score(self, hidden: Any) -> Any:
-        import numpy as np
-
-        return np.zeros(len(hidden), dtype=np.float32)
-
-
 def audit_records(audit_path: Path, request_id: str) -> list[dict[str, Any]]:
     """The audit log's egress and outcome records of one request, for the egress panel."""
     from client import audit
@@ -472,67 +462,55 @@ class Runtime:
     documents: DocumentStore
     model_name: str
     audit_path: Path
-    closers: list[Callable[[], None]] = field(default_factory=list)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     expert: Any = None  # the HttpExpert, for the start-up reachability line
     max_parallel: int = 1  # answers decoded together
 
     def close(self) -> None:
-        while self.closers:
-            self.closers.pop()()
+        self.stack.close()
 
 
 def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
                   base_path: Path, switch_path: Path | None, audit_key: SecretStr,
                   gateway_token: SecretStr | None = None) -> Runtime:
-    """Load base, head, expert client, policy, audit log and document store once."""
-    from client.audit import AuditLog
+    """Load base, head, expert client, policy, audit log and document store once.
+
+    The parts come from ``client.composition.open_parts``, like every other entry point's; this
+    adds what only the daemon and ``tandem ask`` need: the batch engine with its decoder pool and
+    the document store.
+    """
+    from client.composition import Egress, GatewayExpert, PartsSpec, open_parts
     from client.decoding import CoDecoder, DecodingOptions
-    from client.expert import HttpExpert
-    from client.policy import Policy
     from client.serving import DecoderPool
-    from client.switch import OnnxSwitch
-    from tandem_core.base_model import LlamaModel
     from tandem_core.batch_engine import BatchEngine
 
-    closers: list[Callable[[], None]] = []
-    try:
-        parallel = settings.base.max_parallel
-        base = LlamaModel(base_path, n_ctx=settings.base.n_ctx * parallel,
-                          n_batch=settings.base.n_batch, n_threads=settings.base.n_threads,
-                          n_seq_max=parallel, n_ctx_seq=settings.base.n_ctx)
-        closers.append(base.close)
-        switch: Any = NeverDefer() if switch_path is None else OnnxSwitch.for_base(
-            switch_path, base, provider=settings.switch.provider)
-        expert = HttpExpert.from_settings(settings.expert, tokenizer=base.fingerprint,
-                                          token=gateway_token)
-        closers.append(expert.close)
-        policy = Policy.from_settings(policy_settings, tokenizer=base)
-        closers.append(policy.close)
-        audit = AuditLog(policy_settings.audit_log, key=audit_key,
-                         rotate_bytes=policy_settings.audit_rotate_bytes)
-        engine = BatchEngine(base, scorer=switch)
-        closers.append(engine.close)
+    with contextlib.ExitStack() as stack:
+        parts = open_parts(stack, PartsSpec(
+            base_path=base_path, base=settings.base, switch_path=switch_path,
+            switch_provider=settings.switch.provider,
+            expert=GatewayExpert(settings.expert, gateway_token),
+            egress=Egress(policy_settings.audit_log, audit_key, policy_settings)))
+        engine = BatchEngine(parts.base, scorer=parts.switch)
+        stack.callback(engine.close)
         options = DecodingOptions.from_settings(settings)
-        pool = DecoderPool(engine, switch=switch, expert=expert, make=lambda view, head, proxy: (
-            CoDecoder(base=view, switch=head, expert=proxy, policy=policy, audit=audit,
-                      options=options, seq=view.seq)))
-        decoder = pool.decoder
-        documents = DocumentStore(settings.daemon.data_dir / "documents.sqlite3",
-                                  max_bytes=settings.daemon.max_upload_bytes,
-                                  passage_chars=settings.daemon.passage_chars)
-        closers.append(documents.close)
-        source = CoDecoderSource(decoder, audit_path=policy_settings.audit_log, pool=pool)
+        policy, audit = parts.policy, parts.audit
+        pool = DecoderPool(engine, switch=parts.switch, expert=parts.expert,
+                           make=lambda view, head, proxy: CoDecoder(
+                               base=view, switch=head, expert=proxy, policy=policy, audit=audit,
+                               options=options, seq=view.seq))
+        documents = stack.enter_context(contextlib.closing(DocumentStore(
+            settings.daemon.data_dir / "documents.sqlite3",
+            max_bytes=settings.daemon.max_upload_bytes,
+            passage_chars=settings.daemon.passage_chars)))
+        source = CoDecoderSource(pool.decoder, audit_path=policy_settings.audit_log, pool=pool)
         assistant = Assistant(decoder=source, documents=documents,
-                              prompt_builder=prompt_builder_for(base, settings.base.prompt_style),
+                              prompt_builder=prompt_builder_for(parts.base,
+                                                                settings.base.prompt_style),
                               ledger=source, retrieve_passages=settings.daemon.retrieve_passages,
                               repeat_min_chars=policy_settings.taint_min_chars)
-    except BaseException:
-        for close in reversed(closers):
-            close()
-        raise
-    name = f"tandem-{settings.base.preset}"
-    return Runtime(assistant, documents, name, policy_settings.audit_log, closers, expert,
-                   max_parallel=settings.base.max_parallel)
+        name = f"tandem-{settings.base.preset}"
+        return Runtime(assistant, documents, name, policy_settings.audit_log, stack.pop_all(),
+                       parts.expert, max_parallel=settings.base.max_parallel)
 
 
 def prompt_builder_for(base: BaseModel, style: str) -> PromptBuilder:

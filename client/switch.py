@@ -34,6 +34,15 @@ class SwitchScorer(Protocol):
         ...
 
 
+class NeverDefer:
+    """A switch that always keeps the base: used when no head exists for the base model."""
+
+    threshold = 1.0
+
+    def score(self, hidden: np.ndarray) -> np.ndarray:
+        return np.zeros(len(hidden), dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class HeadMetadata:
     """What the head says about itself, from its ONNX metadata."""

@@ -13,6 +13,7 @@ files) plus ``manifest.json`` naming models, fingerprints, file hashes, the corp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -28,7 +29,10 @@ from client.decoding import authorize_egress
 from client.egress import AuditSink, EgressOutcome, EgressPolicy, EgressRequest
 from client.prompting import Segment, plain_prompt
 from tandem_core.base_model import BaseModel
-from tandem_core.errors import TandemError
+from tandem_core.errors import TandemError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from client.composition import Egress, GatewayExpert, LocalExpert
 
 ARRAY_NAMES = ("hidden", "features", "base_logprob", "expert_logprob", "base_argmax",
                "expert_argmax", "gold", "example_index", "answer_position")
@@ -540,42 +544,39 @@ class EgressSetup:
     audit_key: Any = None  # a pydantic SecretStr; None: the audit-hmac secret
 
 
-def open_egress(setup: EgressSetup, *, tokenizer: Any, default_audit: Path) -> tuple[Any, Any]:
+def egress_for(setup: EgressSetup, *, default_audit: Path) -> Egress:
     """The policy (None: send everything) and the audit log every expert call is written to.
 
     The audit HMAC key comes from the keyring (created on first use) or TANDEM_AUDIT_HMAC_KEY;
     ``setup.audit_key`` overrides both (the toy pipeline on loopback uses its own key).
     """
-    from client.audit import AuditLog
+    from client.composition import Egress
     from client.secrets import SecretStore
 
     policy = None
     audit_path = setup.audit_log or default_audit
     if setup.policy_file is not None:
-        from client.policy import Policy
         from client.settings import PolicySettings
         from tandem_core.settings import load_settings
 
-        settings = load_settings(PolicySettings, setup.policy_file)
-        policy = Policy.from_settings(settings, tokenizer=tokenizer)
-        audit_path = setup.audit_log or settings.audit_log
+        policy = load_settings(PolicySettings, setup.policy_file)
+        audit_path = setup.audit_log or policy.audit_log
     key = setup.audit_key or SecretStore().get_or_create("audit-hmac")
-    audit = AuditLog(audit_path, key=key)
-    return policy, audit
+    return Egress(audit_path, key, policy)
 
 
-def gateway_endpoint(url: str, *, model: str, tokenizer: str, timeout_s: float = 300.0) -> Any:
-    """``client.expert.HttpExpert`` for ``url``, with the gateway token when one is configured."""
+def gateway_expert(url: str, *, model: str, timeout_s: float = 300.0) -> GatewayExpert:
+    """The gateway at ``url``, with the gateway token when one is configured, two retries."""
+    from client.composition import GatewayExpert
     from client.errors import SecretMissingError
-    from client.expert import HttpExpert
     from client.secrets import SecretStore
+    from client.settings import ExpertSettings
 
     try:
         token = SecretStore().get("gateway")
     except SecretMissingError:
         token = None  # a gateway without auth (local tests, a trusted network)
-    return HttpExpert(url, model=model, tokenizer=tokenizer, token=token, timeout_s=timeout_s,
-                      retries=2)
+    return GatewayExpert(ExpertSettings(url=url, model=model, timeout_s=timeout_s, retries=2), token)
 
 
 def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, expert_model: str,
@@ -583,34 +584,37 @@ def run_collect(plan: CollectPlan, *, base_path: Path, gateway_url: str | None, 
                 n_ctx: int = 4096, n_threads: int = 2,
                 after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Open the base (and the gateway or an in-process expert) and collect into ``plan.out``."""
-    from tandem_core.base_model import LlamaModel
+    from client.composition import LocalExpert, PartsSpec, open_parts
+    from client.expert import HttpExpert
+    from client.settings import BaseModelSettings
 
     if (gateway_url is None) == (expert_gguf is None):
         raise CollectError("give exactly one expert: a gateway URL or an expert GGUF (in-process)")
-    with LlamaModel(base_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads) as base:
-        expert_model_file = None
-        if gateway_url is not None:
-            endpoint = gateway_endpoint(gateway_url, model=expert_model, tokenizer=base.fingerprint)
-            info = {"url": gateway_url, "model": expert_model}
-        else:
-            assert expert_gguf is not None
-            expert_model_file = LlamaModel(expert_gguf, n_ctx=n_ctx, n_batch=512, n_threads=n_threads)
-            if expert_model_file.fingerprint != base.fingerprint:
-                raise CollectError("base and expert vocabularies differ; token-level scoring needs one")
-            endpoint = LocalScoring(expert_model_file, name=expert_model)
-            info = {"url": "in-process", "model": expert_model, "sha256": file_sha256(expert_gguf)}
-        policy = None
+    expert: GatewayExpert | LocalExpert
+    if gateway_url is not None:
+        expert = gateway_expert(gateway_url, model=expert_model)
+        info: dict[str, Any] = {"url": gateway_url, "model": expert_model}
+    else:
+        assert expert_gguf is not None
+        expert = LocalExpert(expert_gguf, expert_model)
+        info = {"url": "in-process", "model": expert_model, "sha256": file_sha256(expert_gguf)}
+    spec = PartsSpec(base_path, expert,
+                     egress_for(egress or EgressSetup(), default_audit=plan.out / "audit.jsonl"),
+                     base=BaseModelSettings(n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                                            max_parallel=1))
+    with contextlib.ExitStack() as stack:
         try:
-            policy, audit = open_egress(egress or EgressSetup(), tokenizer=base,
-                                        default_audit=plan.out / "audit.jsonl")
-            scorer = AuditedScorer(endpoint, policy=policy, audit=audit,
-                                   detokenize=lambda ids: base.detokenize(ids).decode("utf-8", "replace"))
-            return collect(plan, base=base, base_path=base_path, scorer=scorer, expert_info=info,
-                           after_shard=after_shard)
-        finally:
-            for closable in (policy, expert_model_file):
-                if closable is not None:
-                    closable.close()
-            close = getattr(endpoint, "close", None)
-            if close is not None:
-                close()
+            parts = open_parts(stack, spec)
+        except TokenizerMismatchError as exc:
+            raise CollectError(f"{exc} (token-level scoring needs one)") from exc
+        endpoint: ScoringEndpoint
+        if parts.expert_model is not None:
+            endpoint = LocalScoring(parts.expert_model, name=expert_model)
+        else:
+            assert isinstance(parts.expert, HttpExpert)
+            endpoint = parts.expert
+        base = parts.base
+        scorer = AuditedScorer(endpoint, policy=parts.policy, audit=parts.audit,
+                               detokenize=lambda ids: base.detokenize(ids).decode("utf-8", "replace"))
+        return collect(plan, base=base, base_path=base_path, scorer=scorer, expert_info=info,
+                       after_shard=after_shard)

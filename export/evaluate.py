@@ -12,6 +12,7 @@ candidate threshold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -134,34 +135,26 @@ class Models:
 
 @contextmanager
 def open_models(setup: DecodingSetup, *, audit_default: Path) -> Iterator[Models]:
-    from client.expert import InProcessExpert
-    from export.collect import EgressSetup, gateway_endpoint, open_egress
-    from tandem_core.base_model import LlamaModel
+    """The parts of ``client.composition.open_parts`` for one evaluation, closed on exit."""
+    from client.composition import GatewayExpert, LocalExpert, PartsSpec, open_parts
+    from client.settings import BaseModelSettings
+    from export.collect import EgressSetup, egress_for, gateway_expert
 
-    base = LlamaModel(setup.base_gguf, n_ctx=setup.n_ctx, n_threads=setup.n_threads)
-    expert_model = None
-    try:
-        if setup.gateway_url is not None:
-            expert: Any = gateway_endpoint(setup.gateway_url, model=setup.expert_model,
-                                           tokenizer=base.fingerprint, timeout_s=60.0)
-        elif setup.expert_gguf is not None:
-            expert_model = LlamaModel(setup.expert_gguf, n_ctx=setup.n_ctx, n_threads=setup.n_threads)
-            expert = InProcessExpert(expert_model, model=setup.expert_model)
-        else:
-            raise EvaluationError("decoding needs an expert: a gateway URL or an expert GGUF")
-        egress = EgressSetup(setup.policy_file, setup.audit_log, setup.audit_key)
-        policy, audit = open_egress(egress, tokenizer=base, default_audit=audit_default)
-        yield Models(base, expert, policy, audit,
-                     resolve_style(base, setup.prompt_style))
-    finally:
-        if "policy" in locals() and policy is not None:
-            policy.close()
-        close = getattr(expert, "close", None) if "expert" in locals() else None
-        if close is not None:
-            close()
-        if expert_model is not None:
-            expert_model.close()
-        base.close()
+    expert: GatewayExpert | LocalExpert
+    if setup.gateway_url is not None:
+        expert = gateway_expert(setup.gateway_url, model=setup.expert_model, timeout_s=60.0)
+    elif setup.expert_gguf is not None:
+        expert = LocalExpert(setup.expert_gguf, setup.expert_model)
+    else:
+        raise EvaluationError("decoding needs an expert: a gateway URL or an expert GGUF")
+    egress = egress_for(EgressSetup(setup.policy_file, setup.audit_log, setup.audit_key),
+                        default_audit=audit_default)
+    spec = PartsSpec(setup.base_gguf, expert, egress, base=BaseModelSettings(
+        n_ctx=setup.n_ctx, n_threads=setup.n_threads, max_parallel=1))
+    with contextlib.ExitStack() as stack:
+        parts = open_parts(stack, spec)
+        yield Models(parts.base, parts.expert, parts.policy, parts.audit,
+                     resolve_style(parts.base, setup.prompt_style))
 
 
 def decode_corpus(models: Models, examples: Sequence[Example], *, switch: Any, threshold: float,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from export import toy_data
 from export.cached_build import cached_build
@@ -35,9 +35,10 @@ from export.gguf_writer import (
     vocabulary_from_gguf,
     write_llama_gguf,
 )
+from export.toy_tokens import ByteTokenizer, LlamaCppTokenizer, Tokenizer, tokenize_example
 
 CODE_FILES = ("toy.py", "toy_model.py", "toy_data.py", "gguf_writer.py", "toy_eval.py",
-              "torch_import.py")
+              "toy_tokens.py", "torch_import.py")
 DIGITS = "0123456789"
 
 
@@ -99,53 +100,6 @@ class ToyPair:
 
 Progress = Callable[[str], None]
 BatchFn = Callable[[int], tuple[list[list[int]], list[list[float]]]]
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-
-class ByteTokenizer:
-    """The default vocabulary: a token per byte, id == byte value."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-class LlamaCppTokenizer:
-    """Tokenize with llama.cpp itself, for a vocabulary taken from another GGUF."""
-
-    def __init__(self, path: Path) -> None:
-        import llama_cpp
-
-        self._llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    prompt_ids: list[int]
-    answer_ids: list[int]
-    head_length: int  # answer tokens up to and including "="; the rest is result, ".", EOS
-
-
-def encode_prompt(tokenizer: Tokenizer, passage: str, question: str) -> list[int]:
-    """Each prompt segment tokenized on its own and concatenated, as the client does."""
-    from client.prompting import plain_prompt
-
-    return [tok for seg in plain_prompt([passage], question) for tok in tokenizer.encode(seg.text)]
-
-
-def tokenize_example(
-    tokenizer: Tokenizer, vocabulary: Vocabulary, example: toy_data.Example, answer: str
-) -> TokenizedExample:
-    head, tail = answer[: answer.rindex("=") + 1], answer[answer.rindex("=") + 1 :]
-    head_ids = tokenizer.encode(head)
-    prompt_ids = [vocabulary.bos_id, *encode_prompt(tokenizer, example.passage, example.question)]
-    answer_ids = [*head_ids, *tokenizer.encode(tail), vocabulary.eos_id]
-    return TokenizedExample(prompt_ids, answer_ids, len(head_ids))
 
 
 def base_batches(

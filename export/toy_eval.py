@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from export import toy_data
 from export.gguf_writer import LlamaHyperparameters, Vocabulary
+from export.toy_tokens import Tokenizer, tokenize_example
 
 if TYPE_CHECKING:
     import torch
 
-    from export.toy import Tokenizer
 
 @dataclass(frozen=True)
 class ModelContext:
@@ -83,7 +83,6 @@ def answer_scores(
     parameters: dict[str, torch.Tensor], context: ModelContext, *, test: Sequence[toy_data.Example],
 ) -> list[tuple[bool, bool, bool]]:
     """Per example: (whole answer + EOS exact, exact up to '=', result digits exact)."""
-    from export.toy import tokenize_example
     from export.toy_model import argmax_predictions
 
     tokenizer, vocabulary = context.tokenizer, context.vocabulary
