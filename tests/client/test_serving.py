@@ -10,7 +10,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,19 @@ class FailingProxy:
         from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
 
-        client = httpx.AsyncClient(base_url=self.upstream, timeout=60)
+        clients: list[httpx.AsyncClient] = []
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            # Opened and closed on the server's own event loop: a client left open keeps its
+            # pooled connections to the gateway, which the garbage collector later reports as
+            # unclosed sockets and transports in some unrelated test.
+            async with httpx.AsyncClient(base_url=self.upstream, timeout=60) as client:
+                clients.append(client)
+                yield
 
         async def forward(request: Request) -> Response:
+            client = clients[0]
             with self.lock:
                 self.calls += 1
                 fail = bool(self.fail_every) and self.calls % self.fail_every == 0
@@ -57,7 +67,8 @@ class FailingProxy:
             return Response(reply.content, status_code=reply.status_code,
                             media_type="application/json")
 
-        return Starlette(routes=[Route("/v1/{path:path}", forward, methods=["POST"])])
+        return Starlette(routes=[Route("/v1/{path:path}", forward, methods=["POST"])],
+                         lifespan=lifespan)
 
 
 @pytest.fixture(scope="module")
