@@ -1,11 +1,12 @@
 """The one composition root: base model, switch head, expert, egress policy and audit log.
 
 The daemon and ``tandem ask`` (``client.assistant.build_runtime``), ``tandem eval`` and
-``tandem calibrate`` (``export.evaluate.open_models``), ``tandem collect`` and the toy pipeline
-(``export.collect.run_collect``) all open these parts here, in one order, each registered on the
-caller's ``contextlib.ExitStack`` as soon as it exists. The stack closes them in reverse order, also
-when opening a later part fails, so no caller writes its own cleanup and no caller builds a part
-differently from the others (the daemon's base is the one ``tandem eval`` measures).
+``tandem train calibrate`` (``export.evaluate.open_models``), ``tandem train collect`` and
+``tandem train pipeline`` (``export.collect.run_collect``) all open these parts here, in one
+order, each registered on the caller's ``contextlib.ExitStack`` as soon as it exists. The stack
+closes them in reverse order, also when opening a later part fails, so no caller writes its own
+cleanup and no caller builds a part differently from the others (the daemon's base is the one
+``tandem eval`` measures).
 """
 
 from __future__ import annotations
