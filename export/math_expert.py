@@ -16,17 +16,16 @@ file (a test checks it).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.cached_build import cached_build
 from export.gguf_writer import LlamaHyperparameters, Vocabulary, vocabulary_from_gguf, write_llama_gguf
 from export.math_model import MARGIN, OUTPUT_TEXTS, ExpertShape
 from tandem_core.errors import TandemError
@@ -141,19 +140,11 @@ def ensure_math_expert(
     if not weights.is_file():
         raise MathExpertError(f"math expert weights not found: {weights}")
     parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / code_hash(weights, vocabulary_gguf)
-    if (final / GGUF_NAME).exists():
-        return final / GGUF_NAME
-    with open(parent / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / GGUF_NAME).exists():
-            staging = Path(tempfile.mkdtemp(prefix=f"{final.name}.building-", dir=parent))
-            try:
-                build_gguf(staging / GGUF_NAME, vocabulary_gguf=vocabulary_gguf, weights=weights)
-                if (weights.parent / "card.json").is_file():
-                    shutil.copy(weights.parent / "card.json", staging / "card.json")
-                os.rename(staging, final)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    return final / GGUF_NAME
+    source = weights
+
+    def build(staging: Path) -> None:
+        build_gguf(staging / GGUF_NAME, vocabulary_gguf=vocabulary_gguf, weights=source)
+        if (source.parent / "card.json").is_file():
+            shutil.copy(source.parent / "card.json", staging / "card.json")
+
+    return cached_build(parent / code_hash(weights, vocabulary_gguf), build, done=GGUF_NAME) / GGUF_NAME

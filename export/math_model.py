@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from export.toy_model import TorchMissingError
+from export import torch_import
 
 if TYPE_CHECKING:
     import torch
@@ -31,12 +31,8 @@ OUTPUT_TEXTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ".", "-", ">>"
 
 
 def import_torch() -> Any:
-    """torch, without the toy build's thread pinning, or the one ``TorchMissingError``."""
-    try:
-        import torch
-    except ModuleNotFoundError as exc:
-        raise TorchMissingError("training the math expert needs torch: pip install 'tandem[train]'") from exc
-    return torch
+    """torch without the toy build's thread pinning (GPU training leaves threads to torch)."""
+    return torch_import.import_torch("training the math expert")
 
 
 @dataclass(frozen=True)
