@@ -17,6 +17,7 @@ import numpy as np
 
 from export import torch_import
 from export.gguf_writer import LlamaHyperparameters, tensor_shapes
+from export.torch_import import TorchMissingError as TorchMissingError  # math_model's import
 
 if TYPE_CHECKING:
     import torch
