@@ -135,11 +135,15 @@ def run_together(engine: BatchEngine, switch: Any, jobs: list[dict[str, Any]]
         return CoDecoder(base=view, switch=scored, expert=parking, seq=view.seq)
 
     pool = DecoderPool(engine, switch=switch, expert=None, make=make)
+    # Every answer holds its sequence before any decodes: a late-starting thread would otherwise
+    # find the others finished, and nothing would share a step.
+    started = threading.Barrier(len(jobs))
 
     def work(index: int) -> None:
         job = jobs[index]
         try:
             with pool.checkout() as decoder:
+                started.wait(timeout=60)
                 decoder.expert = job["expert"]
                 if job["expert"] is not None:
                     from client.serving import ParkingExpert
@@ -200,7 +204,8 @@ def test_answers_decoded_together_equal_each_decoded_alone(
 
         jobs.append({"prompt": base.tokenize(prompts[spec["prompt"]], add_bos=True),
                      "options": options, "expert": expert(), "solo_expert": expert()})
-    engine = BatchEngine(shared, scorer=head)
+    # A long gather wait: the first step then holds every prompt even on a loaded machine.
+    engine = BatchEngine(shared, scorer=head, gather_s=0.5)
     try:
         together = run_together(engine, head, jobs)
     finally:
