@@ -114,16 +114,14 @@ def deferred_inside_results(tokens: list[Any]) -> int:
     return count
 
 
+def make_decoder(models: Any, switch: Any, options: DecodingOptions) -> CoDecoder:
+    return CoDecoder(base=models.base, switch=switch, expert=models.expert, policy=models.policy,
+                     audit=models.audit, options=options)
+
+
 def run_probes(models: Any, switch: Any, threshold: float, probes: list[gsm8k.Probe], name: str) -> Tally:
     options = DecodingOptions(max_tokens=14, threshold=threshold, stop=(">>",))
-    decoder = CoDecoder(
-        base=models.base,
-        switch=switch,
-        expert=models.expert,
-        policy=models.policy,
-        audit=models.audit,
-        options=options,
-    )
+    decoder = make_decoder(models, switch, options)
     tally = Tally(name)
     for probe in probes:
         text = decode(decoder, probe.prompt, tally)
@@ -141,14 +139,7 @@ def run_free(
     max_tokens: int,
 ) -> Tally:
     options = DecodingOptions(max_tokens=max_tokens, threshold=threshold, stop=("\n\nQuestion:", "Question:"))
-    decoder = CoDecoder(
-        base=models.base,
-        switch=switch,
-        expert=models.expert,
-        policy=models.policy,
-        audit=models.audit,
-        options=options,
-    )
+    decoder = make_decoder(models, switch, options)
     tally = Tally(name)
     for problem in problems:
         text = decode(decoder, prefix + gsm8k.problem_text(problem, "").rstrip(" "), tally)

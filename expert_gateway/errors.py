@@ -1,21 +1,11 @@
 """Every error the gateway raises on purpose, and the one place they become HTTP.
 
-    TandemError (tandem_core.errors; the whole tree is drawn there)
-    ├── GatewayError                    500 unless a subclass says otherwise
-    │   ├── BadRequestError             400  the body is not JSON, or not an object
-    │   ├── AuthError                   401  no key, unknown key, revoked key
-    │   ├── ForbiddenError              403  the key may not use this route or model
-    │   ├── NotFoundError               404  unknown route or model name
-    │   ├── PayloadTooLargeError        413  the body exceeds server.max_body_bytes
-    │   ├── InvalidRequestError         422  out of bounds: token ids, lengths, max_tokens
-    │   ├── RateLimitedError            429  a per-key quota is spent; carries retry_after
-    │   ├── UnavailableError            503  the backend failed or the queue is full
-    │   │   └── BackendError                 a backend call failed (translated in backends/)
-    │   └── KeyStoreError                    the keys file cannot be read or written (CLI)
-    ├── SessionLostError                409  `held` exceeds what the gateway holds: resend all
-    └── TokenizerMismatchError          422  the caller's vocabulary is not the expert's
+The classes and the HTTP status of each are drawn in the one error tree in ``tandem_core.errors``.
+``SessionLostError`` (409, `held` exceeds what the gateway holds: resend all) and
+``TokenizerMismatchError`` (422, the caller's vocabulary is not the expert's) sit outside
+``GatewayError``.
 
-The last two are defined once in ``tandem_core.errors``, because the client raises and handles the
+Both are defined once in ``tandem_core.errors``, because the client raises and handles the
 same conditions; ``SHARED_ERRORS`` gives their status here. A tokenizer mismatch is a 422 rather
 than a 409: nothing the client can resend fixes it, while a 409 means "resend the whole prefix".
 Foreign exceptions (llama.cpp, torch, httpx) are translated in the backend that calls them, with
