@@ -5,8 +5,17 @@ A row is a run of documents packed to a fixed length. Most documents are GSM8K t
 chat format; a share of their annotations get a synthetic expression instead of the original
 (new numbers, decimals, up to three operators, parentheses), so the expert has to compute rather
 than recall. Other documents are bare annotations after short junk: GSM8K words or random
-vocabulary ids, so any SmolLM2 token can precede an expression. The loss falls only on result
-tokens and the closing ``>>``.
+vocabulary ids, so any SmolLM2 token can precede an expression.
+
+The loss falls on numbers the expert should write, never on other text:
+- each annotation's result and its closing ``>>``;
+- the same result in the other forms a model writes it: the copy after ``>>``, a bare
+  ``expr = result`` without brackets (a share of annotations, and of the bare documents), and the
+  final ``#### answer``;
+- every other number of the solution text, which a solver copies or carries from the question
+  and earlier lines.
+A switch head that defers in the middle of the base's own numbers, or after a bare ``=``, then
+gets digits that follow from the context instead of a guess at an annotation result.
 
 Text is tokenized in pieces cut right after each ``=`` and after each ``>>``: that is how the
 client sees it (the prompt ends at ``<<expr=`` and the result is generated), and it keeps a
@@ -16,6 +25,7 @@ result such as ``-5`` from merging with ``=`` into one token.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -165,14 +175,37 @@ class RowOptions:
     synthetic_share: float = 0.4  # annotations of real problems that get a synthetic expression
     chat_share: float = 0.15
     bare_share: float = 0.25  # documents that are bare annotations after junk
+    plain_share: float = 0.2  # real annotations written as plain ``expr = result``, no brackets
     vocab_size: int = 49152
 
 
 Segment = tuple[str, bool]  # text, and whether its tokens are loss targets
 
 
+# Digits with an optional decimal part; a sign or a thousands comma is left as text, because
+# SmolLM2 writes " -" and "," as tokens of their own that are not among the expert's outputs.
+PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def text_segments(text: str) -> list[Segment]:
+    """Solution text with each number in it a target (cut at digit boundaries, where SmolLM2's
+    pre-tokenizer cuts anyway, so the pieces tokenize as the whole text does)."""
+    segments: list[Segment] = []
+    cursor = 0
+    for match in PLAIN_NUMBER.finditer(text):
+        segments += [(text[cursor : match.start()], False), (match.group(0), True)]
+        cursor = match.end()
+    segments.append((text[cursor:], False))
+    return [segment for segment in segments if segment[0]]
+
+
 def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) -> list[Segment]:
-    """Question and solution text, cut after each ``=`` and ``>>``; results are targets."""
+    """Question and solution text, cut after each ``=`` and ``>>``; results and numbers are targets.
+
+    Each annotation is written as it is, with a synthetic expression instead (``synthetic_share``),
+    or plainly as ``expr = result`` (``plain_share``). The copy of the result after ``>>`` is
+    rewritten to the canonical result, so it agrees with a synthetic expression too.
+    """
     solution = problem.answer
     chat = rng.random() < options.chat_share
     head = (
@@ -180,33 +213,70 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
         if chat
         else (QUESTION_PREFIX + problem.question + ANSWER_PREFIX)
     )
-    segments: list[Segment] = []
-    text, cursor = head, 0
+    segments: list[Segment] = [(head, False)]
+    cursor = 0
+    last: tuple[str, str] = ("", "")  # the last annotation's written and canonical result
     for annotation in find_annotations(solution):
         try:
             value = evaluate(annotation.expression)
             expression = annotation.expression
         except GSM8KError:
             continue
-        if rng.random() < options.synthetic_share:
+        before = solution[cursor : annotation.start]
+        after = annotation.end
+        if solution.startswith(annotation.written_result, after) and annotation.written_result:
+            after += len(annotation.written_result)  # the copy, rewritten below
+        draw = rng.random()
+        if draw < options.synthetic_share:
             expression, value = synthetic_expression(rng)
-        text += solution[cursor : annotation.start] + "<<" + expression + "="
-        segments.append((text, False))
-        segments.append((format_result(value) + ">>", True))
-        text, cursor = "", annotation.end
-    text += solution[cursor:] + (CHAT_END if chat else "\n\n")
-    segments.append((text, False))
-    return segments
+        result = format_result(value)
+        last = (annotation.written_result, result)
+        if options.synthetic_share <= draw < options.synthetic_share + options.plain_share:
+            # "48/2 = <<48/2=24>>24" becomes "48/2 = 24"; "$<<12*5=60>>60" becomes "$12*5 = 60"
+            written = "" if before.rstrip().endswith("=") else expression + " = "
+            if written and before and not before.endswith((" ", "$", "(", "\n")):
+                written = " " + written
+            segments += text_segments(before + written)
+            segments.append((result, True))
+        else:
+            segments += text_segments(before)
+            segments += [("<<" + expression + "=", False), (result + ">>", True)]
+            if after > annotation.end:
+                segments.append((result, True))
+        cursor = after
+    # "#### 72" copies the last result, so it follows a synthetic one, as the copy after ">>" does
+    tail = solution[cursor:]
+    if last[0] and tail.rstrip().endswith("#### " + last[0]):
+        tail = tail.rstrip().removesuffix(last[0]) + last[1] + tail[len(tail.rstrip()):]
+    segments += text_segments(tail)
+    segments.append((CHAT_END if chat else "\n\n", False))
+    return _merge(segments)
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    """Join neighbouring segments of the same kind: text is cut only where targets start or end."""
+    merged: list[Segment] = []
+    for text, is_target in segments:
+        if merged and merged[-1][1] == is_target and not is_target:
+            merged[-1] = (merged[-1][0] + text, False)
+        else:
+            merged.append((text, is_target))
+    return merged
 
 
 def bare_segments(rng: random.Random, words: Sequence[str]) -> list[Segment]:
+    """A synthetic expression after junk, as an annotation or (a third of them) written plainly."""
     expression, value = synthetic_expression(rng)
     junk = " ".join(rng.choice(words) for _ in range(rng.choice((0, 0, 1, 3, 8, 20))))
+    tail = (rng.choice((" ", "\n", ". ", "")), False)
+    if rng.random() < 1 / 3:
+        lead = rng.choice((" ", " $", "\n", " is "))  # never glued to a junk word
+        return [(junk + lead + expression + rng.choice((" = ", "=")), False), (format_result(value), True), tail]
     lead = rng.choice(("", " ", " = ", " $", "\n", " is "))
     return [
         (junk + lead + "<<" + expression + "=", False),
         (format_result(value) + ">>", True),
-        (rng.choice((" ", "\n", ". ", "")), False),
+        tail,
     ]
 
 
