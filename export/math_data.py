@@ -271,7 +271,8 @@ def bare_segments(rng: random.Random, words: Sequence[str]) -> list[Segment]:
     tail = (rng.choice((" ", "\n", ". ", "")), False)
     if rng.random() < 1 / 3:
         lead = rng.choice((" ", " $", "\n", " is "))  # never glued to a junk word
-        return [(junk + lead + expression + rng.choice((" = ", "=")), False), (format_result(value), True), tail]
+        plain = junk + lead + expression + rng.choice((" = ", "="))
+        return [(plain, False), (format_result(value), True), tail]
     lead = rng.choice(("", " ", " = ", " $", "\n", " is "))
     return [
         (junk + lead + "<<" + expression + "=", False),
