@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from expert_gateway.backends import decode_attention
 from expert_gateway.errors import BackendError
 from tandem_core.protocol import MAX_TOP_LOGPROBS
 
@@ -54,6 +55,9 @@ MIN_LENGTH_BUCKET = 64
 SPLIT_KEYS = "EFFICIENT_SPLIT_KEYS"
 SPLIT_MIN_LENGTH = 512
 SPLIT_MASK = -1e30  # finite: a chunk whose keys are all masked gets weight 0, never NaN
+# The Triton split-key kernel (``decode_attention``): any batch, keys read up to each row's own
+# length; offered where triton imports, on bf16 and fp16 models.
+TRITON_DECODE = decode_attention.NAME
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
 TOKEN, LOGPROB, TOP = 0, 1, 2
@@ -259,6 +263,10 @@ class StaticKVEngine:
         self.compiled = False
         self._splits = 0  # key chunks of the batch-1 step being captured (0: attention in one call)
         self._split_checked: dict[tuple[int, int], str | None] = {}
+        self._decode_splits = 0  # > 0 while a step with the Triton kernel is captured: its chunks
+        self._decode_checked: dict[tuple[int, int, int], str | None] = {}
+        self.processors = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                           if self.device.type == "cuda" else 1)
         with torch.inference_mode():
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
@@ -274,7 +282,10 @@ class StaticKVEngine:
         # the keys in turn); MATH (eager blocks) 3.07 / 4.48 / 4.56 / 23.2. cuDNN matched a
         # float64 reference and uncached passes as closely as the others (bench, tests).
         # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
-        self.attention_candidates: tuple[str, ...] = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS)
+        # TRITON_DECODE (decode_attention) splits the keys of any step and reads each row's keys
+        # up to its own length only.
+        self.attention_candidates: tuple[str, ...] = (
+            "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS, TRITON_DECODE)
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
         self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
@@ -374,9 +385,12 @@ class StaticKVEngine:
         length = bucket(feed.length, self.length_buckets)
         torch = self._torch
         with torch.inference_mode(), self._kernels(EAGER_KERNELS):
+            began = None
             if graphed:
                 graph, output = self._graph(batch, width, length)
                 self._load(feed)
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
                 graph.replay()
             else:
                 output = self._compute(*self._tensors(feed), start=0, length=length, chain=True)
@@ -389,9 +403,9 @@ class StaticKVEngine:
                 held.result()  # its buffer is about to be reused: read it first
             host = self._host_outputs[turn]
             host[:len(rows)].copy_(output[:len(rows)], non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=began is not None)
             event.record()
-            pending = PendingStep(None, host=host, rows=len(rows), event=event)
+            pending = PendingStep(None, host=host, rows=len(rows), event=event, began=began)
             self._holders[turn] = pending
             return pending
 
@@ -490,17 +504,20 @@ class StaticKVEngine:
             ids = torch.cat((fed[:, None], ids[:, 1:]), dim=1)
         attention_inputs, mlp_block, merge = self._blocks[self.compiled]
         splits = self._splits if batch == 1 else 0
+        decode_splits = self._decode_splits
         x = self._embed(ids)
         cos, sin = self._cos[positions], self._sin[positions]  # [B, W, 1, D]
-        keys_at = torch.arange(length, device=self.device)
-        allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
-        # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
-        allowed = allowed[:, None, :, None].expand(batch, 1, width, self.groups, length).reshape(
-            batch, 1, width * self.groups, length)
-        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, float("-inf"))
-        if splits:
-            bias = split_bias(torch, allowed, splits, self.dtype)
+        bias = None
+        if not decode_splits:  # the Triton kernel masks by the positions themselves
+            keys_at = torch.arange(length, device=self.device)
+            allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
+            # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
+            allowed = allowed[:, None, :, None].expand(batch, 1, width, self.groups, length).reshape(
+                batch, 1, width * self.groups, length)
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~allowed, float("-inf"))
+            if splits:
+                bias = split_bias(torch, allowed, splits, self.dtype)
         flat = dest.reshape(-1)
         delta = None
         for index, weights in enumerate(self._weights):
@@ -508,7 +525,10 @@ class StaticKVEngine:
             slots = self.cache[index]  # [S + 1, C, 2, KVH, D]
             slots.view(-1, 2, self.kv_heads, self.head_dim).index_copy_(0, flat, kv)
             rows = slots[start:start + batch, :length]  # a view: no cache is copied
-            if splits:
+            if decode_splits:
+                out = decode_attention.decode_attention(torch, grouped, rows, positions,
+                                                        scale=self.scaling, splits=decode_splits)
+            elif splits:
                 out = merge(*split_attention(torch, grouped, rows, bias, splits, self.scaling))
             else:
                 out = functional.scaled_dot_product_attention(
@@ -581,6 +601,11 @@ class StaticKVEngine:
                 if problem is not None:
                     failures.append(f"{name}: {problem}")
                     continue
+            if name == TRITON_DECODE:
+                problem = self._check_decode(batch, width, length)
+                if problem is not None:
+                    failures.append(f"{name}: {problem}")
+                    continue
             try:
                 with warnings.catch_warnings():  # "kernel not used because ..." for refusals
                     warnings.simplefilter("ignore")
@@ -600,11 +625,30 @@ class StaticKVEngine:
 
     def _capture(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         self._splits = split_count(batch, length) if kernel == SPLIT_KEYS else 0
+        self._decode_splits = self._decode_split_count(batch, length) if kernel == TRITON_DECODE else 0
         try:
-            return self._capture_with(batch, width, length,
-                                      "EFFICIENT_ATTENTION" if kernel == SPLIT_KEYS else kernel)
+            return self._capture_with(batch, width, length, "EFFICIENT_ATTENTION"
+                                      if kernel in (SPLIT_KEYS, TRITON_DECODE) else kernel)
         finally:
-            self._splits = 0
+            self._splits = self._decode_splits = 0
+
+    def _decode_split_count(self, batch: int, length: int) -> int:
+        return decode_attention.splits_for(batch, self.kv_heads, length, self.processors)
+
+    def _check_decode(self, batch: int, width: int, length: int) -> str | None:
+        """The Triton kernel against float64 attention on random data of this shape (once per
+        shape); None if they agree to bf16 accuracy, else why the kernel is not used here."""
+        key = (batch, width, length)
+        if key not in self._decode_checked:
+            if self.dtype not in (self._torch.bfloat16, self._torch.float16):
+                problem: str | None = f"runs bf16 and fp16 models only, not {self.dtype}"
+            else:
+                problem = decode_attention.check(
+                    self._torch, device=self.device, dtype=self.dtype, batch=batch,
+                    kv_heads=self.kv_heads, groups=self.groups, dim=self.head_dim, width=width,
+                    length=length, scale=self.scaling, splits=self._decode_split_count(batch, length))
+            self._decode_checked[key] = problem
+        return self._decode_checked[key]
 
     def _capture_with(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         torch = self._torch
@@ -645,17 +689,25 @@ class StaticKVEngine:
 
 
 class PendingStep:
-    """A launched step's outputs: ``result`` waits for them (once) and returns a host copy."""
+    """A launched step's outputs: ``result`` waits for them (once) and returns a host copy.
+
+    ``gpu_seconds``, once read: the device time from the replay's start to its outputs' copy
+    (graphed steps; 0.0 otherwise), which benchmarks set against the scheduler's loop time.
+    """
 
     def __init__(self, ready: np.ndarray | None, *, host: Any = None, rows: int = 0,
-                 event: Any = None) -> None:
+                 event: Any = None, began: Any = None) -> None:
         self._ready, self._host, self._rows, self._event = ready, host, rows, event
+        self._began = began
+        self.gpu_seconds = 0.0
 
     def result(self) -> np.ndarray:
         if self._ready is None:
             self._event.synchronize()  # releases the interpreter lock while it waits
             self._ready = np.array(self._host[:self._rows].numpy())
-            self._host = self._event = None
+            if self._began is not None:
+                self.gpu_seconds = self._began.elapsed_time(self._event) / 1e3
+            self._host = self._event = self._began = None
         return self._ready
 
 

@@ -587,3 +587,118 @@ def test_slot_swap_moves_each_sides_own_length(tiny_model_dir: Path) -> None:
         engine.swap(1, 0, 0, 11)  # slot 1 is empty: only slot 0's 11 positions move
         assert torch.equal(engine.cache[:, 1, :11], before[:, 2, :11])
         assert torch.equal(engine.cache[:, 3], before[:, 3])  # scratch untouched
+
+
+# -- the Triton split-key kernel (decode_attention) ----------------------------------------------
+
+
+def test_decode_attention_splits_fill_the_chip_once() -> None:
+    from expert_gateway.backends.decode_attention import splits_for
+
+    # batch 1, 8 KV heads on 132 multiprocessors: 33 chunks wanted, at most one per 64 keys
+    assert [splits_for(1, 8, length, 132) for length in (64, 128, 2048, 4096)] == [1, 2, 32, 33]
+    assert splits_for(32, 8, 2048, 132) == 2 and splits_for(64, 8, 4096, 132) == 1
+
+
+def test_decode_attention_reference_is_the_steps_masked_attention() -> None:
+    """The float64 reference the kernel is checked against is the engine's own mask: query row
+    r of a KV head is token r // G and sees its slot's keys up to that token's position."""
+    from expert_gateway.backends.decode_attention import reference
+
+    generator = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, dim, width, length = 3, 2, 3, 16, 2, 40
+    rows = torch.randn((batch, length, 2, kv_heads, dim), generator=generator, dtype=torch.float64)
+    grouped = torch.randn((batch, kv_heads, width * groups, dim), generator=generator, dtype=torch.float64)
+    positions = torch.tensor([[0, 1], [20, 21], [38, 39]])
+    got = reference(torch, grouped, rows, positions, scale=0.25)
+    for b in range(batch):
+        for r in range(width * groups):
+            seen = int(positions[b, r // groups]) + 1
+            for h in range(kv_heads):
+                keys, values = rows[b, :seen, 0, h], rows[b, :seen, 1, h]
+                expected = torch.softmax(keys @ grouped[b, h, r] * 0.25, dim=0) @ values
+                torch.testing.assert_close(got[b, h, r], expected)
+
+
+def _triton_interpreted() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return not torch.cuda.is_available()
+
+
+INTERPRETED_CHECK = """
+import torch
+from expert_gateway.backends.decode_attention import decode_attention, reference
+
+generator = torch.Generator().manual_seed(0)
+for batch, kv_heads, groups, dim, width, length, splits in (
+        (1, 2, 4, 64, 2, 256, 4), (3, 2, 4, 64, 1, 128, 1), (2, 1, 3, 32, 5, 200, 3),
+        (1, 2, 4, 48, 2, 130, 2)):
+    cache = torch.randn((batch + 1, length + 7, 2, kv_heads, dim), generator=generator)
+    grouped = torch.randn((batch, kv_heads, width * groups, dim), generator=generator)
+    ends = torch.tensor([(length, length // 3 + width, width)[index % 3] for index in range(batch)])
+    positions = ends[:, None] - width + torch.arange(width)[None]
+    rows = cache[1:, :length]  # a strided view, as the engine's slots
+    got = decode_attention(torch, grouped, rows, positions, scale=dim**-0.5, splits=splits)
+    expected = reference(torch, grouped, rows, positions, scale=dim**-0.5)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="needs triton without a GPU (its interpreter)")
+def test_decode_attention_kernel_in_tritons_interpreter() -> None:
+    """The kernel's arithmetic on the CPU, through Triton's interpreter (a process of its own:
+    triton reads TRITON_INTERPRET once), in float32, as the interpreter's bf16 dot is not bf16
+    arithmetic: chunks entirely masked, a head size that is not a power of two, one chunk and
+    many, rows that see all keys, a third of them or a few."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=environment, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.parametrize(("batch", "width", "length"), [(1, 1, 128), (1, 2, 2048), (1, 8, 4096),
+                                                       (5, 3, 512), (32, 1, 2048), (64, 6, 256)])
+def test_decode_attention_kernel_matches_float64_on_the_gpu(batch: int, width: int, length: int) -> None:
+    from expert_gateway.backends.decode_attention import check, splits_for
+
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in {1, splits_for(batch, 8, length, processors)}:
+        assert check(torch, device=torch.device("cuda"), dtype=torch.bfloat16, batch=batch, kv_heads=8,
+                     groups=4, dim=64, width=width, length=length, scale=0.125, splits=splits) is None
+
+
+@cuda
+def test_triton_decode_graphs_equal_eager_steps(tiny_model_dir: Path) -> None:
+    """Steps captured with the Triton kernel alone (bf16) give the eager SDPA steps' tokens and
+    outputs, over ragged rows and widths; the kernel was picked for every captured shape."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), dtype=torch.bfloat16).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=256, max_batch=8, cuda_graphs=graphs)
+               for graphs in (True, False)]
+    engines[0].attention_candidates = ("TRITON_DECODE",)
+    lengths = [5, 17, 9, 130, 2]
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        rng = np.random.default_rng(4)
+        for row, length in enumerate(lengths):
+            engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])], start=row)
+        cached = list(lengths)
+        for rows, width in ((5, 1), (5, 3), (1, 2), (4, 8), (5, 6), (2, 1)):
+            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
+                                     for row in range(rows)]))
+            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
+    assert engines[0].graphs > 0 and set(engines[0].kernel_choice.values()) == {"TRITON_DECODE"}
+    for graphed, eager in zip(*outputs, strict=True):
+        assert graphed[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(graphed[:, 1], eager[:, 1], atol=5e-2)
