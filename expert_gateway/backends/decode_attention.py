@@ -88,7 +88,7 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
 
 def reference(torch: Any, grouped: Any, rows: Any, positions: Any, *, scale: float) -> Any:
     """The same attention in float64 (tests and the engine's check)."""
-    batch, kv_heads, count, _ = grouped.shape
+    count = grouped.shape[2]
     length, width = rows.shape[1], positions.shape[1]
     keys = rows[:, :, 0].transpose(1, 2).double()
     values = rows[:, :, 1].transpose(1, 2).double()

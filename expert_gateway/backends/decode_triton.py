@@ -34,7 +34,7 @@ def split_keys(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, lse_ptr, out_ptr,
     pos = tl.load(pos_ptr + b * stride_pb + r // groups, mask=row_ok, other=-1)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + r[:, None] * stride_qr + d[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    top = tl.max(pos, axis=0) + 1
+    top = (tl.max(pos, axis=0) + 1).to(tl.int32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, top)
     m = tl.full([R_PAD], float("-inf"), tl.float32)

@@ -444,12 +444,10 @@ class StaticKVEngine:
         import time
 
         torch = self._torch
-        feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
-                          scratch=self.scratch)
         timings = []
         with torch.inference_mode():
             graph, _ = self._graph(batch, width, length)
-            self._load(feed)
+            self._load(self._padding_feed(batch, width, length))
             for _ in range(repeats):
                 torch.cuda.synchronize(self.device)
                 started = time.perf_counter()
@@ -569,6 +567,16 @@ class StaticKVEngine:
         self._inputs.copy_(self._host_inputs[turn], non_blocking=True)
         self._loaded[turn].record()
 
+    def _padding_feed(self, batch: int, width: int, length: int) -> StepInput:
+        """Inputs to capture and time a step over: padding only, so every write lands in the
+        scratch slot, but each row at the end of the key bucket, so that a kernel that reads a
+        row's keys up to its own position (TRITON_DECODE) is timed at the bucket's full length,
+        as the others always are."""
+        feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
+                          scratch=self.scratch)
+        feed.positions[:] = np.arange(length - width, length)[None] if length >= width else 0
+        return feed
+
     def _graph(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
         """The captured step for this shape: captured now with each attention candidate if new,
         the fastest replay kept."""
@@ -588,9 +596,7 @@ class StaticKVEngine:
 
     def _capture_best(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
         key = (batch, width, length)
-        # Capture over padding only: every write lands in the scratch slot.
-        self._load(build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
-                              scratch=self.scratch))
+        self._load(self._padding_feed(batch, width, length))
         best: tuple[float, str, Any, Any] | None = None
         failures = []
         for name in self.attention_candidates:
@@ -644,7 +650,8 @@ class StaticKVEngine:
                 problem: str | None = f"runs bf16 and fp16 models only, not {self.dtype}"
             else:
                 problem = decode_attention.check(
-                    self._torch, device=self.device, dtype=self.dtype, batch=batch,
+                    # a few rows stand for the batch: the split and chunk are the batch's own
+                    self._torch, device=self.device, dtype=self.dtype, batch=min(batch, 4),
                     kv_heads=self.kv_heads, groups=self.groups, dim=self.head_dim, width=width,
                     length=length, scale=self.scaling, splits=self._decode_split_count(batch, length))
             self._decode_checked[key] = problem
