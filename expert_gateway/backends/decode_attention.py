@@ -42,7 +42,7 @@ def splits_for(batch: int, kv_heads: int, length: int, processors: int) -> int:
     """Key chunks per (row, KV head) pair: about two programs per multiprocessor in all, each
     chunk at least ``BLOCK_N`` keys; 1 (no merge) when the pairs alone fill the chip."""
     pairs = batch * kv_heads
-    wanted = math.ceil(2 * processors / pairs)
+    wanted = 1 if pairs >= processors else math.ceil(2 * processors / pairs)
     return max(1, min(wanted, math.ceil(length / BLOCK_N), MAX_SPLITS))
 
 
@@ -81,8 +81,9 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
         kv_heads, count, count // width, chunk, scale * math.log2(math.e),
         R_PAD=r_pad, D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, SPLITS=splits)
     if splits > 1:
-        decode_triton.merge_chunks[(batch * kv_heads,)](part, lse, out, count, R_PAD=r_pad, D=dim,
-                                                         D_PAD=d_pad, SPLITS=splits)
+        decode_triton.merge_chunks[(batch * kv_heads, count)](
+            part, lse, out, count, splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), D=dim,
+            D_PAD=d_pad)
     return out
 
 

@@ -22,6 +22,7 @@ torch and transformers are imported when the backend is opened, never at module 
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
@@ -170,6 +171,13 @@ class HfBackend:
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
         return from_wire(self.submit(session_id, sequence, options=options).result())
+
+    async def continue_async(self, session_id: str, sequence: Sequence[int], *,
+                             options: ContinueOptions) -> Continuation:
+        """``continue_`` awaited on the event loop: the scheduler resolves it (ContinuesAsync)."""
+        # shielded: a cancelled caller must not cancel the future the scheduler resolves
+        future = self.submit(session_id, sequence, options=options)
+        return from_wire(await asyncio.shield(asyncio.wrap_future(future)))
 
     def submit(self, session_id: str, sequence: Sequence[int], *,
                options: ContinueOptions) -> Future[WireContinuation]:

@@ -191,6 +191,48 @@ def test_concurrent_http_sessions_are_batched_and_equal_sequential(
     assert max(hf_backend.steps) > 1  # decode steps of different sessions ran in one batch
 
 
+def test_the_gateway_awaits_hf_calls_on_its_event_loop(
+        tmp_path_factory: pytest.TempPathFactory, hf_backend: HfBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls reach the backend through ``continue_async`` (no worker thread waits per call):
+    with the blocking ``continue_`` broken, the gateway still answers, and exactly."""
+    from expert_gateway.backends.base import ContinuesAsync
+
+    def blocking(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gateway parked a worker thread on the call")
+
+    assert isinstance(hf_backend, ContinuesAsync)
+    monkeypatch.setattr(hf_backend, "continue_", blocking)
+    settings = gateway_settings(tmp_path_factory.mktemp("hf") / "keys.json", auth={"enabled": False})
+    body = {"session": "aw", "model": "tiny", "held": 0, "tokens": _prompt(31), "max_tokens": 5,
+            "tokenizer": FINGERPRINT}
+    with serve(create_app(settings, backend=hf_backend)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        reply = client.post("/v1/continue", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["tokens"] == _reference_greedy(hf_backend, _prompt(31), 5)
+
+
+def test_a_cancelled_awaited_call_leaves_the_scheduler_serving(hf_backend: HfBackend) -> None:
+    """A caller cancelled while it awaits must not cancel the future the scheduler thread
+    resolves (setting a cancelled future's result would raise on that thread and stop it)."""
+    import asyncio
+
+    async def cancel_one_then_call() -> list[int]:
+        waiting = asyncio.ensure_future(hf_backend.continue_async(
+            "cancelled", _prompt(40), options=ContinueOptions(max_tokens=30)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        reply = await hf_backend.continue_async("after", _prompt(41), options=ContinueOptions(max_tokens=3))
+        return reply.tokens
+
+    assert asyncio.run(cancel_one_then_call()) == _reference_greedy(hf_backend, _prompt(41), 3)
+    assert hf_backend._thread.is_alive()
+    again = hf_backend.continue_("cancelled", _prompt(40), options=ContinueOptions(max_tokens=3))
+    assert again.tokens == _reference_greedy(hf_backend, _prompt(40), 3)
+
+
 def test_sessions_beyond_the_slots_reuse_the_least_recent_slot_and_stay_exact(
         small_backend: HfBackend) -> None:
     """Five sessions over three slots: evicted ones prefill again, every answer stays exact."""
@@ -359,6 +401,24 @@ def test_engine_process_batches_concurrent_calls(process_backend: ProcessBackend
     for reply, prompt in zip(replies, prompts, strict=True):
         assert reply.tokens == _reference_greedy(hf_backend, prompt, 6)
     assert max(process_backend.stats()["steps"]) > 1
+
+
+def test_engine_process_calls_are_awaited_and_survive_a_cancelled_caller(
+        process_backend: ProcessBackend, hf_backend: HfBackend) -> None:
+    import asyncio
+
+    async def calls() -> list[list[int]]:
+        waiting = asyncio.ensure_future(process_backend.continue_async(
+            "pa-cancelled", _prompt(110), options=ContinueOptions(max_tokens=20)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        replies = await asyncio.gather(*(process_backend.continue_async(
+            f"pa{index}", _prompt(111 + index), options=ContinueOptions(max_tokens=4)) for index in range(3)))
+        return [reply.tokens for reply in replies]
+
+    assert asyncio.run(calls()) == [_reference_greedy(hf_backend, _prompt(111 + index), 4) for index in range(3)]
+    assert process_backend.continue_("pa-next", _prompt(115), options=ContinueOptions(max_tokens=2)).tokens == \
+        _reference_greedy(hf_backend, _prompt(115), 2)
 
 
 def test_engine_process_scores_forgets_and_reports_errors(process_backend: ProcessBackend,
@@ -597,7 +657,7 @@ def test_decode_attention_splits_fill_the_chip_once() -> None:
 
     # batch 1, 8 KV heads on 132 multiprocessors: 33 chunks wanted, at most one per 64 keys
     assert [splits_for(1, 8, length, 132) for length in (64, 128, 2048, 4096)] == [1, 2, 32, 33]
-    assert splits_for(32, 8, 2048, 132) == 2 and splits_for(64, 8, 4096, 132) == 1
+    assert splits_for(32, 8, 2048, 132) == 1 and splits_for(16, 8, 2048, 132) == 3
 
 
 def test_decode_attention_reference_is_the_steps_masked_attention() -> None:
