@@ -206,7 +206,8 @@ def test_the_gateway_awaits_hf_calls_on_its_event_loop(
     settings = gateway_settings(tmp_path_factory.mktemp("hf") / "keys.json", auth={"enabled": False})
     body = {"session": "aw", "model": "tiny", "held": 0, "tokens": _prompt(31), "max_tokens": 5,
             "tokenizer": FINGERPRINT}
-    with serve(create_app(settings, backend=hf_backend)) as url, httpx.Client(base_url=url, timeout=120) as client:
+    app = create_app(settings, backend=hf_backend)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         reply = client.post("/v1/continue", json=body)
         assert reply.status_code == 200, reply.text
         assert reply.json()["tokens"] == _reference_greedy(hf_backend, _prompt(31), 5)
@@ -416,9 +417,10 @@ def test_engine_process_calls_are_awaited_and_survive_a_cancelled_caller(
             f"pa{index}", _prompt(111 + index), options=ContinueOptions(max_tokens=4)) for index in range(3)))
         return [reply.tokens for reply in replies]
 
-    assert asyncio.run(calls()) == [_reference_greedy(hf_backend, _prompt(111 + index), 4) for index in range(3)]
-    assert process_backend.continue_("pa-next", _prompt(115), options=ContinueOptions(max_tokens=2)).tokens == \
-        _reference_greedy(hf_backend, _prompt(115), 2)
+    expected = [_reference_greedy(hf_backend, _prompt(111 + index), 4) for index in range(3)]
+    assert asyncio.run(calls()) == expected
+    after = process_backend.continue_("pa-next", _prompt(115), options=ContinueOptions(max_tokens=2))
+    assert after.tokens == _reference_greedy(hf_backend, _prompt(115), 2)
 
 
 def test_engine_process_scores_forgets_and_reports_errors(process_backend: ProcessBackend,
