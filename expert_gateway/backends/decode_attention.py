@@ -55,7 +55,7 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
     """Attention of ``grouped`` queries ``[B, KVH, R, D]`` over their slots ``rows``
     ``[B, T, 2, KVH, D]``, where query row r of row b sees keys ``<= positions[b, r // G]``
     (``positions`` ``[B, W]``, ``G = R / W``): the output ``[B, KVH, R, D]``, as SDPA gives it."""
-    from expert_gateway.backends import decode_triton
+    from expert_gateway.backends.decode_triton import merge_chunks, split_keys
 
     batch, kv_heads, count, dim = grouped.shape
     length, width = rows.shape[1], positions.shape[1]
@@ -72,7 +72,7 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
     else:
         part = lse = out  # not written
     r_pad, d_pad = _pad(count), _pad(dim)
-    decode_triton.split_keys[(batch * kv_heads, splits)](
+    split_keys[(batch * kv_heads, splits)](
         grouped, keys, values, positions, part, lse, out,
         grouped.stride(0), grouped.stride(1), grouped.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
@@ -81,7 +81,7 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
         kv_heads, count, count // width, chunk, scale * math.log2(math.e),
         R_PAD=r_pad, D=dim, D_PAD=d_pad, BLOCK_N=BLOCK_N, SPLITS=splits)
     if splits > 1:
-        decode_triton.merge_chunks[(batch * kv_heads, count)](
+        merge_chunks[(batch * kv_heads, count)](
             part, lse, out, count, splits, S_PAD=max(2, 1 << (splits - 1).bit_length()), D=dim,
             D_PAD=d_pad)
     return out

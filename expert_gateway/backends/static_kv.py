@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from expert_gateway.backends import decode_attention
+from expert_gateway.backends.decode_attention import NAME as TRITON_DECODE
+from expert_gateway.backends.decode_attention import check as check_decode
+from expert_gateway.backends.decode_attention import decode_attention, splits_for
 from expert_gateway.errors import BackendError
 from tandem_core.protocol import MAX_TOP_LOGPROBS
 
@@ -58,9 +60,8 @@ MIN_LENGTH_BUCKET = 64
 SPLIT_KEYS = "EFFICIENT_SPLIT_KEYS"
 SPLIT_MIN_LENGTH = 512
 SPLIT_MASK = -1e30  # finite: a chunk whose keys are all masked gets weight 0, never NaN
-# The Triton split-key kernel (``decode_attention``): any batch, keys read up to each row's own
-# length; offered where triton imports, on bf16 and fp16 models.
-TRITON_DECODE = decode_attention.NAME
+# TRITON_DECODE, the Triton split-key kernel (``decode_attention``): any batch, keys read up to
+# each row's own length; offered where triton imports, on bf16 and fp16 models.
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
 TOKEN, LOGPROB, TOP = 0, 1, 2
@@ -530,8 +531,8 @@ class StaticKVEngine:
             slots.view(-1, 2, self.kv_heads, self.head_dim).index_copy_(0, flat, kv)
             rows = slots[start:start + batch, :length]  # a view: no cache is copied
             if decode_splits:
-                out = decode_attention.decode_attention(torch, grouped, rows, positions,
-                                                        scale=self.scaling, splits=decode_splits)
+                out = decode_attention(torch, grouped, rows, positions, scale=self.scaling,
+                                       splits=decode_splits)
             elif splits:
                 out = merge(*split_attention(torch, grouped, rows, bias, splits, self.scaling))
             else:
@@ -645,7 +646,7 @@ class StaticKVEngine:
             self._splits = self._decode_splits = 0
 
     def _decode_split_count(self, batch: int, length: int) -> int:
-        return decode_attention.splits_for(batch, self.kv_heads, length, self.processors)
+        return splits_for(batch, self.kv_heads, length, self.processors)
 
     def _check_decode(self, batch: int, width: int, length: int) -> str | None:
         """The Triton kernel against float64 attention on random data of this shape (once per
@@ -655,7 +656,7 @@ class StaticKVEngine:
             if self.dtype not in (self._torch.bfloat16, self._torch.float16):
                 problem: str | None = f"runs bf16 and fp16 models only, not {self.dtype}"
             else:
-                problem = decode_attention.check(
+                problem = check_decode(
                     # a few rows stand for the batch: the split and chunk are the batch's own
                     self._torch, device=self.device, dtype=self.dtype, batch=min(batch, 4),
                     kv_heads=self.kv_heads, groups=self.groups, dim=self.head_dim, width=width,
