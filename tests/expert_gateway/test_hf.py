@@ -691,9 +691,29 @@ def _triton_interpreted() -> bool:
 
 
 INTERPRETED_CHECK = """
+import sys
+
 import torch
+import triton
+import triton.language as tl
 from expert_gateway.backends.decode_attention import decode_attention, reference
 
+
+@triton.jit
+def probe(bound_ptr, out_ptr):
+    total = 0
+    for _ in range(0, tl.load(bound_ptr)):  # a loop bound read from memory, as the kernel's
+        total += 1
+    tl.store(out_ptr, total)
+
+
+out = torch.zeros(1, dtype=torch.int32)
+try:
+    probe[(1,)](torch.tensor([3], dtype=torch.int32), out)
+except Exception as exc:  # e.g. Triton 3.6's interpreter under numpy 2: int() of a 1-element array
+    print(f"unsupported: {type(exc).__name__}: {exc}")
+    sys.exit(0)
+assert int(out) == 3
 generator = torch.Generator().manual_seed(0)
 for batch, kv_heads, groups, dim, width, length, splits in (
         (1, 2, 4, 64, 2, 256, 4), (3, 2, 4, 64, 1, 128, 1), (2, 1, 3, 32, 5, 200, 3),
@@ -725,6 +745,8 @@ def test_decode_attention_kernel_in_tritons_interpreter() -> None:
                    "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=environment, cwd=root,
                           capture_output=True, text=True, timeout=300)
+    if done.stdout.startswith("unsupported"):
+        pytest.skip(f"this triton's interpreter cannot run data-dependent loops: {done.stdout[:300]}")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
