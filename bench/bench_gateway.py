@@ -7,7 +7,9 @@
 2. Throughput with 1, 4 and 16 concurrent sessions (hf: 1, 8 and 32). The load runs in child
    processes (one per two cores, at most 8), as remote clients would: a client sharing the
    server's interpreter lock, or a single client process, would measure itself. hf: the mean
-   batch of the decode steps, and the scheduler's ms per loop and in the step.
+   batch of the decode steps, the scheduler's ms per loop, launching and waiting, the GPU's own
+   ms per step (CUDA events) and its busy share, and a call's ms in the engine against the
+   clients' round trip (what HTTP, the gateway and the pipe add to each call).
 3. hf only: plain transformers ``generate`` on the same model in the same process (batch 32 and
    1, 64-token prompts, 64 new tokens), the gateway's tok/s as a ratio to it, and the greedy
    agreement of the gateway's spans with uncached forward passes of the model.

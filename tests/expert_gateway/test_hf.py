@@ -762,6 +762,18 @@ def test_decode_attention_kernel_matches_float64_on_the_gpu(batch: int, width: i
                      groups=4, dim=64, width=width, length=length, scale=0.125, splits=splits) is None
 
 
+def test_captures_are_timed_over_rows_at_the_end_of_their_key_bucket(tiny_model_dir: Path) -> None:
+    """Kernels are compared over padding rows that reach the bucket's last key: a kernel that
+    reads a row's keys only up to its position (TRITON_DECODE) must not be timed over one key
+    while the others read the whole bucket. Padding still writes only into the scratch slot."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    engine = StaticKVEngine(model, slots=4, capacity=256, max_batch=4)
+    feed = engine._padding_feed(4, 3, 128)
+    assert feed.positions.tolist() == [[125, 126, 127]] * 4
+    scratch = engine.scratch * engine.capacity
+    assert ((feed.dest >= scratch) & (feed.dest < scratch + engine.capacity)).all()
+
+
 @cuda
 def test_triton_decode_graphs_equal_eager_steps(tiny_model_dir: Path) -> None:
     """Steps captured with the Triton kernel alone (bf16) give the eager SDPA steps' tokens and
