@@ -59,8 +59,10 @@ def decode_attention(torch: Any, grouped: Any, rows: Any, positions: Any, *, sca
 
     batch, kv_heads, count, dim = grouped.shape
     length, width = rows.shape[1], positions.shape[1]
-    if grouped.stride(-1) != 1 or rows.stride(-1) != 1 or positions.stride(-1) != 1:
-        raise ValueError("decode_attention needs the last dimension of its inputs contiguous")
+    if grouped.stride(-1) != 1:  # other strides are passed on; a compiled block could lay it out so
+        grouped = grouped.contiguous()
+    if rows.stride(-1) != 1 or positions.stride(-1) != 1:
+        raise ValueError("decode_attention needs the slots' and positions' last dimension contiguous")
     keys, values = rows[:, :, 0], rows[:, :, 1]  # [B, T, KVH, D] views
     out = torch.empty((batch, kv_heads, count, dim), dtype=grouped.dtype, device=grouped.device)
     chunk = math.ceil(length / splits / BLOCK_N) * BLOCK_N

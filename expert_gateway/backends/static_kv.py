@@ -263,7 +263,10 @@ class StaticKVEngine:
                               eps=_eps(first.input_layernorm),
                               qk_eps=_eps(attention.q_norm) if self.qk_norm else 0.0,
                               activation=first.mlp.act_fn)
-        self._blocks = {False: (*blocks, merge_chunks), True: (*blocks, merge_chunks)}
+        eager = (*blocks, merge_chunks)
+        # True: the torch.compile'd blocks once compile_blocks has run; until then the very same
+        # tuple (compile_blocks tests identity: two equal tuples made it skip compiling for good)
+        self._blocks = {False: eager, True: eager}
         self.compiled = False
         self._splits = 0  # key chunks of the batch-1 step being captured (0: attention in one call)
         self._split_checked: dict[tuple[int, int], str | None] = {}
@@ -287,8 +290,8 @@ class StaticKVEngine:
         # float64 reference and uncached passes as closely as the others (bench, tests).
         # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
         # TRITON_DECODE (decode_attention) splits the keys of any step and reads each row's keys
-        # up to its own length only. Measured in another run on an H200 (compiled blocks), ms per
-        # step at batch 1 (width 2) over 128 / 2,048 keys: cuDNN 2.63 / 3.30, TRITON_DECODE 2.52
+        # up to its own length only. Measured in another run on an H200 (blocks eager: a bug then
+        # kept compile_blocks from compiling), ms per step at batch 1 (width 2) over 128 / 2,048 keys: cuDNN 2.63 / 3.30, TRITON_DECODE 2.52
         # / 2.76 (with its first merge, since made a single load); batch 32 over 512 / 2,048 keys:
         # cuDNN 3.12 / 4.16, TRITON_DECODE 2.89 / 3.42. It won 139 of 140 captured shapes.
         self.attention_candidates: tuple[str, ...] = (

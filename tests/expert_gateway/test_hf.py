@@ -551,6 +551,36 @@ def test_split_key_attention_matches_one_call_on_the_gpu() -> None:
                                      groups=4, dim=64, width=width, length=length, scale=0.125) is None
 
 
+def test_compile_blocks_runs_the_steps_through_torch_compile(tiny_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_blocks`` hands the layer blocks to torch.compile and the steps then run the
+    compiled ones (CPU: torch.compile replaced by a recording wrapper). It once only set the
+    flag: the blocks ran eagerly while ``hf.compile_blocks = true`` claimed otherwise."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    engine = StaticKVEngine(model, slots=4, capacity=64, max_batch=2)
+    compiled: list[str] = []
+    called: list[str] = []
+
+    def fake_compile(function: Callable[..., object], **options: object) -> Callable[..., object]:
+        compiled.append(function.__name__)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            called.append(function.__name__)
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    engine.compile_blocks()
+    assert engine.compiled and sorted(compiled) == ["attention_inputs", "merge_chunks", "mlp_block"]
+    called.clear()
+    engine.step([RowFeed(0, _prompt(3))], start=1)
+    assert called.count("attention_inputs") == called.count("mlp_block") == 2  # one per layer
+    engine.compile_blocks(False)
+    called.clear()
+    engine.step([RowFeed(0, _prompt(4))], start=2)
+    assert not engine.compiled and called == []
+
+
 @cuda
 @pytest.mark.slow
 def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
