@@ -291,9 +291,10 @@ class StaticKVEngine:
         # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
         # TRITON_DECODE (decode_attention) splits the keys of any step and reads each row's keys
         # up to its own length only. Measured in another run on an H200 (blocks eager: a bug then
-        # kept compile_blocks from compiling), ms per step at batch 1 (width 2) over 128 / 2,048 keys: cuDNN 2.63 / 3.30, TRITON_DECODE 2.52
-        # / 2.76 (with its first merge, since made a single load); batch 32 over 512 / 2,048 keys:
-        # cuDNN 3.12 / 4.16, TRITON_DECODE 2.89 / 3.42. It won 139 of 140 captured shapes.
+        # kept compile_blocks from compiling), ms per step at batch 1 (width 2) over 128 / 2,048
+        # keys: cuDNN 2.63 / 3.30, TRITON_DECODE 2.52 / 2.76 (with its first merge, since made a
+        # single load); batch 32 over 512 / 2,048 keys: cuDNN 3.12 / 4.16, TRITON_DECODE 2.89 /
+        # 3.42. It won 139 of 140 captured shapes.
         self.attention_candidates: tuple[str, ...] = (
             "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS, TRITON_DECODE)
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
