@@ -7,7 +7,9 @@
 2. Throughput with 1, 4 and 16 concurrent sessions (hf: 1, 8 and 32). The load runs in child
    processes (one per two cores, at most 8), as remote clients would: a client sharing the
    server's interpreter lock, or a single client process, would measure itself. hf: the mean
-   batch of the decode steps, and the scheduler's ms per loop and in the step.
+   batch of the decode steps, the scheduler's ms per loop, launching and waiting, the GPU's own
+   ms per step (CUDA events) and its busy share, and a call's ms in the engine against the
+   clients' round trip (what HTTP, the gateway and the pipe add to each call).
 3. hf only: plain transformers ``generate`` on the same model in the same process (batch 32 and
    1, 64-token prompts, 64 new tokens), the gateway's tok/s as a ratio to it, and the greedy
    agreement of the gateway's spans with uncached forward passes of the model.
@@ -170,7 +172,10 @@ def throughput(client: httpx.Client, info: dict[str, Any], *, sessions: int, cal
     requests = sum(part["requests"] for part in parts)
     return {"sessions": sessions, "requests_per_s": requests / elapsed,
             "tokens_per_s": sum(part["produced"] for part in parts) / elapsed, "seconds": elapsed,
-            "client_processes": processes}
+            "client_processes": processes,
+            # a session's calls are sequential: the share of the run it had a call out
+            "busy_share": sum(part["round_trip_s"] for part in parts) / (sessions * elapsed),
+            "round_trip_ms": sum(part["round_trip_s"] for part in parts) * 1e3 / requests}
 
 
 async def _load(spec: dict[str, Any]) -> dict[str, float]:
@@ -181,9 +186,13 @@ async def _load(spec: dict[str, Any]) -> dict[str, float]:
     limits = httpx.Limits(max_connections=len(indices) + 4, max_keepalive_connections=len(indices) + 4)
     async with httpx.AsyncClient(base_url=spec["url"], timeout=300, limits=limits) as client:
 
+        waited = [0.0]
+
         async def post(body: dict[str, Any]) -> dict[str, Any]:
+            started = time.perf_counter()
             response = await client.post("/v1/continue", json=body)
             response.raise_for_status()
+            waited[0] += time.perf_counter() - started
             return dict(response.json())
 
         async def one_session(index: int) -> int:
@@ -200,7 +209,8 @@ async def _load(spec: dict[str, Any]) -> dict[str, float]:
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)  # the parent's "go"
         produced = sum(await asyncio.gather(*(one_session(index) for index in indices)))
-    return {"requests": len(indices) * (calls + 1), "produced": produced, "ended": time.time()}
+    return {"requests": len(indices) * (calls + 1), "produced": produced, "ended": time.time(),
+            "round_trip_s": waited[0]}
 
 
 def llama_cpp_backends(model: Path | None, threads: int) -> tuple[ExpertBackend, ExpertBackend, str]:
@@ -342,9 +352,8 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
     """Milliseconds of one replayed step per attention kernel, batch and key length."""
     chosen, compiled = engine.attention_candidates, engine.compiled
     timings: dict[str, dict[str, float]] = {}
-    variants = [(kernel, False) for kernel in ("EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")]
-    variants += [(kernel, True)
-                 for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS")]
+    variants = [(kernel, True) for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION",
+                                              "EFFICIENT_SPLIT_KEYS", "TRITON_DECODE")]
     for kernel, blocks_compiled in variants:
         label = f"{kernel.lower()}{', compiled' if blocks_compiled else ''}"
         try:
@@ -356,13 +365,14 @@ def step_kernels(engine: Any, rows: list[tuple[str, str, str, str]]) -> dict[str
             engine.reset_graphs()
             timings[label] = {
                 f"b{batch}_w{width}_t{length}": engine.replay_ms(batch, width, length)
-                for batch, width, length in ((1, 1, 128), (1, 1, 2048), (32, 1, 128), (32, 4, 128),
+                for batch, width, length in ((1, 2, 128), (1, 2, 2048), (32, 1, 128), (32, 6, 512),
                                              (32, 1, 2048), (64, 1, 128))}
         except Exception as exc:  # a kernel that cannot take this step is a finding, not a crash
             rows.append((f"step ms, {label}", "failed", type(exc).__name__, ""))
             print(f"step ms, {label}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
             continue
         cells = [f"{key}={value:.2f}" for key, value in timings[label].items()]
+        print(f"step ms, {label}: {', '.join(cells)}", file=sys.stderr, flush=True)
         rows.append((f"step ms, {label}", ", ".join(cells[:2]), ", ".join(cells[2:4]),
                      ", ".join(cells[4:])))
     engine.compile_blocks(compiled)
@@ -400,15 +410,16 @@ def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
     measured_runs = []
     with served(backend) as client:
         info = client.get("/v1/models").json()[0]
-        for count in (int(value) for value in concurrency.split(",")):
+        runs = [(int(count), int(clients)) for count in concurrency.split(",")
+                for clients in str(args.clients).split(",")]
+        for index, (count, clients) in enumerate(runs):
+            tag = f"{label.replace(' ', '')}{index}"
             throughput(client, info, sessions=count, calls=2, max_tokens=args.span,
-                       new_tokens=args.new_tokens, tag="warm" + label.replace(" ", ""),
-                       processes=args.clients)
+                       new_tokens=args.new_tokens, tag="warm" + tag, processes=clients)
             if stats is not None:
                 stats(clear=True)
             measured = throughput(client, info, sessions=count, calls=args.calls, max_tokens=args.span,
-                                  new_tokens=args.new_tokens, tag=label.replace(" ", ""),
-                                  processes=args.clients)
+                                  new_tokens=args.new_tokens, tag=tag, processes=clients)
             found = stats() if stats is not None else {}
             steps = found.get("steps", [])
             if steps:
@@ -419,10 +430,17 @@ def run_throughput(backend: Any, concurrency: str, args: argparse.Namespace,
                     measured["launch_ms"] = timing["engine_s"] * 1e3 / len(steps)
                     measured["wait_ms"] = timing.get("wait_s", 0.0) * 1e3 / len(steps)
                     measured["mean_width"] = statistics.fmean(found["widths"])
+                    measured["gpu_ms"] = timing.get("gpu_s", 0.0) * 1e3 / len(steps)
+                    measured["gpu_busy"] = timing.get("gpu_s", 0.0) / max(timing["loop_s"], 1e-9)
+                    if timing.get("calls"):
+                        measured["engine_call_ms"] = timing["call_s"] * 1e3 / timing["calls"]
                     print(f"  scheduler at {count} sessions: {measured['loop_ms']:.2f} ms per loop, "
                           f"{measured['launch_ms']:.2f} ms launching a step, {measured['wait_ms']:.2f} ms "
-                          f"waiting for one, mean width {measured['mean_width']:.1f}",
-                          file=sys.stderr, flush=True)
+                          f"waiting for one, {measured['gpu_ms']:.2f} ms of GPU per step "
+                          f"(busy {measured['gpu_busy']:.0%} of the loops), mean width "
+                          f"{measured['mean_width']:.1f}; a call {measured.get('engine_call_ms', 0):.2f} ms "
+                          f"in the engine of {measured['round_trip_ms']:.2f} ms round trip, sessions "
+                          f"busy {measured['busy_share']:.0%}", file=sys.stderr, flush=True)
             measured_runs.append(measured)
             batch = f" (batch {measured['mean_decode_batch']:.1f})" if steps else ""
             batch += f", {measured['client_processes']} clients" if measured["client_processes"] > 1 else ""
@@ -437,7 +455,7 @@ def kernel_agreement(local: Any, model: Any, rows: list[tuple[str, str, str, str
     engine = local.engine
     chosen = engine.attention_candidates
     found: dict[str, Any] = {}
-    for kernel in ("EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"):
+    for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "TRITON_DECODE"):
         engine.attention_candidates = (kernel,)
         local.submit_call(engine.reset_graphs).result()
         try:
@@ -481,8 +499,9 @@ def main() -> int:
     parser.add_argument("--span", type=int, default=4, help="max_tokens per call in the throughput runs")
     parser.add_argument("--new-tokens", type=int, default=4,
                         help="tokens each throughput call adds (the base's tokens since the last call)")
-    parser.add_argument("--clients", type=int, default=0,
-                        help="client processes of a throughput run (0: one per two cores, at most 8)")
+    parser.add_argument("--clients", default="0",
+                        help="client processes of a throughput run (0: one per two cores, at most 8); "
+                             "a comma list runs each concurrency with each")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # child process of a throughput run
     args = parser.parse_args()
     if args.load:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from expert_gateway.backends import build_backend
-from expert_gateway.backends.base import ContinueOptions, ExpertBackend
+from expert_gateway.backends.base import ContinueOptions, ContinuesAsync, ExpertBackend
 from expert_gateway.errors import (
     SHARED_ERRORS,
     GatewayError,
@@ -188,14 +188,21 @@ def _check_tokens(info: ModelInfo, tokens: list[int]) -> None:
             f"token id {max(tokens)} is outside the vocabulary (size {info.vocab_size})")
 
 
-async def _run_backend(state: GatewayState, route: str, work: Callable[[], Any]) -> Any:
+async def _run_backend(state: GatewayState, route: str, work: Callable[[], Any],
+                       awaited: Callable[[], Awaitable[Any]] | None = None) -> Any:
+    """``work`` on a worker thread, or ``awaited`` on the event loop when the backend offers it
+    (``ContinuesAsync``); either way the call runs to its end once started."""
     if state.in_flight >= state.settings.server.max_queue:
         raise UnavailableError(f"{state.in_flight} calls are queued: try again shortly")
     state.in_flight += 1
     try:
         async with state.limiter:
             started = time.perf_counter()
-            result = await anyio.to_thread.run_sync(work)
+            if awaited is not None:
+                with anyio.CancelScope(shield=True):  # as uncancellable as the worker thread
+                    result = await awaited()
+            else:
+                result = await anyio.to_thread.run_sync(work)
             state.metrics.backend_latency.observe(time.perf_counter() - started, route=route)
             return result
     finally:
@@ -223,8 +230,10 @@ async def _continue(state: GatewayState, request: ContinueRequest, key: ApiKey |
             )
         # Worst case: the backend re-reads the whole sequence and writes max_tokens.
         with _quota(state, key, len(sequence) + request.max_tokens) as charge:
-            result = await _run_backend(state, "/v1/continue", lambda: backend.continue_(
-                session, sequence, options=options))
+            result = await _run_backend(
+                state, "/v1/continue", lambda: backend.continue_(session, sequence, options=options),
+                (lambda: backend.continue_async(session, sequence, options=options))
+                if isinstance(backend, ContinuesAsync) else None)
             charge(result.prefilled_tokens + len(result.tokens))
         state.sessions.commit(session, sequence + result.tokens)
     state.metrics.prefill_tokens.inc(result.prefilled_tokens)

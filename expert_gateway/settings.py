@@ -136,9 +136,10 @@ class LlamaCppSettings(Section):
     )
 
 
-AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS"]
+AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS",
+                          "TRITON_DECODE"]
 DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = (
-    "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "EFFICIENT_SPLIT_KEYS")
+    "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "EFFICIENT_SPLIT_KEYS", "TRITON_DECODE")
 
 
 class HfSettings(Section):
@@ -161,9 +162,11 @@ class HfSettings(Section):
     cuda_graphs: bool = Field(
         default=True, description="capture the batched step as CUDA graphs at start-up and replay them")
     attention_kernels: list[AttentionKernel] = Field(
-        default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=4,
+        default_factory=lambda: list(DEFAULT_ATTENTION_KERNELS), min_length=1, max_length=5,
         description="attention kernels tried for each captured step shape; the fastest replay is "
-                    "kept (EFFICIENT_SPLIT_KEYS: batch-1 steps over >= 512 keys, split and merged)")
+                    "kept (EFFICIENT_SPLIT_KEYS: batch-1 steps over >= 512 keys, split and merged; "
+                    "TRITON_DECODE: split-key Triton kernel reading each row's keys up to its own "
+                    "length, where triton is installed, bf16 and fp16 models)")
     compile_blocks: bool = Field(
         default=True,
         description="torch.compile the layer blocks around attention on CUDA (fuses their "

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # The sampling loop and the scoring are the core's, shared with the client's in-process expert;
 # they are re-exported here because every backend module imports them from this one.
 from tandem_core.continuation import ContinueOptions, generate, score_rows, token_logprob
 from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence, TokenLogprob
 
-__all__ = ["Continuation", "ContinueOptions", "ExpertBackend", "generate", "score_rows",
-           "token_logprob"]
+__all__ = ["Continuation", "ContinueOptions", "ContinuesAsync", "ExpertBackend", "generate",
+           "score_rows", "token_logprob"]
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,19 @@ class ExpertBackend(Protocol):
 
     def close(self) -> None:
         """Release models, threads and connections."""
+        ...
+
+
+@runtime_checkable
+class ContinuesAsync(Protocol):
+    """A backend whose continuations are queued and resolved by its own thread (the hf backends).
+
+    The gateway awaits them on its event loop instead of parking a worker thread on each call:
+    the hop to a worker thread and back cost every call a thread switch and the interpreter
+    lock twice, on the path that decides how soon a session's next call reaches the batch.
+    """
+
+    async def continue_async(self, session_id: str, sequence: Sequence[int], *,
+                             options: ContinueOptions) -> Continuation:
+        """``continue_``, awaited on the caller's event loop."""
         ...

@@ -22,6 +22,7 @@ torch and transformers are imported when the backend is opened, never at module 
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
@@ -76,6 +77,7 @@ class _Job:
     expected: int = 0  # tokens it will have once every launched step is read
     source: int = -1  # its row in the last launched step, while that step is unread
     done: bool = False  # answered (or failed): later outputs of launched steps are dropped
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -128,7 +130,11 @@ class HfBackend:
         # work, their seconds, the seconds launching steps (inputs, replay) and waiting for them.
         # Measured on an H200 at 32 sessions (24x2048 model): 4.3 ms per loop, 0.6 ms launching,
         # 1.7 ms waiting; 7.6 ms per loop before the loop was pipelined.
-        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0, "wait_s": 0.0}
+        # gpu_s: the device's own time in those steps (CUDA events), for the share the GPU is busy;
+        # calls, call_s: calls answered and their seconds from submit to answer (against the
+        # clients' round trips, the time a call spends outside the engine).
+        self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0, "wait_s": 0.0, "gpu_s": 0.0,
+                        "calls": 0, "call_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
         # releases it; with the default 5 ms switch interval, request threads busy with HTTP
         # held it for whole steps. Measured on an H200 with 32 sessions over HTTP: 5 ms gave
@@ -165,6 +171,13 @@ class HfBackend:
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
         return from_wire(self.submit(session_id, sequence, options=options).result())
+
+    async def continue_async(self, session_id: str, sequence: Sequence[int], *,
+                             options: ContinueOptions) -> Continuation:
+        """``continue_`` awaited on the event loop: the scheduler resolves it (ContinuesAsync)."""
+        # shielded: a cancelled caller must not cancel the future the scheduler resolves
+        future = self.submit(session_id, sequence, options=options)
+        return from_wire(await asyncio.shield(asyncio.wrap_future(future)))
 
     def submit(self, session_id: str, sequence: Sequence[int], *,
                options: ContinueOptions) -> Future[WireContinuation]:
@@ -213,7 +226,8 @@ class HfBackend:
         if clear:
             self.steps.clear()
             self.widths.clear()
-            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0, wait_s=0.0)
+            self._timing.update(loops=0, loop_s=0.0, engine_s=0.0, wait_s=0.0, gpu_s=0.0, calls=0,
+                                call_s=0.0)
         choice = dict(self._engine.kernel_choice)
         return {"steps": steps, "widths": widths, "graphs": self._engine.graphs,
                 "kernel_choice": {",".join(map(str, key)): name for key, name in choice.items()},
@@ -387,6 +401,7 @@ class HfBackend:
             return
         finally:
             self._timing["wait_s"] += time.perf_counter() - started
+        self._timing["gpu_s"] += launched.pending.gpu_seconds
         relaunched = self._launched.jobs if self._launched is not None else []
         ended = []
         for index, job in enumerate(launched.jobs):
@@ -453,6 +468,8 @@ class HfBackend:
 
     def _answer(self, job: _Job) -> None:
         job.done = True
+        self._timing["calls"] += 1
+        self._timing["call_s"] += time.perf_counter() - job.arrived
         job.future.set_result((job.tokens, job.logprobs if job.options.want_logprobs else None,
                                job.reused, len(job.sequence) - job.reused))
 

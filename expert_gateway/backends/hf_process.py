@@ -23,6 +23,7 @@ tens of microseconds against a step of milliseconds, and it needs no new depende
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import itertools
@@ -107,6 +108,13 @@ class ProcessBackend:
     def continue_(self, session_id: str, sequence: Sequence[int], *,
                   options: ContinueOptions) -> Continuation:
         return from_wire(self._request("continue", (session_id, list(sequence), options)).result())
+
+    async def continue_async(self, session_id: str, sequence: Sequence[int], *,
+                             options: ContinueOptions) -> Continuation:
+        """``continue_`` awaited on the event loop: the reader thread resolves it (ContinuesAsync)."""
+        request = self._request("continue", (session_id, list(sequence), options))
+        # shielded: a cancelled caller must not cancel the future the reader thread resolves
+        return from_wire(await asyncio.shield(asyncio.wrap_future(request)))
 
     def score(self, sequences: Sequence[ScoreSequence]) -> list[ScoreResult]:
         return list(self._request("score", list(sequences)).result())

@@ -23,8 +23,11 @@ buckets are captured as CUDA graphs on first use (or by ``warmup``) and replayed
 Each layer is two functions of tensors around the attention call (``layer_blocks``), which
 ``compile_blocks`` runs through torch.compile on CUDA: their elementwise work (residual adds,
 RMSNorm, rotary embedding, the activation, layout changes) fuses into a few kernels. Each
-captured shape keeps the fastest of ``attention_candidates``; ``SPLIT_KEYS`` attends a batch-1
-step's keys in parallel chunks merged by log-sum-exp, after a check against one plain call.
+captured shape keeps the fastest of ``attention_candidates``, each timed over rows at the end of
+the shape's key bucket; ``TRITON_DECODE`` (``decode_attention``) attends any step's keys in
+parallel chunks merged by log-sum-exp and reads each row only up to its own position, and
+``SPLIT_KEYS`` does the same for batch-1 steps through SDPA, each after a check against plain
+attention.
 
 torch is imported when an engine is built, never at module import.
 """
@@ -39,6 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from expert_gateway.backends.decode_attention import NAME as TRITON_DECODE
+from expert_gateway.backends.decode_attention import check as check_decode
+from expert_gateway.backends.decode_attention import decode_attention, splits_for
 from expert_gateway.errors import BackendError
 from tandem_core.protocol import MAX_TOP_LOGPROBS
 
@@ -54,6 +60,8 @@ MIN_LENGTH_BUCKET = 64
 SPLIT_KEYS = "EFFICIENT_SPLIT_KEYS"
 SPLIT_MIN_LENGTH = 512
 SPLIT_MASK = -1e30  # finite: a chunk whose keys are all masked gets weight 0, never NaN
+# TRITON_DECODE, the Triton split-key kernel (``decode_attention``): any batch, keys read up to
+# each row's own length; offered where triton imports, on bf16 and fp16 models.
 GIB = 1024**3
 # Columns of a step's output row: token, its log-prob, then top ids and top log-probs.
 TOKEN, LOGPROB, TOP = 0, 1, 2
@@ -255,10 +263,17 @@ class StaticKVEngine:
                               eps=_eps(first.input_layernorm),
                               qk_eps=_eps(attention.q_norm) if self.qk_norm else 0.0,
                               activation=first.mlp.act_fn)
-        self._blocks = {False: (*blocks, merge_chunks), True: (*blocks, merge_chunks)}
+        eager = (*blocks, merge_chunks)
+        # True: the torch.compile'd blocks once compile_blocks has run; until then the very same
+        # tuple (compile_blocks tests identity: two equal tuples made it skip compiling for good)
+        self._blocks = {False: eager, True: eager}
         self.compiled = False
         self._splits = 0  # key chunks of the batch-1 step being captured (0: attention in one call)
         self._split_checked: dict[tuple[int, int], str | None] = {}
+        self._decode_splits = 0  # > 0 while a step with the Triton kernel is captured: its chunks
+        self._decode_checked: dict[tuple[int, int, int], str | None] = {}
+        self.processors = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                           if self.device.type == "cuda" else 1)
         with torch.inference_mode():
             probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
             cos, sin = rotary(probe, torch.arange(capacity, device=self.device)[None])
@@ -274,7 +289,14 @@ class StaticKVEngine:
         # the keys in turn); MATH (eager blocks) 3.07 / 4.48 / 4.56 / 23.2. cuDNN matched a
         # float64 reference and uncached passes as closely as the others (bench, tests).
         # SPLIT_KEYS applies to batch-1 steps over >= 512 keys only (see split_attention).
-        self.attention_candidates: tuple[str, ...] = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS)
+        # TRITON_DECODE (decode_attention) splits the keys of any step and reads each row's keys
+        # up to its own length only. Measured in another run on an H200 (blocks eager: a bug then
+        # kept compile_blocks from compiling), ms per step at batch 1 (width 2) over 128 / 2,048
+        # keys: cuDNN 2.63 / 3.30, TRITON_DECODE 2.52 / 2.76 (with its first merge, since made a
+        # single load); batch 32 over 512 / 2,048 keys: cuDNN 3.12 / 4.16, TRITON_DECODE 2.89 /
+        # 3.42. It won 139 of 140 captured shapes.
+        self.attention_candidates: tuple[str, ...] = (
+            "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", SPLIT_KEYS, TRITON_DECODE)
         self.kernel_choice: dict[tuple[int, int, int], str] = {}
         self._kept: list[Any] = []  # every graph ever captured shares the pool: none is freed
         self._graphs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
@@ -374,9 +396,12 @@ class StaticKVEngine:
         length = bucket(feed.length, self.length_buckets)
         torch = self._torch
         with torch.inference_mode(), self._kernels(EAGER_KERNELS):
+            began = None
             if graphed:
                 graph, output = self._graph(batch, width, length)
                 self._load(feed)
+                began = torch.cuda.Event(enable_timing=True)
+                began.record()
                 graph.replay()
             else:
                 output = self._compute(*self._tensors(feed), start=0, length=length, chain=True)
@@ -389,9 +414,9 @@ class StaticKVEngine:
                 held.result()  # its buffer is about to be reused: read it first
             host = self._host_outputs[turn]
             host[:len(rows)].copy_(output[:len(rows)], non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=began is not None)
             event.record()
-            pending = PendingStep(None, host=host, rows=len(rows), event=event)
+            pending = PendingStep(None, host=host, rows=len(rows), event=event, began=began)
             self._holders[turn] = pending
             return pending
 
@@ -430,12 +455,10 @@ class StaticKVEngine:
         import time
 
         torch = self._torch
-        feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
-                          scratch=self.scratch)
         timings = []
         with torch.inference_mode():
             graph, _ = self._graph(batch, width, length)
-            self._load(feed)
+            self._load(self._padding_feed(batch, width, length))
             for _ in range(repeats):
                 torch.cuda.synchronize(self.device)
                 started = time.perf_counter()
@@ -490,17 +513,20 @@ class StaticKVEngine:
             ids = torch.cat((fed[:, None], ids[:, 1:]), dim=1)
         attention_inputs, mlp_block, merge = self._blocks[self.compiled]
         splits = self._splits if batch == 1 else 0
+        decode_splits = self._decode_splits
         x = self._embed(ids)
         cos, sin = self._cos[positions], self._sin[positions]  # [B, W, 1, D]
-        keys_at = torch.arange(length, device=self.device)
-        allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
-        # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
-        allowed = allowed[:, None, :, None].expand(batch, 1, width, self.groups, length).reshape(
-            batch, 1, width * self.groups, length)
-        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~allowed, float("-inf"))
-        if splits:
-            bias = split_bias(torch, allowed, splits, self.dtype)
+        bias = None
+        if not decode_splits:  # the Triton kernel masks by the positions themselves
+            keys_at = torch.arange(length, device=self.device)
+            allowed = keys_at[None, None, :] <= positions[:, :, None]  # [B, W, T]: own slot, causal
+            # Query row r of a KV head is token r // G of head r % G; one additive mask for all layers.
+            allowed = allowed[:, None, :, None].expand(batch, 1, width, self.groups, length).reshape(
+                batch, 1, width * self.groups, length)
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~allowed, float("-inf"))
+            if splits:
+                bias = split_bias(torch, allowed, splits, self.dtype)
         flat = dest.reshape(-1)
         delta = None
         for index, weights in enumerate(self._weights):
@@ -508,7 +534,10 @@ class StaticKVEngine:
             slots = self.cache[index]  # [S + 1, C, 2, KVH, D]
             slots.view(-1, 2, self.kv_heads, self.head_dim).index_copy_(0, flat, kv)
             rows = slots[start:start + batch, :length]  # a view: no cache is copied
-            if splits:
+            if decode_splits:
+                out = decode_attention(torch, grouped, rows, positions, scale=self.scaling,
+                                       splits=decode_splits)
+            elif splits:
                 out = merge(*split_attention(torch, grouped, rows, bias, splits, self.scaling))
             else:
                 out = functional.scaled_dot_product_attention(
@@ -549,6 +578,16 @@ class StaticKVEngine:
         self._inputs.copy_(self._host_inputs[turn], non_blocking=True)
         self._loaded[turn].record()
 
+    def _padding_feed(self, batch: int, width: int, length: int) -> StepInput:
+        """Inputs to capture and time a step over: padding only, so every write lands in the
+        scratch slot, but each row at the end of the key bucket, so that a kernel that reads a
+        row's keys up to its own position (TRITON_DECODE) is timed at the bucket's full length,
+        as the others always are."""
+        feed = build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
+                          scratch=self.scratch)
+        feed.positions[:] = np.arange(length - width, length)[None] if length >= width else 0
+        return feed
+
     def _graph(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
         """The captured step for this shape: captured now with each attention candidate if new,
         the fastest replay kept."""
@@ -568,9 +607,7 @@ class StaticKVEngine:
 
     def _capture_best(self, batch: int, width: int, length: int) -> tuple[Any, Any]:
         key = (batch, width, length)
-        # Capture over padding only: every write lands in the scratch slot.
-        self._load(build_step([], batch=batch, width=width, start=0, capacity=self.capacity,
-                              scratch=self.scratch))
+        self._load(self._padding_feed(batch, width, length))
         best: tuple[float, str, Any, Any] | None = None
         failures = []
         for name in self.attention_candidates:
@@ -578,6 +615,11 @@ class StaticKVEngine:
                 if not split_count(batch, length):
                     continue  # only batch-1 steps over long key ranges split
                 problem = self._check_split(width, length)
+                if problem is not None:
+                    failures.append(f"{name}: {problem}")
+                    continue
+            if name == TRITON_DECODE:
+                problem = self._check_decode(batch, width, length)
                 if problem is not None:
                     failures.append(f"{name}: {problem}")
                     continue
@@ -600,11 +642,31 @@ class StaticKVEngine:
 
     def _capture(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         self._splits = split_count(batch, length) if kernel == SPLIT_KEYS else 0
+        self._decode_splits = self._decode_split_count(batch, length) if kernel == TRITON_DECODE else 0
         try:
-            return self._capture_with(batch, width, length,
-                                      "EFFICIENT_ATTENTION" if kernel == SPLIT_KEYS else kernel)
+            return self._capture_with(batch, width, length, "EFFICIENT_ATTENTION"
+                                      if kernel in (SPLIT_KEYS, TRITON_DECODE) else kernel)
         finally:
-            self._splits = 0
+            self._splits = self._decode_splits = 0
+
+    def _decode_split_count(self, batch: int, length: int) -> int:
+        return splits_for(batch, self.kv_heads, length, self.processors)
+
+    def _check_decode(self, batch: int, width: int, length: int) -> str | None:
+        """The Triton kernel against float64 attention on random data of this shape (once per
+        shape); None if they agree to bf16 accuracy, else why the kernel is not used here."""
+        key = (batch, width, length)
+        if key not in self._decode_checked:
+            if self.dtype not in (self._torch.bfloat16, self._torch.float16):
+                problem: str | None = f"runs bf16 and fp16 models only, not {self.dtype}"
+            else:
+                problem = check_decode(
+                    # a few rows stand for the batch: the split and chunk are the batch's own
+                    self._torch, device=self.device, dtype=self.dtype, batch=min(batch, 4),
+                    kv_heads=self.kv_heads, groups=self.groups, dim=self.head_dim, width=width,
+                    length=length, scale=self.scaling, splits=self._decode_split_count(batch, length))
+            self._decode_checked[key] = problem
+        return self._decode_checked[key]
 
     def _capture_with(self, batch: int, width: int, length: int, kernel: str) -> tuple[Any, Any]:
         torch = self._torch
@@ -645,17 +707,25 @@ class StaticKVEngine:
 
 
 class PendingStep:
-    """A launched step's outputs: ``result`` waits for them (once) and returns a host copy."""
+    """A launched step's outputs: ``result`` waits for them (once) and returns a host copy.
+
+    ``gpu_seconds``, once read: the device time from the replay's start to its outputs' copy
+    (graphed steps; 0.0 otherwise), which benchmarks set against the scheduler's loop time.
+    """
 
     def __init__(self, ready: np.ndarray | None, *, host: Any = None, rows: int = 0,
-                 event: Any = None) -> None:
+                 event: Any = None, began: Any = None) -> None:
         self._ready, self._host, self._rows, self._event = ready, host, rows, event
+        self._began = began
+        self.gpu_seconds = 0.0
 
     def result(self) -> np.ndarray:
         if self._ready is None:
             self._event.synchronize()  # releases the interpreter lock while it waits
             self._ready = np.array(self._host[:self._rows].numpy())
-            self._host = self._event = None
+            if self._began is not None:
+                self.gpu_seconds = self._began.elapsed_time(self._event) / 1e3
+            self._host = self._event = self._began = None
         return self._ready
 
 

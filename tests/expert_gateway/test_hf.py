@@ -191,6 +191,49 @@ def test_concurrent_http_sessions_are_batched_and_equal_sequential(
     assert max(hf_backend.steps) > 1  # decode steps of different sessions ran in one batch
 
 
+def test_the_gateway_awaits_hf_calls_on_its_event_loop(
+        tmp_path_factory: pytest.TempPathFactory, hf_backend: HfBackend,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls reach the backend through ``continue_async`` (no worker thread waits per call):
+    with the blocking ``continue_`` broken, the gateway still answers, and exactly."""
+    from expert_gateway.backends.base import ContinuesAsync
+
+    def blocking(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gateway parked a worker thread on the call")
+
+    assert isinstance(hf_backend, ContinuesAsync)
+    monkeypatch.setattr(hf_backend, "continue_", blocking)
+    settings = gateway_settings(tmp_path_factory.mktemp("hf") / "keys.json", auth={"enabled": False})
+    body = {"session": "aw", "model": "tiny", "held": 0, "tokens": _prompt(31), "max_tokens": 5,
+            "tokenizer": FINGERPRINT}
+    app = create_app(settings, backend=hf_backend)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        reply = client.post("/v1/continue", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["tokens"] == _reference_greedy(hf_backend, _prompt(31), 5)
+
+
+def test_a_cancelled_awaited_call_leaves_the_scheduler_serving(hf_backend: HfBackend) -> None:
+    """A caller cancelled while it awaits must not cancel the future the scheduler thread
+    resolves (setting a cancelled future's result would raise on that thread and stop it)."""
+    import asyncio
+
+    async def cancel_one_then_call() -> list[int]:
+        waiting = asyncio.ensure_future(hf_backend.continue_async(
+            "cancelled", _prompt(40), options=ContinueOptions(max_tokens=30)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        reply = await hf_backend.continue_async("after", _prompt(41), options=ContinueOptions(max_tokens=3))
+        return reply.tokens
+
+    assert asyncio.run(cancel_one_then_call()) == _reference_greedy(hf_backend, _prompt(41), 3)
+    assert hf_backend._thread.is_alive()
+    again = hf_backend.continue_("cancelled", _prompt(40), options=ContinueOptions(max_tokens=3))
+    assert again.tokens == _reference_greedy(hf_backend, _prompt(40), 3)
+
+
 def test_sessions_beyond_the_slots_reuse_the_least_recent_slot_and_stay_exact(
         small_backend: HfBackend) -> None:
     """Five sessions over three slots: evicted ones prefill again, every answer stays exact."""
@@ -361,6 +404,25 @@ def test_engine_process_batches_concurrent_calls(process_backend: ProcessBackend
     assert max(process_backend.stats()["steps"]) > 1
 
 
+def test_engine_process_calls_are_awaited_and_survive_a_cancelled_caller(
+        process_backend: ProcessBackend, hf_backend: HfBackend) -> None:
+    import asyncio
+
+    async def calls() -> list[list[int]]:
+        waiting = asyncio.ensure_future(process_backend.continue_async(
+            "pa-cancelled", _prompt(110), options=ContinueOptions(max_tokens=20)))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        replies = await asyncio.gather(*(process_backend.continue_async(
+            f"pa{index}", _prompt(111 + index), options=ContinueOptions(max_tokens=4)) for index in range(3)))
+        return [reply.tokens for reply in replies]
+
+    expected = [_reference_greedy(hf_backend, _prompt(111 + index), 4) for index in range(3)]
+    assert asyncio.run(calls()) == expected
+    after = process_backend.continue_("pa-next", _prompt(115), options=ContinueOptions(max_tokens=2))
+    assert after.tokens == _reference_greedy(hf_backend, _prompt(115), 2)
+
+
 def test_engine_process_scores_forgets_and_reports_errors(process_backend: ProcessBackend,
                                                           hf_backend: HfBackend) -> None:
     tokens = _prompt(4) + _prompt(5)
@@ -489,6 +551,36 @@ def test_split_key_attention_matches_one_call_on_the_gpu() -> None:
                                      groups=4, dim=64, width=width, length=length, scale=0.125) is None
 
 
+def test_compile_blocks_runs_the_steps_through_torch_compile(tiny_model_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_blocks`` hands the layer blocks to torch.compile and the steps then run the
+    compiled ones (CPU: torch.compile replaced by a recording wrapper). It once only set the
+    flag: the blocks ran eagerly while ``hf.compile_blocks = true`` claimed otherwise."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    engine = StaticKVEngine(model, slots=4, capacity=64, max_batch=2)
+    compiled: list[str] = []
+    called: list[str] = []
+
+    def fake_compile(function: Callable[..., object], **options: object) -> Callable[..., object]:
+        compiled.append(function.__name__)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            called.append(function.__name__)
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    engine.compile_blocks()
+    assert engine.compiled and sorted(compiled) == ["attention_inputs", "merge_chunks", "mlp_block"]
+    called.clear()
+    engine.step([RowFeed(0, _prompt(3))], start=1)
+    assert called.count("attention_inputs") == called.count("mlp_block") == 2  # one per layer
+    engine.compile_blocks(False)
+    called.clear()
+    engine.step([RowFeed(0, _prompt(4))], start=2)
+    assert not engine.compiled and called == []
+
+
 @cuda
 @pytest.mark.slow
 def test_compiled_blocks_equal_eager_blocks(tiny_model_dir: Path) -> None:
@@ -587,3 +679,152 @@ def test_slot_swap_moves_each_sides_own_length(tiny_model_dir: Path) -> None:
         engine.swap(1, 0, 0, 11)  # slot 1 is empty: only slot 0's 11 positions move
         assert torch.equal(engine.cache[:, 1, :11], before[:, 2, :11])
         assert torch.equal(engine.cache[:, 3], before[:, 3])  # scratch untouched
+
+
+# -- the Triton split-key kernel (decode_attention) ----------------------------------------------
+
+
+def test_decode_attention_splits_fill_the_chip_once() -> None:
+    from expert_gateway.backends.decode_attention import splits_for
+
+    # batch 1, 8 KV heads on 132 multiprocessors: 33 chunks wanted, at most one per 64 keys
+    assert [splits_for(1, 8, length, 132) for length in (64, 128, 2048, 4096)] == [1, 2, 32, 33]
+    assert splits_for(32, 8, 2048, 132) == 1 and splits_for(16, 8, 2048, 132) == 3
+
+
+def test_decode_attention_reference_is_the_steps_masked_attention() -> None:
+    """The float64 reference the kernel is checked against is the engine's own mask: query row
+    r of a KV head is token r // G and sees its slot's keys up to that token's position."""
+    from expert_gateway.backends.decode_attention import reference
+
+    generator = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, dim, width, length = 3, 2, 3, 16, 2, 40
+    rows = torch.randn((batch, length, 2, kv_heads, dim), generator=generator, dtype=torch.float64)
+    grouped = torch.randn((batch, kv_heads, width * groups, dim), generator=generator, dtype=torch.float64)
+    positions = torch.tensor([[0, 1], [20, 21], [38, 39]])
+    got = reference(torch, grouped, rows, positions, scale=0.25)
+    for b in range(batch):
+        for r in range(width * groups):
+            seen = int(positions[b, r // groups]) + 1
+            for h in range(kv_heads):
+                keys, values = rows[b, :seen, 0, h], rows[b, :seen, 1, h]
+                expected = torch.softmax(keys @ grouped[b, h, r] * 0.25, dim=0) @ values
+                torch.testing.assert_close(got[b, h, r], expected)
+
+
+def _triton_interpreted() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return not torch.cuda.is_available()
+
+
+INTERPRETED_CHECK = """
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from expert_gateway.backends.decode_attention import decode_attention, reference
+
+
+@triton.jit
+def probe(bound_ptr, out_ptr):
+    total = 0
+    for _ in range(0, tl.load(bound_ptr)):  # a loop bound read from memory, as the kernel's
+        total += 1
+    tl.store(out_ptr, total)
+
+
+out = torch.zeros(1, dtype=torch.int32)
+try:
+    probe[(1,)](torch.tensor([3], dtype=torch.int32), out)
+except Exception as exc:  # e.g. Triton 3.6's interpreter under numpy 2: int() of a 1-element array
+    print(f"unsupported: {type(exc).__name__}: {exc}")
+    sys.exit(0)
+assert int(out) == 3
+generator = torch.Generator().manual_seed(0)
+for batch, kv_heads, groups, dim, width, length, splits in (
+        (1, 2, 4, 64, 2, 256, 4), (3, 2, 4, 64, 1, 128, 1), (2, 1, 3, 32, 5, 200, 3),
+        (1, 2, 4, 48, 2, 130, 2)):
+    cache = torch.randn((batch + 1, length + 7, 2, kv_heads, dim), generator=generator)
+    grouped = torch.randn((batch, kv_heads, width * groups, dim), generator=generator)
+    ends = torch.tensor([(length, length // 3 + width, width)[index % 3] for index in range(batch)])
+    positions = ends[:, None] - width + torch.arange(width)[None]
+    rows = cache[1:, :length]  # a strided view, as the engine's slots
+    got = decode_attention(torch, grouped, rows, positions, scale=dim**-0.5, splits=splits)
+    expected = reference(torch, grouped, rows, positions, scale=dim**-0.5)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="needs triton without a GPU (its interpreter)")
+def test_decode_attention_kernel_in_tritons_interpreter() -> None:
+    """The kernel's arithmetic on the CPU, through Triton's interpreter (a process of its own:
+    triton reads TRITON_INTERPRET once), in float32, as the interpreter's bf16 dot is not bf16
+    arithmetic: chunks entirely masked, a head size that is not a power of two, one chunk and
+    many, rows that see all keys, a third of them or a few."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    environment = {**os.environ, "TRITON_INTERPRET": "1",
+                   "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=environment, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    if done.stdout.startswith("unsupported"):
+        pytest.skip(f"this triton's interpreter cannot run data-dependent loops: {done.stdout[:300]}")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.parametrize(("batch", "width", "length"), [(1, 1, 128), (1, 2, 2048), (1, 8, 4096),
+                                                       (5, 3, 512), (32, 1, 2048), (64, 6, 256)])
+def test_decode_attention_kernel_matches_float64_on_the_gpu(batch: int, width: int, length: int) -> None:
+    from expert_gateway.backends.decode_attention import check, splits_for
+
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in {1, splits_for(batch, 8, length, processors)}:
+        assert check(torch, device=torch.device("cuda"), dtype=torch.bfloat16, batch=batch, kv_heads=8,
+                     groups=4, dim=64, width=width, length=length, scale=0.125, splits=splits) is None
+
+
+def test_captures_are_timed_over_rows_at_the_end_of_their_key_bucket(tiny_model_dir: Path) -> None:
+    """Kernels are compared over padding rows that reach the bucket's last key: a kernel that
+    reads a row's keys only up to its position (TRITON_DECODE) must not be timed over one key
+    while the others read the whole bucket. Padding still writes only into the scratch slot."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    engine = StaticKVEngine(model, slots=4, capacity=256, max_batch=4)
+    feed = engine._padding_feed(4, 3, 128)
+    assert feed.positions.tolist() == [[125, 126, 127]] * 4
+    scratch = engine.scratch * engine.capacity
+    assert ((feed.dest >= scratch) & (feed.dest < scratch + engine.capacity)).all()
+
+
+@cuda
+def test_triton_decode_graphs_equal_eager_steps(tiny_model_dir: Path) -> None:
+    """Steps captured with the Triton kernel alone (bf16) give the eager SDPA steps' tokens and
+    outputs, over ragged rows and widths; the kernel was picked for every captured shape."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), dtype=torch.bfloat16).to("cuda").eval()
+    engines = [StaticKVEngine(model, slots=8, capacity=256, max_batch=8, cuda_graphs=graphs)
+               for graphs in (True, False)]
+    engines[0].attention_candidates = ("TRITON_DECODE",)
+    lengths = [5, 17, 9, 130, 2]
+    outputs: list[list[np.ndarray]] = [[], []]
+    for engine, seen in zip(engines, outputs, strict=True):
+        rng = np.random.default_rng(4)
+        for row, length in enumerate(lengths):
+            engine.step([RowFeed(0, [int(t) for t in rng.integers(0, 90, length)])], start=row)
+        cached = list(lengths)
+        for rows, width in ((5, 1), (5, 3), (1, 2), (4, 8), (5, 6), (2, 1)):
+            seen.append(engine.step([RowFeed(cached[row], [int(t) for t in rng.integers(0, 90, width)])
+                                     for row in range(rows)]))
+            cached = [value + width if row < rows else value for row, value in enumerate(cached)]
+    assert engines[0].graphs > 0 and set(engines[0].kernel_choice.values()) == {"TRITON_DECODE"}
+    for graphed, eager in zip(*outputs, strict=True):
+        assert graphed[:, 0].tolist() == eager[:, 0].tolist()
+        np.testing.assert_allclose(graphed[:, 1], eager[:, 1], atol=5e-2)
