@@ -135,7 +135,10 @@ def daemon(work: Path, name: str, *, threads: int, parallel: int, n_ctx: int,
         f'mode = "full"\nusage_db = "{root / "usage.sqlite3"}"\naudit_log = "{root / "audit.jsonl"}"\n'
         "per_request_calls = 100000\nper_request_tokens = 100000000\nhourly_calls = 1000000\n"
         "hourly_tokens = 1000000000\ndaily_calls = 1000000\ndaily_tokens = 1000000000\n")
-    switch = f'path = "{head}"\nthreshold = {threshold}\n' if head is not None else ""
+    # Without a head of its own the daemon scores with the preset's head but defers nothing
+    # (threshold 1.0): the throughput rows compare plain decoding with llama-server's.
+    switch = (f'path = "{head}"\nthreshold = {threshold}\n' if head is not None
+              else "threshold = 1.0\n")
     (root / "client.toml").write_text(
         f'[base]\npreset = "smollm2"\nn_threads = {threads}\nmax_parallel = {parallel}\n'
         f"n_ctx = {n_ctx}\n[switch]\n{switch}"

@@ -244,7 +244,7 @@ class BatchEngine:
                     with self._changed:
                         self._finish(request, error=exc)
                     continue
-                if self.share_prefixes:
+                if self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX:
                     self._share_prefix(request)
             take = min(request.remaining, budget)
             if request.remaining > SHORT_REQUEST:
