@@ -19,7 +19,7 @@ from pathlib import Path
 from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
 from tandem_core.base_model import LlamaModel
-from tandem_core.batch_engine import BatchEngine, SequenceView
+from tandem_core.batch_engine import BatchEngine, RunAhead, SequenceView
 from tandem_core.continuation import continue_sequence, score_sequence
 from tandem_core.errors import TandemError
 from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence
@@ -65,8 +65,13 @@ class LlamaCppBackend:
         seq = self._claim(session_id)
         view = self._engine.view(seq)
         view.open()
+        # The engine feeds the sampling loop's next token before the loop asks for it.
+        ahead = RunAhead(feed_until=len(sequence) + options.max_tokens - 1,
+                         temperature=options.temperature, seed=options.seed)
         try:
-            tokens, logprobs, reused = continue_sequence(view, sequence, options=options, seq=seq)
+            with view.running_ahead(ahead):
+                tokens, logprobs, reused = continue_sequence(view, sequence, options=options,
+                                                             seq=seq)
         except TandemError as exc:
             self._drop(view)
             raise BackendError(f"llama.cpp failed: {exc}") from exc
