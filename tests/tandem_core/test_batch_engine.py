@@ -24,7 +24,7 @@ from client.errors import ExpertUnavailableError
 from client.expert import ExpertReply, InProcessExpert
 from client.serving import DecoderPool
 from tandem_core.base_model import BaseModel, LlamaModel
-from tandem_core.batch_engine import BatchEngine, CancelledError, SequenceSwitch
+from tandem_core.batch_engine import BatchEngine, CancelledError, RunAhead, SequenceSwitch
 from tandem_core.errors import ModelLoadError
 from tests.client.test_decoding import NUMERICAL_NOISE, fragile_draw, toy_prompts
 
@@ -265,6 +265,94 @@ def test_a_step_is_one_decode_over_every_live_sequence(
             alone.append(int(np.argmax(logits)))
             logits = base.decode(alone[-1:]).logits[-1]
         assert outputs[seq] == alone
+
+
+def _greedy_alone(base: LlamaModel, prompt: list[int], tokens: int) -> list[int]:
+    base.reset()
+    logits = base.decode(prompt, last_only=True).logits[-1]
+    alone: list[int] = []
+    for _ in range(tokens):
+        alone.append(int(np.argmax(logits)))
+        logits = base.decode(alone[-1:]).logits[-1]
+    return alone
+
+
+def test_the_engine_runs_ahead_of_a_slow_caller_instead_of_waiting_for_it(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    """A caller busy with its own work between tokens holds back no other sequence's steps."""
+    base, _ = solo
+    prompts = [base.tokenize(text, add_bos=True) for text in toy_prompts(toy_pair)[:2]]
+    # A long gather: an engine that waited for every live caller would pace all by the slowest.
+    engine = BatchEngine(shared, gather_s=0.5)
+    taken: dict[int, list[int]] = {0: [], 1: []}
+    fast_done_while_slow_had = []
+    both_open = threading.Barrier(2)
+
+    def greedy(seq: int, pause_s: float) -> None:
+        view = engine.view(seq)
+        view.open()
+        view.reset()
+        both_open.wait(10)
+        prompt = prompts[seq]
+        with view.running_ahead(RunAhead(feed_until=len(prompt) + 19)):
+            logits = view.decode(prompt, last_only=True).logits[-1]
+            for _ in range(20):
+                taken[seq].append(int(np.argmax(logits)))
+                time.sleep(pause_s)  # the caller's own work: egress checks, streaming, ...
+                if len(taken[seq]) < 20:
+                    logits = view.decode(taken[seq][-1:]).logits[-1]
+                    assert view.position() == len(prompt) + len(taken[seq])
+        if seq == 1:
+            fast_done_while_slow_had.append(len(taken[0]))
+        view.close()
+
+    threads = [threading.Thread(target=greedy, args=(0, 0.05)),
+               threading.Thread(target=greedy, args=(1, 0.0))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine.close()
+    assert fast_done_while_slow_had and fast_done_while_slow_had[0] < 10
+    assert engine.stats.ahead_taken >= 30
+    for seq in (0, 1):
+        assert taken[seq] == _greedy_alone(base, prompts[seq], 20)
+        # Nothing decoded ahead is left behind: the sequence holds what its caller decoded.
+        assert shared.cached_tokens(seq) == prompts[seq] + taken[seq][:-1]
+
+
+def test_tokens_fed_ahead_are_dropped_when_the_caller_goes_another_way(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    base, _ = solo
+    prompt = base.tokenize(toy_prompts(toy_pair)[2], add_bos=True)
+    greedy = _greedy_alone(base, prompt, 6)
+    engine = BatchEngine(shared)
+    view = engine.view(1)
+    view.open()
+    view.reset()
+    with view.running_ahead(RunAhead(feed_until=len(prompt) + 50, depth=4)):
+        view.decode(prompt, last_only=True)
+        view.decode(greedy[:1])
+        deadline = time.monotonic() + 10
+        while shared.position(1) < len(prompt) + 5 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the engine feeds up to depth=4 tokens past what the caller took
+        assert shared.position(1) == len(prompt) + 5
+        assert view.position() == len(prompt) + 1
+        assert view.cached_tokens() == prompt + greedy[:1]
+        other = (greedy[1] + 1) % shared.vocab_size  # not the token the engine guessed
+        ours = view.decode([other]).logits[-1]
+        assert shared.cached_tokens(1) == prompt + [greedy[0], other]
+        view.rollback(len(prompt))
+        again = view.decode(greedy[:2]).logits[-1]
+    view.close()
+    engine.close()
+    assert engine.stats.ahead_fed >= 5 and engine.stats.ahead_taken == 1  # only greedy[0]
+    base.reset()
+    base.decode(prompt + greedy[:1])
+    assert np.array_equal(ours, base.decode([other]).logits[-1])
+    base.reset()
+    base.decode(prompt)
+    assert np.array_equal(again, base.decode(greedy[:2]).logits[-1])
 
 
 def test_a_long_prefill_never_freezes_a_running_answer(
