@@ -39,6 +39,13 @@ class BaseModelSettings(Section):
     prompt_style: Literal["auto", "plain", "chat"] = Field(
         default="auto", description="chat uses the GGUF chat template; auto picks chat when present"
     )
+    numerics: Literal["exact", "fast"] = Field(
+        default="exact",
+        description="exact: plain attention, so an answer's tokens are those it gets decoded "
+        "alone, whatever else shares the step; fast: llama.cpp's flash attention, faster "
+        "batched steps, but a row's logits then move with the batch (by up to 0.5 on "
+        "SmolLM2) and greedy answers may differ from the same answer decoded alone",
+    )
 
 
 class SwitchSettings(Section):

@@ -189,9 +189,10 @@ class LlamaModel:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_batch: int = 512,
                  n_threads: int = 2, n_seq_max: int = 1, n_ctx_seq: int | None = None,
-                 kv_unified: bool = False) -> None:
+                 kv_unified: bool = False, flash_attention: bool = False) -> None:
         self.path = Path(path)
         self.kv_unified = kv_unified and n_seq_max > 1
+        self.flash_attention = flash_attention
         self.n_threads = n_threads
         self.n_batch = n_batch
         self._lock = threading.RLock()
@@ -263,8 +264,10 @@ class LlamaModel:
         # llama.cpp's CPU flash attention rounds a row differently with the number of rows in
         # the batch (logits of SmolLM2 moved by up to 0.5), so an answer decoded among others, or
         # after a chunked prefill, would not be the answer decoded alone. The plain attention
-        # path gives every row the same result whatever the batch (measured: bit-identical).
-        params.flash_attn_type = self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # path gives every row the same result whatever the batch (measured: bit-identical), so
+        # it is the default; ``flash_attention`` trades that for faster steps.
+        params.flash_attn_type = (self._lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention
+                                  else self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.pooling_type = self._lib.LLAMA_POOLING_TYPE_NONE
         params.no_perf = True
         context = self._lib.llama_init_from_model(self._model, params)
