@@ -125,7 +125,7 @@ def llama_server(gguf: Path, *, threads: int, parallel: int, n_ctx: int, work: P
 
 def daemon(work: Path, name: str, *, threads: int, parallel: int, n_ctx: int,
            head: Path | None = None, threshold: float | None = None, expert_url: str = "",
-           omp_passive: bool = False, numerics: str = "exact"
+           omp_passive: bool = False, flash_attention: bool = True
            ) -> contextlib.AbstractContextManager[str]:
     """`tandem serve` in its own process, configured by a client.toml and a policy.toml."""
     root = work / name
@@ -142,7 +142,8 @@ def daemon(work: Path, name: str, *, threads: int, parallel: int, n_ctx: int,
               else "threshold = 1.0\n")
     (root / "client.toml").write_text(
         f'[base]\npreset = "smollm2"\nn_threads = {threads}\nmax_parallel = {parallel}\n'
-        f'n_ctx = {n_ctx}\nnumerics = "{numerics}"\n[switch]\n{switch}'
+        f"n_ctx = {n_ctx}\nflash_attention = {str(flash_attention).lower()}\n"
+        f"[switch]\n{switch}"
         f'[expert]\nurl = "{expert_url or "http://127.0.0.1:9"}"\nmodel = "bench-expert"\n'
         "retries = 0\ntimeout_s = 30\nbreaker_failures = 100\n"
         f'[decoding]\nmax_tokens = {ANSWER_TOKENS}\n'
@@ -373,7 +374,7 @@ NEAR_TIE = 2e-3  # logit or score distance that last-bit noise can cross (tests'
 
 
 def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threads: int,
-                   numerics: str = "exact") -> dict[str, Any]:
+                   flash_attention: bool = True) -> dict[str, Any]:
     """Share of greedy answers identical token for token decoded together and alone.
 
     Each answer that differs is examined where it first parts from the answer decoded alone:
@@ -389,11 +390,11 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threa
     from tandem_core.base_model import LlamaModel
     from tandem_core.batch_engine import BatchEngine
 
-    fast = numerics == "fast"
+    flash = flash_attention
     shared = LlamaModel(gguf, n_ctx=parallel * 512, n_seq_max=parallel, n_ctx_seq=512,
-                        n_threads=threads, flash_attention=fast)
-    alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=fast)
-    expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=fast))
+                        n_threads=threads, flash_attention=flash)
+    alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=flash)
+    expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=flash))
     switch = OnnxSwitch.for_base(head, shared)
     options = DecodingOptions(max_tokens=ANSWER_TOKENS, lookahead=4)
     build = prompt_builder_for(shared, "auto")
@@ -429,8 +430,8 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threa
                                        else "end"))
     for model in (shared, alone_model, expert.inner.base):
         model.close()
-    return {"numerics": numerics, "answers": answers, "identical": same, "share": same / answers,
-            "divergences": divergences,
+    return {"flash_attention": flash_attention, "answers": answers, "identical": same,
+            "share": same / answers, "divergences": divergences,
             "near_ties": sum(1 for item in divergences if item["near_tie"]),
             "max_batch": engine.stats.max_sequences, "ahead_taken": engine.stats.ahead_taken}
 
@@ -471,10 +472,10 @@ def main() -> int:
     parser.add_argument("--anchor-args", default="",
                         help='extra llama-server options, e.g. "-fa off -no-kvu" (the daemon\'s exact mode)')
     parser.add_argument("--exact-answers", type=int, default=16)
-    parser.add_argument("--numerics", choices=["exact", "fast"], default="exact",
-                        help="the daemon's [base] numerics for the ratio rows")
-    parser.add_argument("--other-numerics", action="store_true",
-                        help="also measure a daemon with the other numerics (same run)")
+    parser.add_argument("--flash-attention", choices=["on", "off"], default="on",
+                        help="the daemon's [base] flash_attention for the ratio rows")
+    parser.add_argument("--other-attention", action="store_true",
+                        help="also measure a daemon with flash attention the other way (same run)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anchor", "deferral", "ttft", "gateway", "audit", "exact"])
     args = parser.parse_args()
@@ -483,21 +484,21 @@ def main() -> int:
     from tandem_core.base_model import smollm2_path
 
     gguf = smollm2_path()
+    flash = args.flash_attention == "on"
     work = Path(tempfile.mkdtemp(prefix="tandem-bench-serving-"))
     report: dict[str, Any] = {"model": gguf.name, "threads": args.threads,
-                              "numerics": args.numerics,
+                              "flash_attention": args.flash_attention,
                               "parallel": args.parallel, "answer_tokens": ANSWER_TOKENS}
     rows: list[tuple[str, float, str]] = []
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(daemon(work, "plain", threads=args.threads,
                                           parallel=args.parallel, n_ctx=args.n_ctx,
-                                          numerics=args.numerics))
-        other_numerics = "fast" if args.numerics == "exact" else "exact"
+                                          flash_attention=flash))
         other = None
-        if args.other_numerics:
+        if args.other_attention:
             other = stack.enter_context(daemon(work, "other", threads=args.threads,
                                                parallel=args.parallel, n_ctx=args.n_ctx,
-                                               numerics=other_numerics))
+                                               flash_attention=not flash))
         anchor = None
         if "anchor" not in args.skip:
             anchor = stack.enter_context(llama_server(gguf, threads=args.threads,
@@ -509,7 +510,7 @@ def main() -> int:
             for clients in (1, args.parallel):
                 answers = args.answers if clients > 1 else 2 * args.answers
                 for name, url, tandem in (("tandem", ours, True),
-                                          (f"tandem-{other_numerics}", other, True),
+                                          (f"tandem-fa-{'off' if flash else 'on'}", other, True),
                                           ("llama-server", anchor, False)):
                     if url is None:
                         continue
@@ -535,7 +536,7 @@ def main() -> int:
                                             ("n_threads=2 OMP PASSIVE", 2, True)):
                 with daemon(work, f"sweep-{threads}-{passive}", threads=threads,
                             parallel=args.parallel, n_ctx=args.n_ctx, omp_passive=passive,
-                            numerics=args.numerics) as url:
+                            flash_attention=flash) as url:
                     for clients in (1, args.parallel):
                         result = throughput(url, clients=clients, answers_per_client=args.answers,
                                             tandem=True)
@@ -552,7 +553,7 @@ def main() -> int:
             try:
                 with daemon(work, "deferring", threads=args.threads, parallel=args.parallel,
                             n_ctx=args.n_ctx, head=head, threshold=threshold,
-                            expert_url=proxy_url, numerics=args.numerics) as url:
+                            expert_url=proxy_url, flash_attention=flash) as url:
                     deferral: dict[str, dict[str, Any]] = {}
                     for _ in range(args.rounds):
                         for delay in (0.0, 0.1):
@@ -575,12 +576,12 @@ def main() -> int:
     if "exact" not in args.skip:
         exact_head = smollm2_head(gguf, work, defer_share=0.10)[0]
         report["exactness"] = {}
-        for numerics in ("exact", "fast"):
+        for mode in ("on", "off"):
             found = exactness_rows(gguf, exact_head, parallel=args.parallel,
                                    answers=args.exact_answers, threads=args.threads,
-                                   numerics=numerics)
-            report["exactness"][numerics] = found
-            rows.append((f"greedy answers identical together vs alone ({numerics}), share",
+                                   flash_attention=mode == "on")
+            report["exactness"][f"flash_attention_{mode}"] = found
+            rows.append((f"greedy identical together vs alone, flash attn {mode}, share",
                          found["share"], f"{found['identical']}/{found['answers']}, ~10% "
                          f"deferred; {found['near_ties']}/{len(found['divergences'])} "
                          "divergences at near-ties"))

@@ -261,11 +261,13 @@ class LlamaModel:
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.embeddings = True
-        # llama.cpp's CPU flash attention rounds a row differently with the number of rows in
-        # the batch (logits of SmolLM2 moved by up to 0.5), so an answer decoded among others, or
-        # after a chunked prefill, would not be the answer decoded alone. The plain attention
-        # path gives every row the same result whatever the batch (measured: bit-identical), so
-        # it is the default; ``flash_attention`` trades that for faster steps.
+        # Flash attention makes batched steps faster. Neither attention path gives a row the
+        # same bits however its prompt was split into decodes (measured on SmolLM2: a chat prompt
+        # in pieces of 7 moved the plain path's logits by up to 0.5 in a multi-sequence
+        # context; a 300-token prompt cut at 128 moved flash attention's by up to 1.3), while
+        # other sequences in the same step change neither with one KV stream per sequence. So
+        # the batching engine cuts prompts at fixed places. Serving turns flash attention on
+        # (``BaseModelSettings.flash_attention``).
         params.flash_attn_type = (self._lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention
                                   else self._lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.pooling_type = self._lib.LLAMA_POOLING_TYPE_NONE

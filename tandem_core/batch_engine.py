@@ -14,9 +14,11 @@ sessions. ctypes releases the GIL during ``llama_decode``, so the answer threads
 work (sampling, egress, HTTP) while the model computes.
 
 Scheduling, per step: every pending request contributes rows, shortest first, so the single
-decode rows of running answers always go in; long prefills take what is left of the batch, at
-most ``prefill_chunk`` tokens a step, and finish over several steps. A new prompt therefore
-never freezes the running answers, and a new request's prefill starts at the next step.
+decode rows of running answers always go in; long prefills go in chunks of ``prefill_chunk``
+tokens, at most one chunk's worth a step, and finish over several steps. A new prompt therefore
+never freezes the running answers, and a new request's prefill starts at the next step. A
+prompt is always cut at the same places (from its start, every ``prefill_chunk`` tokens),
+whatever else is pending: llama.cpp's rows change with how a prompt is split.
 
 Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
 longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
@@ -131,6 +133,7 @@ class _Request:
     position: int = -1  # where its first token goes (known for tokens fed ahead)
     end: int = -1  # the sequence's length after its last token, once decoded
     in_step: bool = False  # gathered into the step now running: not to be dropped meanwhile
+    skipped: bool = False  # left out of the last step for want of room
 
     @property
     def remaining(self) -> int:
@@ -396,10 +399,10 @@ class BatchEngine:
         prefill_budget = self.prefill_chunk
         row = 0
         included: list[_Request] = []
-        for request in sorted(requests, key=lambda item: item.remaining):
-            if budget <= 0:
-                break
-            if request.fed == 0:
+        # Short requests first (every running answer's decode row goes in), except that a
+        # request left out of the last step goes first now, so it cannot starve.
+        for request in sorted(requests, key=lambda item: (not item.skipped, item.remaining)):
+            if request.fed == 0 and not request.skipped:
                 try:  # a request that cannot fit fails alone, not the whole step
                     model.check_decode(request.tokens, request.seq)
                 except TandemError as exc:
@@ -408,12 +411,18 @@ class BatchEngine:
                     continue
                 if self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX:
                     self._share_prefix(request)
-            take = min(request.remaining, budget)
-            if request.remaining > SHORT_REQUEST:
-                take = min(take, prefill_budget)
+            # A request's pieces never depend on what else is pending: it goes whole, or in
+            # chunks of prefill_chunk from its start, or waits for the next step. llama.cpp's
+            # rows change with how a prompt is split, so an answer must be split the same way
+            # whether it runs alone or among others.
+            take = min(request.remaining, self.prefill_chunk)
+            long = take > SHORT_REQUEST
+            if take > budget or (long and take > prefill_budget):
+                request.skipped = True
+                continue
+            request.skipped = False
+            if long:
                 prefill_budget -= take
-                if take <= 0:
-                    continue
             chunk = request.tokens[request.fed:request.fed + take]
             final = request.fed + take == len(request.tokens)
             if request.last_only:

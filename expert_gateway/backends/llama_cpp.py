@@ -47,11 +47,17 @@ class LlamaCppBackend:
 
     @classmethod
     def open(cls, path: Path, *, name: str, n_ctx: int, n_batch: int, n_threads: int,
-             slots: int) -> LlamaCppBackend:
-        """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens."""
+             slots: int, flash_attention: bool = True) -> LlamaCppBackend:
+        """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens.
+
+        Flash attention is on by default: it makes the batched steps faster, and a session's
+        tokens the same whatever other sessions share the step and however its prefix was
+        split (``tandem_core.base_model``).
+        """
         try:
             model = LlamaModel(path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                               n_seq_max=slots + 1, n_ctx_seq=n_ctx // (slots + 1))
+                               n_seq_max=slots + 1, n_ctx_seq=n_ctx // (slots + 1),
+                               flash_attention=flash_attention)
         except TandemError as exc:
             raise BackendError(f"cannot load expert model: {exc}") from exc
         return cls(model, name=name, slots=slots)
