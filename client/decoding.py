@@ -18,6 +18,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -302,6 +303,10 @@ class CoDecoder:
         """Yield tokens as they are accepted; the generator's return value is the result."""
         options = replace(self.options, **{key: value for key, value in overrides.items()
                                            if value is not None})
+        if options.temperature > 0 and options.seed is None and isinstance(self.base, RunsAhead):
+            # An unseeded answer draws a seed of its own: its tokens are as random as before,
+            # and the batching engine can repeat its draws (positional uniforms) to run ahead.
+            options = replace(options, seed=secrets.randbits(31))
         tokens, mask, sources = self.encode_with_sources(prompt)
         if not tokens:
             raise ModelError("the prompt has no tokens")

@@ -544,3 +544,20 @@ def test_a_prompt_is_cut_at_the_same_places_alone_and_among_others(
     together_cuts, together_row = cuts({0: long_prompt, 1: short_prompt})
     assert alone_cuts == together_cuts == [128, 128, 44]
     assert np.array_equal(alone_row, together_row)
+
+
+def test_an_unseeded_sampled_answer_also_runs_ahead(
+        toy_pair: Any, shared: LlamaModel, head: Any) -> None:
+    """Unseeded temperature sampling draws a seed per answer, so the engine can repeat its draws."""
+    engine = BatchEngine(shared, scorer=head)
+    pool = DecoderPool(engine, switch=head, expert=None, make=lambda view, scored, _: CoDecoder(
+        base=view, switch=scored, expert=None, seq=view.seq,
+        options=DecodingOptions(temperature=0.8, threshold=1.0, max_tokens=12)))
+    prompt = shared.tokenize(toy_prompts(toy_pair)[1], add_bos=True)
+    answers = []
+    for _ in range(2):
+        with pool.checkout() as decoder:
+            answers.append(decoder.generate(prompt).token_ids)
+    engine.close()
+    # Every token the answers decoded (all but each answer's last) was fed ahead and taken.
+    assert engine.stats.ahead_taken == sum(len(answer) - 1 for answer in answers) > 0
