@@ -134,6 +134,8 @@ class LlamaCppSettings(Section):
         default=4, ge=1, le=63,
         description="sessions whose KV cache stays resident (each gets n_ctx / (slots + 1))",
     )
+    flash_attention: bool = Field(
+        default=True, description="llama.cpp's flash attention: faster batched steps")
 
 
 AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS"]
