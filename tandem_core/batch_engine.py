@@ -111,6 +111,8 @@ class RunAhead:
             limit = self.warmup_threshold if position < self.warmup_until else self.threshold
             if score is None or score > limit:
                 return None
+        if self.temperature <= 0:  # sample_from_logits' greedy branch, without a float64 copy
+            return int(np.argmax(logits))
         return sample_from_logits(logits, temperature=self.temperature, seed=self.seed,
                                   position=position)
 
@@ -145,6 +147,7 @@ class _Lane:
     """One sequence's run-ahead state: its caller's rule and the requests fed ahead of it."""
 
     policy: RunAhead | None = None
+    running: bool = False  # a request finished under ``policy``: its caller is past its prefill
     epoch: int = 0
     ahead: deque[_Request] = field(default_factory=deque)  # oldest first, not yet taken
     stalled: _Request | None = None  # finished, continued once ``ahead`` has room
@@ -232,6 +235,7 @@ class BatchEngine:
             self._settle(seq)
         with self._changed:
             self._lanes[seq].policy = policy
+            self._lanes[seq].running = False
 
     def position(self, seq: int) -> int:
         """How many tokens ``seq`` holds for its caller (tokens fed ahead not counted)."""
@@ -308,8 +312,10 @@ class BatchEngine:
         lane = self._lanes[seq]
         policy = lane.policy
         output = request.output
-        if (policy is None or request.epoch != lane.epoch or output is None or self._closed
-                or self._pending.get(seq, request) is not request
+        if policy is None or request.epoch != lane.epoch or output is None or self._closed:
+            return
+        lane.running = True
+        if (self._pending.get(seq, request) is not request
                 or (len(request.tokens) > 1 and not request.last_only)):
             return  # a multi-row request is a deferral's span: its caller decides from its rows
         if len(lane.ahead) >= policy.depth:
@@ -376,9 +382,10 @@ class BatchEngine:
                 return None
             deadline = time.monotonic() + self.gather_s
             while True:
-                # A caller with rows fed ahead is busy with them, not about to submit.
+                # A caller running ahead is busy with the rows fed to it, or off to its expert
+                # or its end (the engine did not feed it): not about to submit.
                 waiting = {seq for seq in self._live - self._parked - set(self._pending)
-                           if not self._lanes[seq].ahead}
+                           if not self._lanes[seq].running}
                 left = deadline - time.monotonic()
                 if not waiting or left <= 0 or self._closed:
                     break
