@@ -47,12 +47,11 @@ class LlamaCppBackend:
 
     @classmethod
     def open(cls, path: Path, *, name: str, n_ctx: int, n_batch: int, n_threads: int,
-             slots: int, flash_attention: bool = True) -> LlamaCppBackend:
+             slots: int, flash_attention: bool = False) -> LlamaCppBackend:
         """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens.
 
-        Flash attention is on by default: it makes the batched steps faster, and a session's
-        tokens the same whatever other sessions share the step and however its prefix was
-        split (``tandem_core.base_model``).
+        Flash attention is off by default, as in the client's in-process expert: the two must
+        answer alike (``tandem_core.continuation``), and it moves log-probs by up to ~0.1.
         """
         try:
             model = LlamaModel(path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
