@@ -125,7 +125,8 @@ def llama_server(gguf: Path, *, threads: int, parallel: int, n_ctx: int, work: P
 
 def daemon(work: Path, name: str, *, threads: int, parallel: int, n_ctx: int,
            head: Path | None = None, threshold: float | None = None, expert_url: str = "",
-           omp_passive: bool = False) -> contextlib.AbstractContextManager[str]:
+           omp_passive: bool = False, flash_attention: bool = True
+           ) -> contextlib.AbstractContextManager[str]:
     """`tandem serve` in its own process, configured by a client.toml and a policy.toml."""
     root = work / name
     root.mkdir(parents=True, exist_ok=True)
@@ -135,10 +136,14 @@ def daemon(work: Path, name: str, *, threads: int, parallel: int, n_ctx: int,
         f'mode = "full"\nusage_db = "{root / "usage.sqlite3"}"\naudit_log = "{root / "audit.jsonl"}"\n'
         "per_request_calls = 100000\nper_request_tokens = 100000000\nhourly_calls = 1000000\n"
         "hourly_tokens = 1000000000\ndaily_calls = 1000000\ndaily_tokens = 1000000000\n")
-    switch = f'path = "{head}"\nthreshold = {threshold}\n' if head is not None else ""
+    # Without a head of its own the daemon scores with the preset's head but defers nothing
+    # (threshold 1.0): the throughput rows compare plain decoding with llama-server's.
+    switch = (f'path = "{head}"\nthreshold = {threshold}\n' if head is not None
+              else "threshold = 1.0\n")
     (root / "client.toml").write_text(
         f'[base]\npreset = "smollm2"\nn_threads = {threads}\nmax_parallel = {parallel}\n'
-        f"n_ctx = {n_ctx}\n[switch]\n{switch}"
+        f"n_ctx = {n_ctx}\nflash_attention = {str(flash_attention).lower()}\n"
+        f"[switch]\n{switch}"
         f'[expert]\nurl = "{expert_url or "http://127.0.0.1:9"}"\nmodel = "bench-expert"\n'
         "retries = 0\ntimeout_s = 30\nbreaker_failures = 100\n"
         f'[decoding]\nmax_tokens = {ANSWER_TOKENS}\n'
@@ -365,9 +370,19 @@ class LockedExpert:
             return self.inner.continue_(**kwargs)
 
 
-def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int,
-                   threads: int) -> dict[str, Any]:
-    """Share of greedy answers identical token for token decoded together and alone."""
+NEAR_TIE = 2e-3  # logit or score distance that last-bit noise can cross (tests' NUMERICAL_NOISE)
+
+
+def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threads: int,
+                   flash_attention: bool = True) -> dict[str, Any]:
+    """Share of greedy answers identical token for token decoded together and alone.
+
+    Each answer that differs is examined where it first parts from the answer decoded alone:
+    the prefix up to there is decoded alone in one batch, and the bench reports how far the
+    switch score was from the threshold and the gap between the two best logits of the model
+    whose token was taken there (the expert's when the score defers). A divergence is a near
+    tie when either is below ``NEAR_TIE``.
+    """
     from client.assistant import ChatTurn, Question, prompt_builder_for
     from client.decoding import CoDecoder, DecodingOptions
     from client.serving import DecoderPool
@@ -375,10 +390,11 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int,
     from tandem_core.base_model import LlamaModel
     from tandem_core.batch_engine import BatchEngine
 
+    flash = flash_attention
     shared = LlamaModel(gguf, n_ctx=parallel * 512, n_seq_max=parallel, n_ctx_seq=512,
-                        n_threads=threads)
-    alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads)
-    expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads))
+                        n_threads=threads, flash_attention=flash)
+    alone_model = LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=flash)
+    expert = LockedExpert(LlamaModel(gguf, n_ctx=512, n_threads=threads, flash_attention=flash))
     switch = OnnxSwitch.for_base(head, shared)
     options = DecodingOptions(max_tokens=ANSWER_TOKENS, lookahead=4)
     build = prompt_builder_for(shared, "auto")
@@ -397,18 +413,45 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int,
     engine.close()
     alone = CoDecoder(base=alone_model, switch=switch, expert=expert, options=options)
     same = 0
-    first_difference = []
+    divergences = []
     for index in range(answers):
-        reference = alone.generate(prompts[index]).token_ids
-        same += int(reference == batched[index])
-        if reference != batched[index]:
-            first_difference.append(next(
-                (at for at, (a, b) in enumerate(zip(reference, batched[index], strict=False))
-                 if a != b), min(len(reference), len(batched[index]))))
+        result = alone.generate(prompts[index])
+        reference = result.token_ids
+        if reference == batched[index]:
+            same += 1
+            continue
+        at = next((position for position, (a, b) in enumerate(
+            zip(reference, batched[index], strict=False)) if a != b),
+            min(len(reference), len(batched[index])))
+        prompt_tokens = alone.encode(prompts[index])[0]
+        divergences.append(_divergence(alone_model, expert.inner.base, switch, options,
+                                       prompt_tokens + reference[:at], at,
+                                       result.tokens[at].provenance if at < len(reference)
+                                       else "end"))
     for model in (shared, alone_model, expert.inner.base):
         model.close()
-    return {"answers": answers, "identical": same, "share": same / answers,
-            "first_difference_at": first_difference, "max_batch": engine.stats.max_sequences}
+    return {"flash_attention": flash_attention, "answers": answers, "identical": same,
+            "share": same / answers, "divergences": divergences,
+            "near_ties": sum(1 for item in divergences if item["near_tie"]),
+            "max_batch": engine.stats.max_sequences, "ahead_taken": engine.stats.ahead_taken}
+
+
+def _divergence(base: Any, expert_model: Any, switch: Any, options: Any, prefix: list[int],
+                at: int, provenance: str) -> dict[str, Any]:
+    """How close to a tie the answer decoded alone was where the batched one parted from it."""
+    base.reset()
+    output = base.decode(prefix, last_only=True)
+    threshold = float(options.threshold if options.threshold is not None else switch.threshold)
+    score_gap = float(switch.score(output.hidden[-1:])[0]) - threshold
+    logits = output.logits[-1]
+    if score_gap > 0:
+        expert_model.reset()
+        logits = expert_model.decode(prefix, last_only=True).logits[-1]
+    best = np.sort(np.asarray(logits, dtype=np.float64))[-2:]
+    margin = float(best[1] - best[0])
+    return {"at": at, "alone_provenance": provenance, "score_gap": round(score_gap, 6),
+            "logit_margin": round(margin, 6),
+            "near_tie": abs(score_gap) < NEAR_TIE or margin < NEAR_TIE}
 
 
 def ratio(a: float, b: float) -> float:
@@ -429,6 +472,10 @@ def main() -> int:
     parser.add_argument("--anchor-args", default="",
                         help='extra llama-server options, e.g. "-fa off -no-kvu" (the daemon\'s exact mode)')
     parser.add_argument("--exact-answers", type=int, default=16)
+    parser.add_argument("--flash-attention", choices=["on", "off"], default="on",
+                        help="the daemon's [base] flash_attention for the ratio rows")
+    parser.add_argument("--other-attention", action="store_true",
+                        help="also measure a daemon with flash attention the other way (same run)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["anchor", "deferral", "ttft", "gateway", "audit", "exact"])
     args = parser.parse_args()
@@ -437,13 +484,21 @@ def main() -> int:
     from tandem_core.base_model import smollm2_path
 
     gguf = smollm2_path()
+    flash = args.flash_attention == "on"
     work = Path(tempfile.mkdtemp(prefix="tandem-bench-serving-"))
     report: dict[str, Any] = {"model": gguf.name, "threads": args.threads,
+                              "flash_attention": args.flash_attention,
                               "parallel": args.parallel, "answer_tokens": ANSWER_TOKENS}
     rows: list[tuple[str, float, str]] = []
     with contextlib.ExitStack() as stack:
         ours = stack.enter_context(daemon(work, "plain", threads=args.threads,
-                                          parallel=args.parallel, n_ctx=args.n_ctx))
+                                          parallel=args.parallel, n_ctx=args.n_ctx,
+                                          flash_attention=flash))
+        other = None
+        if args.other_attention:
+            other = stack.enter_context(daemon(work, "other", threads=args.threads,
+                                               parallel=args.parallel, n_ctx=args.n_ctx,
+                                               flash_attention=not flash))
         anchor = None
         if "anchor" not in args.skip:
             anchor = stack.enter_context(llama_server(gguf, threads=args.threads,
@@ -454,7 +509,9 @@ def main() -> int:
         for _ in range(args.rounds):
             for clients in (1, args.parallel):
                 answers = args.answers if clients > 1 else 2 * args.answers
-                for name, url, tandem in (("tandem", ours, True), ("llama-server", anchor, False)):
+                for name, url, tandem in (("tandem", ours, True),
+                                          (f"tandem-fa-{'off' if flash else 'on'}", other, True),
+                                          ("llama-server", anchor, False)):
                     if url is None:
                         continue
                     result = throughput(url, clients=clients, answers_per_client=answers,
@@ -478,7 +535,8 @@ def main() -> int:
             for label, threads, passive in (("n_threads=2", 2, False), ("n_threads=1", 1, False),
                                             ("n_threads=2 OMP PASSIVE", 2, True)):
                 with daemon(work, f"sweep-{threads}-{passive}", threads=threads,
-                            parallel=args.parallel, n_ctx=args.n_ctx, omp_passive=passive) as url:
+                            parallel=args.parallel, n_ctx=args.n_ctx, omp_passive=passive,
+                            flash_attention=flash) as url:
                     for clients in (1, args.parallel):
                         result = throughput(url, clients=clients, answers_per_client=args.answers,
                                             tandem=True)
@@ -495,7 +553,7 @@ def main() -> int:
             try:
                 with daemon(work, "deferring", threads=args.threads, parallel=args.parallel,
                             n_ctx=args.n_ctx, head=head, threshold=threshold,
-                            expert_url=proxy_url) as url:
+                            expert_url=proxy_url, flash_attention=flash) as url:
                     deferral: dict[str, dict[str, Any]] = {}
                     for _ in range(args.rounds):
                         for delay in (0.0, 0.1):
@@ -517,12 +575,16 @@ def main() -> int:
                          f"{row['deferred_share']:.1%} deferred"))
     if "exact" not in args.skip:
         exact_head = smollm2_head(gguf, work, defer_share=0.10)[0]
-        report["exactness"] = exactness_rows(gguf, exact_head, parallel=args.parallel,
-                                             answers=args.exact_answers, threads=args.threads)
-        rows.append(("greedy answers identical together vs alone, share",
-                     report["exactness"]["share"],
-                     f"{report['exactness']['identical']}/{report['exactness']['answers']}"
-                     ", ~10% deferred"))
+        report["exactness"] = {}
+        for mode in ("on", "off"):
+            found = exactness_rows(gguf, exact_head, parallel=args.parallel,
+                                   answers=args.exact_answers, threads=args.threads,
+                                   flash_attention=mode == "on")
+            report["exactness"][f"flash_attention_{mode}"] = found
+            rows.append((f"greedy identical together vs alone, flash attn {mode}, share",
+                         found["share"], f"{found['identical']}/{found['answers']}, ~10% "
+                         f"deferred; {found['near_ties']}/{len(found['divergences'])} "
+                         "divergences at near-ties"))
     if "gateway" not in args.skip:
         gateway = gateway_rows(gguf, args.threads, args.gateway_calls)
         report["gateway"] = {"one_tokens_per_s": gateway["one"],

@@ -95,7 +95,8 @@ def open_parts(stack: contextlib.ExitStack, spec: PartsSpec) -> Parts:
     parallel = sizes.max_parallel
     base = stack.enter_context(LlamaModel(
         spec.base_path, n_ctx=sizes.n_ctx * parallel, n_batch=sizes.n_batch,
-        n_threads=sizes.n_threads, n_seq_max=parallel, n_ctx_seq=sizes.n_ctx))
+        n_threads=sizes.n_threads, n_seq_max=parallel, n_ctx_seq=sizes.n_ctx,
+        flash_attention=sizes.flash_attention))
     switch: SwitchScorer = NeverDefer() if spec.switch_path is None else OnnxSwitch.for_base(
         spec.switch_path, base, provider=spec.switch_provider)
     expert: HttpExpert | InProcessExpert

@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -104,25 +105,45 @@ def error_for(exc: Exception) -> ApiError:
 # -- bridging the worker thread to async handlers ---------------------------------------------
 
 class AnswerRun:
-    """Events of one answer, passed from the worker thread to the handler's event loop."""
+    """Events of one answer, passed from the worker thread to the handler's event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    Events wait in a deque, and the loop is woken only when the deque turns non-empty: one
+    ``call_soon_threadsafe`` per burst instead of one per token, because each wake-up takes the
+    GIL and a core from the decoding threads. A non-streamed answer (``stream=False``) keeps no
+    token events at all; its handler only reads the final answer.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, stream: bool = True) -> None:
         self._loop = loop
-        self._events: asyncio.Queue[AnswerToken | Answer | Exception] = asyncio.Queue()
+        self._stream = stream
+        self._buffer: deque[AnswerToken | Answer | Exception] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
         self.cancelled = threading.Event()
 
     def emit(self, event: AnswerToken | Answer | Exception) -> None:
+        if not self._stream and isinstance(event, AnswerToken):
+            return
+        with self._lock:
+            self._buffer.append(event)
+            if len(self._buffer) > 1:
+                return  # a wake-up is already on its way
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     async def events(self) -> AsyncIterator[AnswerToken | Answer]:
         while True:
-            event = await self._events.get()
-            if isinstance(event, Exception):
-                raise error_for(event) from event
-            yield event
-            if isinstance(event, Answer):
-                return
+            await self._ready.wait()
+            with self._lock:
+                self._ready.clear()
+                batch = list(self._buffer)
+                self._buffer.clear()
+            for event in batch:
+                if isinstance(event, Exception):
+                    raise error_for(event) from event
+                yield event
+                if isinstance(event, Answer):
+                    return
 
 
 class Daemon:
@@ -139,8 +160,9 @@ class Daemon:
                                   max_parallel=services.max_parallel)
         self.started = time.time()
 
-    def submit(self, question: Question, *, request_id: str, client: str) -> AnswerRun:
-        run = AnswerRun(asyncio.get_running_loop())
+    def submit(self, question: Question, *, request_id: str, client: str,
+               stream: bool = True) -> AnswerRun:
+        run = AnswerRun(asyncio.get_running_loop(), stream=stream)
 
         def job() -> None:
             try:
@@ -340,7 +362,8 @@ def _add_completion_routes(app: FastAPI, daemon: Daemon) -> None:
             raise ApiError(400, "messages needs at least one user message", param="messages")
         question = daemon.question(body, messages=turns, max_tokens=body.max_completion_tokens)
         request_id = new_request_id("chatcmpl")
-        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
+        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body),
+                             stream=bool(body.stream))
         shape = ChatShape(request_id, services.model_name)
         return await _respond(run, shape, body)
 
@@ -352,7 +375,8 @@ def _add_completion_routes(app: FastAPI, daemon: Daemon) -> None:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         question = daemon.question(body, prompt=prompt)
         request_id = new_request_id("cmpl")
-        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body))
+        run = daemon.submit(question, request_id=request_id, client=_client_key(request, body),
+                             stream=bool(body.stream))
         shape = CompletionShape(request_id, services.model_name, prompt if body.echo else "")
         return await _respond(run, shape, body)
 

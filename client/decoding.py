@@ -16,7 +16,9 @@ it; only the tokens the expert session does not hold yet are sent.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -44,6 +46,7 @@ from client.settings import ClientSettings, DecodingSettings, SwitchSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
 from tandem_core.base_model import BaseModel
+from tandem_core.batch_engine import RunAhead, RunsAhead
 from tandem_core.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from tandem_core.protocol import TokenLogprob, sample_from_logits
 from tandem_core.settings import default_of
@@ -300,6 +303,10 @@ class CoDecoder:
         """Yield tokens as they are accepted; the generator's return value is the result."""
         options = replace(self.options, **{key: value for key, value in overrides.items()
                                            if value is not None})
+        if options.temperature > 0 and options.seed is None and isinstance(self.base, RunsAhead):
+            # An unseeded answer draws a seed of its own: its tokens are as random as before,
+            # and the batching engine can repeat its draws (positional uniforms) to run ahead.
+            options = replace(options, seed=secrets.randbits(31))
         tokens, mask, sources = self.encode_with_sources(prompt)
         if not tokens:
             raise ModelError("the prompt has no tokens")
@@ -319,21 +326,38 @@ class CoDecoder:
     # -- the loop ----------------------------------------------------------------------------
 
     def _run(self, answer: _Answer) -> Generator[GeneratedToken, None, DecodeResult]:
-        row: _Row | None = self._prefill(answer.tokens)
-        while answer.finish is None:
-            if row is None:
-                row = self._decode_tail(answer)
-            score = float(self._score(row.hidden[None, :])[0])
-            before = len(answer.generated)
-            if score > self._threshold_for(answer):
-                row = self._defer(answer, row, score)
-            else:
-                self._accept(answer, self._sample(row.logits, answer), "base", score)
-                row = None
-            yield from answer.generated[before:]
-        if self.base.position(self.seq) > len(answer.tokens):
-            self.base.rollback(len(answer.tokens), seq=self.seq)
+        with self._running_ahead(answer):
+            row: _Row | None = self._prefill(answer.tokens)
+            while answer.finish is None:
+                if row is None:
+                    row = self._decode_tail(answer)
+                score = float(self._score(row.hidden[None, :])[0])
+                before = len(answer.generated)
+                if score > self._threshold_for(answer):
+                    row = self._defer(answer, row, score)
+                else:
+                    self._accept(answer, self._sample(row.logits, answer), "base", score)
+                    row = None
+                yield from answer.generated[before:]
+            if self.base.position(self.seq) > len(answer.tokens):
+                self.base.rollback(len(answer.tokens), seq=self.seq)
         return self._result(answer)
+
+    def _running_ahead(self, answer: _Answer) -> contextlib.AbstractContextManager[None]:
+        """On a batching engine's sequence: let the engine feed the base tokens this loop takes.
+
+        The rule given is the loop's own (``_sample`` unless the score is above
+        ``_threshold_for``), so the engine's guess is the token this loop then decodes; a wrong
+        guess only costs the rows decoded ahead.
+        """
+        if not isinstance(self.base, RunsAhead):
+            return contextlib.nullcontext()
+        options = answer.options
+        return self.base.running_ahead(RunAhead(
+            feed_until=answer.prompt_length + answer.max_new - 1,
+            temperature=options.temperature, seed=options.seed, threshold=self.threshold,
+            warmup_until=answer.prompt_length + options.warmup_tokens,
+            warmup_threshold=options.warmup_threshold))
 
     def _prefill(self, prompt: list[int]) -> _Row:
         shared = common_prefix_length(self.base.cached_tokens(self.seq), prompt)

@@ -39,6 +39,13 @@ class BaseModelSettings(Section):
     prompt_style: Literal["auto", "plain", "chat"] = Field(
         default="auto", description="chat uses the GGUF chat template; auto picks chat when present"
     )
+    flash_attention: bool = Field(
+        default=True,
+        description="llama.cpp's flash attention: faster batched steps. Either way an answer "
+        "decoded among others is split and computed as when it runs alone (the engine cuts "
+        "prompts at fixed places); against a plain decode of the whole prompt, SmolLM2's chat "
+        "answers agreed more often with it on (bench/bench_serving.py reports both)",
+    )
 
 
 class SwitchSettings(Section):

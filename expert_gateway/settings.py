@@ -134,6 +134,11 @@ class LlamaCppSettings(Section):
         default=4, ge=1, le=63,
         description="sessions whose KV cache stays resident (each gets n_ctx / (slots + 1))",
     )
+    flash_attention: bool = Field(
+        default=False,
+        description="llama.cpp's flash attention: faster batched steps, but log-probs then differ "
+        "(up to ~0.1 in the tails) from an in-process expert on the same GGUF, which runs without",
+    )
 
 
 AttentionKernel = Literal["EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION", "EFFICIENT_SPLIT_KEYS",

@@ -14,14 +14,26 @@ sessions. ctypes releases the GIL during ``llama_decode``, so the answer threads
 work (sampling, egress, HTTP) while the model computes.
 
 Scheduling, per step: every pending request contributes rows, shortest first, so the single
-decode rows of running answers always go in; long prefills take what is left of the batch, at
-most ``prefill_chunk`` tokens a step, and finish over several steps. A new prompt therefore
-never freezes the running answers, and a new request's prefill starts at the next step.
+decode rows of running answers always go in; long prefills go in chunks of ``prefill_chunk``
+tokens, at most one chunk's worth a step, and finish over several steps. A new prompt therefore
+never freezes the running answers, and a new request's prefill starts at the next step. A
+prompt is always cut at the same places (from its start, every ``prefill_chunk`` tokens),
+whatever else is pending: llama.cpp's rows change with how a prompt is split.
 
 Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
 longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
 
-This module imports only the llama.cpp wrapper and the error tree, so it can move with them.
+Running ahead: a caller that states its rule for taking the base model's token (``RunAhead``:
+sample greedily or with a seed, unless the switch score defers) lets the engine feed that token
+into the next step itself, without waiting for the caller's Python work (sampling, egress checks,
+streaming). The caller's next ``decode`` of exactly that token finds its rows already computed or
+in flight; any other call (a deferral's span, a rollback, the end of the answer) first drops what
+was decoded ahead and rolls its KV back. The rows are those the caller would have got: in this
+context a row's logits do not depend on the batch it was decoded in. So the engine never waits
+on an answer thread between steps, and answers that are ready join the next step.
+
+This module imports only the llama.cpp wrapper, the sampling rule and the error tree, so it can
+move with them.
 """
 
 from __future__ import annotations
@@ -30,14 +42,16 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from tandem_core.base_model import DecodeOutput, LlamaModel
 from tandem_core.errors import ModelError, TandemError
+from tandem_core.protocol import sample_from_logits
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,17 @@ SHORT_REQUEST = 64  # requests up to this many tokens (decode rows, expert spans
 # Shorter shared prefixes cost more than they save: with one KV stream per sequence a share
 # copies the whole stream (n_ctx_seq cells of every layer), about a 32-token prefill's worth.
 MIN_SHARED_PREFIX = 32
+# Tokens decoded ahead of a caller that has not taken them yet. Enough to cover an answer thread
+# that lost the GIL for a few steps; each is wasted (one row of one step) when the answer stops
+# on a stop sequence or is cancelled.
+DEFAULT_RUN_AHEAD = 8
+
+
+@runtime_checkable
+class RunsAhead(Protocol):
+    """A base model that can decode a caller's next tokens ahead of it (``SequenceView``)."""
+
+    def running_ahead(self, policy: RunAhead) -> contextlib.AbstractContextManager[None]: ...
 
 
 class Scorer(Protocol):
@@ -57,6 +82,39 @@ class Scorer(Protocol):
 
 class CancelledError(TandemError):
     """The sequence's request was cancelled while it waited for the engine."""
+
+
+@dataclass(frozen=True)
+class RunAhead:
+    """A caller's rule for taking the base model's next token, so the engine can feed it first.
+
+    The token at ``position`` is ``sample_from_logits`` of the row before it (greedy, or seeded
+    with the positional uniform), taken unless the switch score of that row is above the
+    threshold then in force. Nothing is fed at or after ``feed_until`` (the caller's last token
+    is never decoded) nor after an end-of-generation token. An unseeded temperature draw cannot
+    be repeated, so it is never run ahead.
+    """
+
+    feed_until: int
+    temperature: float = 0.0
+    seed: int | None = None
+    threshold: float | None = None  # None: every token is taken (a plain sampling loop)
+    warmup_until: int = 0  # positions below this compare the score with warmup_threshold
+    warmup_threshold: float = 1.0
+    depth: int = DEFAULT_RUN_AHEAD
+
+    def next_token(self, logits: np.ndarray, score: float | None, position: int) -> int | None:
+        """The token the caller will take at ``position``, or None when it may not."""
+        if position >= self.feed_until or (self.temperature > 0 and self.seed is None):
+            return None
+        if self.threshold is not None:
+            limit = self.warmup_threshold if position < self.warmup_until else self.threshold
+            if score is None or score > limit:
+                return None
+        if self.temperature <= 0:  # sample_from_logits' greedy branch, without a float64 copy
+            return int(np.argmax(logits))
+        return sample_from_logits(logits, temperature=self.temperature, seed=self.seed,
+                                  position=position)
 
 
 @dataclass
@@ -73,10 +131,26 @@ class _Request:
     output: DecodeOutput | None = None
     output_scores: np.ndarray | None = None
     error: BaseException | None = None
+    epoch: int = 0  # the lane's epoch when made: a request of an older epoch is not continued
+    position: int = -1  # where its first token goes (known for tokens fed ahead)
+    end: int = -1  # the sequence's length after its last token, once decoded
+    in_step: bool = False  # gathered into the step now running: not to be dropped meanwhile
+    skipped: bool = False  # left out of the last step for want of room
 
     @property
     def remaining(self) -> int:
         return len(self.tokens) - self.fed
+
+
+@dataclass
+class _Lane:
+    """One sequence's run-ahead state: its caller's rule and the requests fed ahead of it."""
+
+    policy: RunAhead | None = None
+    running: bool = False  # a request finished under ``policy``: its caller is past its prefill
+    epoch: int = 0
+    ahead: deque[_Request] = field(default_factory=deque)  # oldest first, not yet taken
+    stalled: _Request | None = None  # finished, continued once ``ahead`` has room
 
 
 @dataclass
@@ -88,6 +162,8 @@ class EngineStats:
     scored_rows: int = 0
     max_sequences: int = 0
     shared_prefix_tokens: int = 0
+    ahead_fed: int = 0  # tokens the engine fed ahead of their callers
+    ahead_taken: int = 0  # of those, tokens their callers then took
 
 
 class BatchEngine:
@@ -107,6 +183,7 @@ class BatchEngine:
         self._live: set[int] = set()
         self._parked: set[int] = set()
         self._cancelled: dict[int, threading.Event] = {}
+        self._lanes = [_Lane() for _ in range(model.n_seq_max)]
         self._closed = False
         self._thread: threading.Thread | None = None
         self._views = [SequenceView(self, seq) for seq in range(model.n_seq_max)]
@@ -132,6 +209,8 @@ class BatchEngine:
                 self._cancelled[seq] = cancelled
 
     def close_sequence(self, seq: int) -> None:
+        """The caller is done with ``seq``: drop what was decoded ahead, stop waiting for it."""
+        self.run_ahead(seq, None)
         with self._changed:
             self._live.discard(seq)
             self._parked.discard(seq)
@@ -150,26 +229,108 @@ class BatchEngine:
             with self._changed:
                 self._parked.discard(seq)
 
+    def run_ahead(self, seq: int, policy: RunAhead | None) -> None:
+        """Let the engine feed ``seq``'s next tokens by ``policy``; None stops it and drops them."""
+        if policy is None:
+            self._settle(seq)
+        with self._changed:
+            self._lanes[seq].policy = policy
+            self._lanes[seq].running = False
+
+    def position(self, seq: int) -> int:
+        """How many tokens ``seq`` holds for its caller (tokens fed ahead not counted)."""
+        with self._changed:
+            ahead = self._lanes[seq].ahead
+            return ahead[0].position if ahead else self.model.position(seq)
+
+    def rollback(self, seq: int, to_position: int) -> None:
+        self._settle(seq)
+        self.model.rollback(to_position, seq=seq)
+
     def submit(self, seq: int, tokens: Sequence[int], *, last_only: bool
                ) -> tuple[DecodeOutput, np.ndarray | None]:
         """Decode ``tokens`` after what ``seq`` holds, in the next steps; blocks until done."""
         request = _Request(seq, [int(token) for token in tokens], last_only)
         if not request.tokens:
             raise ModelError("decode needs at least one token")
-        with self._changed:
-            if self._closed:
-                raise ModelError("the batching engine is closed")
-            if seq in self._pending:
-                raise ModelError(f"sequence {seq} already has a decode in flight")
-            self._check_cancel(seq)
-            self._start()
-            self._pending[seq] = request
-            self._changed.notify_all()
+        taken = self._take_ahead(seq, request.tokens)
+        if taken is not None:
+            request = taken
+        else:
+            self._settle(seq)
+            with self._changed:
+                if self._closed:
+                    raise ModelError("the batching engine is closed")
+                if seq in self._pending:
+                    raise ModelError(f"sequence {seq} already has a decode in flight")
+                self._check_cancel(seq)
+                self._start()
+                request.epoch = self._lanes[seq].epoch
+                self._pending[seq] = request
+                self._changed.notify_all()
         request.done.wait()
         if request.error is not None:
             raise request.error
         assert request.output is not None
         return request.output, request.output_scores
+
+    def _take_ahead(self, seq: int, tokens: list[int]) -> _Request | None:
+        """The request fed ahead with exactly ``tokens``, now the caller's; None if there is none."""
+        with self._changed:
+            lane = self._lanes[seq]
+            if not lane.ahead or lane.ahead[0].tokens != tokens:
+                return None
+            self._check_cancel(seq)
+            request = lane.ahead.popleft()
+            self.stats.ahead_taken += 1
+            stalled = lane.stalled
+            if stalled is not None and lane.policy is not None \
+                    and len(lane.ahead) < lane.policy.depth:
+                lane.stalled = None
+                self._continue(stalled)
+            return request
+
+    def _settle(self, seq: int) -> None:
+        """Drop the requests fed ahead of ``seq``'s caller and roll their KV back."""
+        with self._changed:
+            lane = self._lanes[seq]
+            lane.epoch += 1  # a step finishing now does not continue the old chain
+            lane.stalled = None
+            dropped = list(lane.ahead)
+            lane.ahead.clear()
+            while any(request.in_step for request in dropped):
+                self._changed.wait()
+            for request in dropped:
+                if not request.done.is_set():
+                    self._finish(request, error=CancelledError(f"sequence {seq}: not taken"))
+        if dropped and self.model.position(seq) > dropped[0].position:
+            self.model.rollback(dropped[0].position, seq=seq)
+
+    def _continue(self, request: _Request) -> None:
+        """Feed the token ``request``'s caller will take next, if its rule says (lock held)."""
+        seq = request.seq
+        lane = self._lanes[seq]
+        policy = lane.policy
+        output = request.output
+        if policy is None or request.epoch != lane.epoch or output is None or self._closed:
+            return
+        lane.running = True
+        if (self._pending.get(seq, request) is not request
+                or (len(request.tokens) > 1 and not request.last_only)):
+            return  # a multi-row request is a deferral's span: its caller decides from its rows
+        if len(lane.ahead) >= policy.depth:
+            lane.stalled = request
+            return
+        scores = request.output_scores
+        score = None if scores is None else float(np.float32(scores[-1]))
+        token = policy.next_token(output.logits[-1], score, request.end)
+        if token is None or self.model.is_end_of_generation(token):
+            return
+        follow = _Request(seq, [token], True, epoch=lane.epoch, position=request.end)
+        self._pending[seq] = follow
+        lane.ahead.append(follow)
+        self.stats.ahead_fed += 1
+        self._changed.notify_all()
 
     def close(self, *, timeout: float = 30.0) -> None:
         """Stop the engine thread after the current step; pending callers get an error."""
@@ -204,6 +365,11 @@ class BatchEngine:
                 with self._changed:
                     for request in requests:
                         self._finish(request, error=exc)
+            finally:
+                with self._changed:
+                    for request in requests:
+                        request.in_step = False
+                    self._changed.notify_all()
 
     def _gather(self) -> list[_Request] | None:
         """The requests of this step: wait for work, then briefly for every live sequence."""
@@ -216,7 +382,10 @@ class BatchEngine:
                 return None
             deadline = time.monotonic() + self.gather_s
             while True:
-                waiting = self._live - self._parked - set(self._pending)
+                # A caller running ahead is busy with the rows fed to it, or off to its expert
+                # or its end (the engine did not feed it): not about to submit.
+                waiting = {seq for seq in self._live - self._parked - set(self._pending)
+                           if not self._lanes[seq].running}
                 left = deadline - time.monotonic()
                 if not waiting or left <= 0 or self._closed:
                     break
@@ -225,7 +394,10 @@ class BatchEngine:
                 event = self._cancelled.get(seq)
                 if event is not None and event.is_set():
                     self._finish(request, error=CancelledError(f"sequence {seq}: cancelled"))
-            return list(self._pending.values())
+            requests = list(self._pending.values())
+            for request in requests:
+                request.in_step = True
+            return requests
 
     def _step(self, requests: list[_Request]) -> None:
         model = self.model
@@ -234,24 +406,30 @@ class BatchEngine:
         prefill_budget = self.prefill_chunk
         row = 0
         included: list[_Request] = []
-        for request in sorted(requests, key=lambda item: item.remaining):
-            if budget <= 0:
-                break
-            if request.fed == 0:
+        # Short requests first (every running answer's decode row goes in), except that a
+        # request left out of the last step goes first now, so it cannot starve.
+        for request in sorted(requests, key=lambda item: (not item.skipped, item.remaining)):
+            if request.fed == 0 and not request.skipped:
                 try:  # a request that cannot fit fails alone, not the whole step
                     model.check_decode(request.tokens, request.seq)
                 except TandemError as exc:
                     with self._changed:
                         self._finish(request, error=exc)
                     continue
-                if self.share_prefixes:
+                if self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX:
                     self._share_prefix(request)
-            take = min(request.remaining, budget)
-            if request.remaining > SHORT_REQUEST:
-                take = min(take, prefill_budget)
+            # A request's pieces never depend on what else is pending: it goes whole, or in
+            # chunks of prefill_chunk from its start, or waits for the next step. llama.cpp's
+            # rows change with how a prompt is split, so an answer must be split the same way
+            # whether it runs alone or among others.
+            take = min(request.remaining, self.prefill_chunk)
+            long = take > SHORT_REQUEST
+            if take > budget or (long and take > prefill_budget):
+                request.skipped = True
+                continue
+            request.skipped = False
+            if long:
                 prefill_budget -= take
-                if take <= 0:
-                    continue
             chunk = request.tokens[request.fed:request.fed + take]
             final = request.fed + take == len(request.tokens)
             if request.last_only:
@@ -272,6 +450,8 @@ class BatchEngine:
                 for request in included:
                     self._finish(request, error=exc)
             return
+        for request in included:
+            request.end = model.position(request.seq)
         self.stats.steps += 1
         self.stats.rows += row
         self.stats.max_sequences = max(self.stats.max_sequences, len(pieces))
@@ -298,6 +478,7 @@ class BatchEngine:
                                                   np.concatenate(request.hidden))
                     if request.scores:
                         request.output_scores = np.concatenate(request.scores)
+                    self._continue(request)  # first: its caller wakes to the token fed
                     self._finish(request)
 
     def _finish(self, request: _Request, *, error: BaseException | None = None) -> None:
@@ -411,11 +592,12 @@ class SequenceView:
 
     def position(self, seq: int | None = None) -> int:
         self._own(self.seq if seq is None else seq)
-        return self._model.position(self.seq)
+        return self.engine.position(self.seq)
 
     def cached_tokens(self, seq: int | None = None) -> list[int]:
         self._own(self.seq if seq is None else seq)
-        return self._model.cached_tokens(self.seq)
+        held = self.engine.position(self.seq)  # first: tokens fed ahead only come after it
+        return self._model.cached_tokens(self.seq)[:held]
 
     def decode(self, tokens: Sequence[int], *, seq: int | None = None,
                last_only: bool = False) -> DecodeOutput:
@@ -426,7 +608,7 @@ class SequenceView:
 
     def rollback(self, to_position: int, *, seq: int | None = None) -> None:
         self._own(self.seq if seq is None else seq)
-        self._model.rollback(to_position, seq=self.seq)
+        self.engine.rollback(self.seq, to_position)
 
     def reset(self, seq: int | None = None) -> None:
         self.rollback(0, seq=seq)
@@ -439,6 +621,15 @@ class SequenceView:
 
     def parked(self) -> contextlib.AbstractContextManager[None]:
         return self.engine.parked(self.seq)
+
+    @contextlib.contextmanager
+    def running_ahead(self, policy: RunAhead) -> Iterator[None]:
+        """While inside, the engine feeds this sequence's next tokens by ``policy``."""
+        self.engine.run_ahead(self.seq, policy)
+        try:
+            yield
+        finally:
+            self.engine.run_ahead(self.seq, None)
 
 
 class SequenceSwitch:

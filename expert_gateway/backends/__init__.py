@@ -43,7 +43,7 @@ def _llama_cpp(settings: GatewaySettings) -> ExpertBackend:
     options = settings.llama_cpp
     return LlamaCppBackend.open(model_path(settings), name=settings.model.name, n_ctx=options.n_ctx,
                                 n_batch=options.n_batch, n_threads=options.n_threads,
-                                slots=options.slots)
+                                slots=options.slots, flash_attention=options.flash_attention)
 
 
 def _hf(settings: GatewaySettings) -> ExpertBackend:

@@ -19,7 +19,7 @@ from pathlib import Path
 from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
 from tandem_core.base_model import LlamaModel
-from tandem_core.batch_engine import BatchEngine, SequenceView
+from tandem_core.batch_engine import BatchEngine, RunAhead, SequenceView
 from tandem_core.continuation import continue_sequence, score_sequence
 from tandem_core.errors import TandemError
 from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence
@@ -47,11 +47,16 @@ class LlamaCppBackend:
 
     @classmethod
     def open(cls, path: Path, *, name: str, n_ctx: int, n_batch: int, n_threads: int,
-             slots: int) -> LlamaCppBackend:
-        """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens."""
+             slots: int, flash_attention: bool = False) -> LlamaCppBackend:
+        """Load the GGUF with a context of ``slots + 1`` sequences sharing ``n_ctx`` tokens.
+
+        Flash attention is off by default, as in the client's in-process expert: the two must
+        answer alike (``tandem_core.continuation``), and it moves log-probs by up to ~0.1.
+        """
         try:
             model = LlamaModel(path, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                               n_seq_max=slots + 1, n_ctx_seq=n_ctx // (slots + 1))
+                               n_seq_max=slots + 1, n_ctx_seq=n_ctx // (slots + 1),
+                               flash_attention=flash_attention)
         except TandemError as exc:
             raise BackendError(f"cannot load expert model: {exc}") from exc
         return cls(model, name=name, slots=slots)
@@ -65,8 +70,13 @@ class LlamaCppBackend:
         seq = self._claim(session_id)
         view = self._engine.view(seq)
         view.open()
+        # The engine feeds the sampling loop's next token before the loop asks for it.
+        ahead = RunAhead(feed_until=len(sequence) + options.max_tokens - 1,
+                         temperature=options.temperature, seed=options.seed)
         try:
-            tokens, logprobs, reused = continue_sequence(view, sequence, options=options, seq=seq)
+            with view.running_ahead(ahead):
+                tokens, logprobs, reused = continue_sequence(view, sequence, options=options,
+                                                             seq=seq)
         except TandemError as exc:
             self._drop(view)
             raise BackendError(f"llama.cpp failed: {exc}") from exc

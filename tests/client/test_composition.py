@@ -82,3 +82,14 @@ def test_a_part_that_fails_closes_the_ones_opened_before(toy_pair: Any, tmp_path
     with pytest.raises(ModelLoadError), contextlib.ExitStack() as stack:
         open_parts(stack, spec(toy_pair, tmp_path, expert=LocalExpert(tmp_path / "missing.gguf")))
     assert closed_models == [Path(toy_pair.base_gguf).name]
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_the_base_settings_choose_flash_attention(toy_pair: Any, tmp_path: Path,
+                                                  flash: bool) -> None:
+    base = BaseModelSettings(n_ctx=256, max_parallel=2, flash_attention=flash)
+    with contextlib.ExitStack() as stack:
+        parts = open_parts(stack, spec(toy_pair, tmp_path, base=base))
+        assert parts.base.flash_attention is flash
+        tokens = parts.base.tokenize("1+2=", add_bos=True)
+        assert parts.base.decode(tokens).logits.shape == (len(tokens), parts.base.vocab_size)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import threading
+from typing import Any
 
 import httpx
 import numpy as np
@@ -163,19 +165,37 @@ def test_long_scores_are_chunked_and_exact(llama_backend: LlamaCppBackend, start
     assert result.argmax == [int(value) for value in logits[start - 1:].argmax(axis=-1)]
 
 
-def test_concurrent_sessions_share_batched_steps(llama_backend: LlamaCppBackend) -> None:
+def test_concurrent_sessions_share_batched_steps(llama_backend: LlamaCppBackend,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Calls of different sessions meet in one llama_decode per step, with the same answers."""
     info = llama_backend.info
+    engine = llama_backend.engine
     options = ContinueOptions(max_tokens=6)
     prompts = [_prompt(info, 20 + index) for index in range(3)]
     alone = [llama_backend.continue_(f"alone{index}", prompt, options=options).tokens
              for index, prompt in enumerate(prompts)]
-    before = llama_backend.engine.stats.max_sequences
-    llama_backend.engine.stats.max_sequences = 0
+    before = engine.stats.max_sequences
+    engine.stats.max_sequences = 0
+    # The three calls hold their sequences before any decodes, and the engine gathers for up
+    # to 0.5 s: the toy model's steps are so quick that a call starting late would otherwise
+    # find the others finished, whatever the engine does.
+    started = threading.Barrier(3)
+    waited: set[int] = set()
+    submit = engine.submit
+
+    def submit_together(seq: int, tokens: Any, *, last_only: bool) -> Any:
+        if threading.get_ident() not in waited:  # each call's first decode: its prefill
+            waited.add(threading.get_ident())
+            started.wait(timeout=30)
+        return submit(seq, tokens, last_only=last_only)
+
+    monkeypatch.setattr(engine, "submit", submit_together)
+    monkeypatch.setattr(engine, "gather_s", 0.5)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         together = list(pool.map(
             lambda item: llama_backend.continue_(f"together{item[0]}", item[1],
                                                  options=options).tokens, enumerate(prompts)))
     assert together == alone
-    assert llama_backend.engine.stats.max_sequences >= 2
-    llama_backend.engine.stats.max_sequences = max(before, 3)
+    assert engine.stats.max_sequences >= 2
+    assert engine.stats.ahead_taken > 0  # the engine fed the sampling loops' tokens itself
+    engine.stats.max_sequences = max(before, 3)
