@@ -32,8 +32,8 @@ was decoded ahead and rolls its KV back. The rows are those the caller would hav
 context a row's logits do not depend on the batch it was decoded in. So the engine never waits
 on an answer thread between steps, and answers that are ready join the next step.
 
-This module imports only the llama.cpp wrapper, the sampling rule and the error tree, so it can
-move with them.
+This module imports only the llama.cpp wrapper, the sampling rule, the error tree and the
+interpreter setting, so it can move with them.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ import numpy as np
 
 from tandem_core.base_model import DecodeOutput, LlamaModel
 from tandem_core.errors import ModelError, TandemError
+from tandem_core.interpreter import favour_engine_threads
 from tandem_core.protocol import sample_from_logits
 
 logger = logging.getLogger(__name__)
@@ -344,6 +345,9 @@ class BatchEngine:
 
     def _start(self) -> None:
         if self._thread is None:
+            # The engine thread takes the interpreter lock back after each llama_decode: the
+            # answer threads and the HTTP loop must not keep it for milliseconds meanwhile.
+            favour_engine_threads()
             self._thread = threading.Thread(target=self._serve, name="tandem-batch-engine",
                                             daemon=True)
             self._thread.start()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import sys
 import threading
 import time
 from collections import deque
@@ -41,6 +40,7 @@ from expert_gateway.backends.hf_process import WireContinuation, WireLogprob, fr
 from expert_gateway.backends.slots import SlotTable
 from expert_gateway.backends.static_kv import LOGPROB, TOKEN, TOP, PendingStep, RowFeed, StaticKVEngine
 from expert_gateway.errors import BackendError
+from tandem_core.interpreter import favour_engine_threads
 from tandem_core.protocol import (
     ModelInfo,
     ScoreResult,
@@ -51,7 +51,6 @@ from tandem_core.protocol import (
 INSTALL_HINT = "the hf backend needs torch and transformers: pip install 'tandem[train]' transformers"
 FINGERPRINT_FILE = "tandem-fingerprint.txt"
 STEP_HISTORY = 10_000  # batched steps remembered in HfBackend.steps / .widths
-SWITCH_INTERVAL_S = 0.0005
 
 
 def _import_torch() -> tuple[Any, Any]:
@@ -136,11 +135,8 @@ class HfBackend:
         self._timing = {"loops": 0, "loop_s": 0.0, "engine_s": 0.0, "wait_s": 0.0, "gpu_s": 0.0,
                         "calls": 0, "call_s": 0.0}
         # The scheduler thread must take the interpreter lock back soon after each torch call
-        # releases it; with the default 5 ms switch interval, request threads busy with HTTP
-        # held it for whole steps. Measured on an H200 with 32 sessions over HTTP: 5 ms gave
-        # 2,485 tok/s, 0.5 ms 2,748 tok/s, 0.1 ms 1,196 tok/s (the lock then ping-pongs among
-        # request threads). Process-wide, as the gateway process serves this one model.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        # releases it, not after request threads busy with HTTP held it for a whole step.
+        favour_engine_threads()
         self._thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
         self._thread.start()
 

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import itertools
 import multiprocessing
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from expert_gateway.backends.base import Continuation, ContinueOptions
 from expert_gateway.errors import BackendError
+from tandem_core.interpreter import favour_engine_threads
 from tandem_core.protocol import ModelInfo, ScoreResult, ScoreSequence, TokenLogprob
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
     from expert_gateway.backends.hf import HfBackend
 
-SWITCH_INTERVAL_S = 0.0005
 START_TIMEOUT_S = 1800.0  # loading a large model and capturing its graphs can take minutes
 CLOSE_TIMEOUT_S = 30.0
 
@@ -70,9 +69,8 @@ class ProcessBackend:
         """Start the engine process with ``factory`` (picklable: it is called in the child)."""
         # The reader thread and the request threads must get the interpreter lock soon after
         # a reply arrives, while the event loop is busy with other requests: the default 5 ms
-        # switch interval would add up to that to every hop (the in-process backend sets the
-        # same 0.5 ms; process-wide, as the gateway serves this one model).
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        # switch interval would add up to that to every hop.
+        favour_engine_threads()
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = context.Pipe(duplex=True)
         self._process = context.Process(target=serve_engine, args=(child, factory),
