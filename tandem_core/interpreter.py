@@ -8,9 +8,11 @@ keeps it up to that long, and the model idles meanwhile.
 Measured:
 - hf backend, H200, 32 sessions over HTTP: 5 ms gave 2,485 tok/s, 0.5 ms 2,748, and 0.1 ms
   1,196 (the lock then ping-pongs among request threads).
-- daemon on 2 cores, SmolLM2-135M, 8 clients (`bench/bench_serving.py`, same machine, runs
-  alternated): 5 ms gave 99.6 and 101.3 tok/s; 0.5 ms 111.5 and 111.5; 1 ms 110.5. One client:
-  89.6 and 99.3 vs 100.7 and 100.5.
+- daemon on 2 cores, SmolLM2-135M, 8 clients (`bench/bench_serving.py --skip deferral ttft
+  gateway audit exact`, runs alternated on one machine): 5 ms gave 99.6, 101.3 and 74.6 tok/s
+  (in the last run llama-server fell too, to 115 from 155-179); 0.5 ms 111.5, 111.5, 101.3 and
+  104.8; 1 ms 110.5. One client: 89.6, 99.3, 86.9 vs 100.7, 100.5, 93.8, 100.7. The daemon's
+  runs are noisy by about 10%; the gain is about that size.
 
 The setting is process-wide: a daemon or a gateway process serves its one model.
 """

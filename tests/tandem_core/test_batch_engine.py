@@ -564,9 +564,9 @@ def test_an_unseeded_sampled_answer_also_runs_ahead(
 
 
 def test_the_engine_thread_gets_the_interpreter_lock_back_soon(shared: LlamaModel) -> None:
-    """Starting the engine shortens the GIL switch interval (CPython's default 5 ms let answer
-    threads keep the lock while a step's rows were ready: 8 clients 100 vs 111 tok/s), and never
-    lengthens a shorter one."""
+    """Starting the engine shortens the GIL switch interval (with CPython's default 5 ms, answer
+    threads keep the lock while a step's rows are ready; see tandem_core.interpreter for the
+    measurements), and never lengthens a shorter one."""
     import sys
 
     from tandem_core.interpreter import SWITCH_INTERVAL_S, favour_engine_threads
