@@ -257,7 +257,7 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     """Join neighbouring segments of the same kind: text is cut only where targets start or end."""
     merged: list[Segment] = []
     for text, is_target in segments:
-        if merged and merged[-1][1] == is_target and not is_target:
+        if merged and not merged[-1][1] and not is_target:
             merged[-1] = (merged[-1][0] + text, False)
         else:
             merged.append((text, is_target))
