@@ -10,8 +10,8 @@ vocabulary ids, so any SmolLM2 token can precede an expression.
 The loss falls on numbers the expert should write, never on other text:
 - each annotation's result and its closing ``>>``;
 - the same result in the other forms a model writes it: the copy after ``>>``, a bare
-  ``expr = result`` without brackets (a share of annotations, and of the bare documents), and the
-  final ``#### answer``;
+  ``expr = result`` without brackets (a share of annotations, and of the bare documents; half of
+  them with spaced operators, ``7 * 365 = 2555``, as SmolLM2 writes), and the final ``#### answer``;
 - every other number of the solution text, which a solver copies or carries from the question
   and earlier lines.
 A switch head that defers in the middle of the base's own numbers, or after a bare ``=``, then
@@ -176,6 +176,7 @@ class RowOptions:
     chat_share: float = 0.15
     bare_share: float = 0.25  # documents that are bare annotations after junk
     plain_share: float = 0.2  # real annotations written as plain ``expr = result``, no brackets
+    spaced_share: float = 0.5  # plain expressions with spaced operators: ``7 * 365 = 2555``
     vocab_size: int = 49152
 
 
@@ -185,6 +186,18 @@ Segment = tuple[str, bool]  # text, and whether its tokens are loss targets
 # Digits with an optional decimal part; a sign or a thousands comma is left as text, because
 # SmolLM2 writes " -" and "," as tokens of their own that are not among the expert's outputs.
 PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+# A binary operator follows a digit or ")"; any other minus is a sign.
+_BINARY_OPERATOR = re.compile(r"(?<=[\d)])([-+*/])(?=[\d(.-])")
+# GSM8K's own expression before ``= <<``, as in "sold 48/2 = <<48/2=24>>".
+_WRITTEN_EXPRESSION = re.compile(r"[\d.+\-*/()]+ ?= ?$")
+
+
+def spaced(expression: str) -> str:
+    """``7*365`` as ``7 * 365``: SmolLM2 writes its own arithmetic with spaced operators, a form
+    GSM8K's annotations never use, and a switch head defers after its bare ``=`` all the same."""
+    return _BINARY_OPERATOR.sub(r" \1 ", expression)
 
 
 def text_segments(text: str) -> list[Segment]:
@@ -232,8 +245,12 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
         result = format_result(value)
         last = (annotation.written_result, result)
         if options.synthetic_share <= draw < options.synthetic_share + options.plain_share:
-            # "48/2 = <<48/2=24>>24" becomes "48/2 = 24"; "$<<12*5=60>>60" becomes "$12*5 = 60"
+            # "48/2 = <<48/2=24>>24" becomes "48/2 = 24"; "$<<12*5=60>>60" becomes "$12*5 = 60";
+            # with spaced operators, "48 / 2 = 24" and "$12 * 5 = 60"
             written = "" if before.rstrip().endswith("=") else expression + " = "
+            if rng.random() < options.spaced_share and (written or _WRITTEN_EXPRESSION.search(before)):
+                before = _WRITTEN_EXPRESSION.sub("", before)
+                written = spaced(expression) + " = "
             if written and before and not before.endswith((" ", "$", "(", "\n")):
                 written = " " + written
             segments += text_segments(before + written)
@@ -271,7 +288,8 @@ def bare_segments(rng: random.Random, words: Sequence[str]) -> list[Segment]:
     tail = (rng.choice((" ", "\n", ". ", "")), False)
     if rng.random() < 1 / 3:
         lead = rng.choice((" ", " $", "\n", " is "))  # never glued to a junk word
-        plain = junk + lead + expression + rng.choice((" = ", "="))
+        written = spaced(expression) if rng.random() < 0.5 else expression
+        plain = junk + lead + written + rng.choice((" = ", "="))
         return [(plain, False), (format_result(value), True), tail]
     lead = rng.choice(("", " ", " = ", " $", "\n", " is "))
     return [

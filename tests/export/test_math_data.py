@@ -34,7 +34,7 @@ def test_results_their_copies_solution_numbers_and_the_final_answer_are_targets(
 
 
 def test_plain_form_drops_the_brackets_and_keeps_the_result_a_target() -> None:
-    options = math_data.RowOptions(synthetic_share=0.0, plain_share=1.0, chat_share=0.0)
+    options = math_data.RowOptions(synthetic_share=0.0, plain_share=1.0, spaced_share=0.0, chat_share=0.0)
     text = marked(math_data.problem_segments(NATALIA, random.Random(0), options))
     assert "Natalia sold [48]/[2] = [24] clips in May.\n" in text
     assert "<<" not in text and text.endswith("#### [72]\n\n")
@@ -42,6 +42,23 @@ def test_plain_form_drops_the_brackets_and_keeps_the_result_a_target() -> None:
     assert marked(math_data.problem_segments(problem, random.Random(0), options)).endswith(
         "She earns $[12]*[5] = [60] a week.\n#### [60]\n\n"
     )
+
+
+def test_plain_form_with_spaced_operators_as_smollm2_writes_them() -> None:
+    options = math_data.RowOptions(synthetic_share=0.0, plain_share=1.0, spaced_share=1.0, chat_share=0.0)
+    text = marked(math_data.problem_segments(NATALIA, random.Random(0), options))
+    assert "Natalia sold [48] / [2] = [24] clips in May.\n" in text
+    assert "Natalia sold [48] + [24] = [72] clips" in text
+    problem = gsm8k.Problem("q", "She earns $<<12*5=60>>60 a week.\n#### 60")
+    assert marked(math_data.problem_segments(problem, random.Random(0), options)).endswith(
+        "She earns $[12] * [5] = [60] a week.\n#### [60]\n\n"
+    )
+
+
+def test_spaced_keeps_signs_and_parentheses() -> None:
+    assert math_data.spaced("7*365") == "7 * 365"
+    assert math_data.spaced("-5+(3.5*2)/4") == "-5 + (3.5 * 2) / 4"
+    assert math_data.spaced("2*-3") == "2 * -3"
 
 
 def test_a_synthetic_last_result_carries_into_the_copy_and_the_final_answer() -> None:
@@ -59,8 +76,9 @@ def test_bare_documents_come_as_annotations_and_as_plain_expressions() -> None:
     rows = [math_data.bare_segments(rng, ["apples", "Tom"]) for _ in range(60)]
     kinds = {"<<" in row[0][0] for row in rows}
     assert kinds == {True, False}
+    assert any(" * " in row[0][0] or " + " in row[0][0] for row in rows)
     for row in rows:
-        found = re.search(r"([\d.+\-*/()]+) ?=$", row[0][0].rstrip(" "))
+        found = re.search(r"([\d(.][\d.+\-*/() ]*)=$", row[0][0].rstrip(" "))
         assert found is not None, row
         expression = found.group(1)
         value = gsm8k.format_result(gsm8k.evaluate(expression))
