@@ -35,7 +35,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Tally:
     annotations: int = 0
     annotations_right: int = 0
     deferred_in_results: int = 0
+    answers_written: list[dict[str, Any]] = field(default_factory=list)  # free generation, per question
 
     def row(self) -> dict[str, Any]:
         return {
@@ -87,7 +88,8 @@ def few_shot_prefix(train: list[gsm8k.Problem]) -> str:
     return "".join(gsm8k.problem_text(problem, problem.answer) + "\n\n" for problem in train[:SHOTS])
 
 
-def decode(decoder: CoDecoder, prompt: str, tally: Tally, **overrides: Any) -> str:
+def decode(decoder: CoDecoder, prompt: str, tally: Tally, **overrides: Any) -> tuple[str, list[Any]]:
+    """The answer's text and its tokens (each with its text and provenance)."""
     started = time.perf_counter()
     result = decoder.generate([Segment(prompt)], **overrides)
     tally.wall_s += time.perf_counter() - started
@@ -96,7 +98,7 @@ def decode(decoder: CoDecoder, prompt: str, tally: Tally, **overrides: Any) -> s
     tally.generated += len(result.tokens)
     tally.calls += result.egress.calls
     tally.deferred_in_results += deferred_inside_results(result.tokens)
-    return result.text
+    return result.text, result.tokens
 
 
 def deferred_inside_results(tokens: list[Any]) -> int:
@@ -114,6 +116,16 @@ def deferred_inside_results(tokens: list[Any]) -> int:
     return count
 
 
+def expert_pieces(tokens: list[Any]) -> list[tuple[int, str]]:
+    pieces, offset = [], 0
+    for token in tokens:
+        text = token.text.decode("utf-8", errors="replace")
+        if token.provenance == "expert":
+            pieces.append((offset, text))
+        offset += len(text)
+    return pieces
+
+
 def make_decoder(models: Any, switch: Any, options: DecodingOptions) -> CoDecoder:
     return CoDecoder(base=models.base, switch=switch, expert=models.expert, policy=models.policy,
                      audit=models.audit, options=options)
@@ -124,7 +136,7 @@ def run_probes(models: Any, switch: Any, threshold: float, probes: list[gsm8k.Pr
     decoder = make_decoder(models, switch, options)
     tally = Tally(name)
     for probe in probes:
-        text = decode(decoder, probe.prompt, tally)
+        text, _ = decode(decoder, probe.prompt, tally)
         tally.right += gsm8k.result_is_right(text.strip(), probe.value)
     return tally
 
@@ -141,9 +153,15 @@ def run_free(
     options = DecodingOptions(max_tokens=max_tokens, threshold=threshold, stop=("\n\nQuestion:", "Question:"))
     decoder = make_decoder(models, switch, options)
     tally = Tally(name)
-    for problem in problems:
-        text = decode(decoder, prefix + gsm8k.problem_text(problem, "").rstrip(" "), tally)
-        tally.right += gsm8k.final_answer_is_right(text, problem)
+    for index, problem in enumerate(problems):
+        text, tokens = decode(decoder, prefix + gsm8k.problem_text(problem, "").rstrip(" "), tally)
+        right = gsm8k.final_answer_is_right(text, problem)
+        tally.right += right
+        tally.answers_written.append({
+            "system": name, "question": index, "final_right": bool(right), "text": text,
+            # where the expert wrote: [character offset in text, the token's text]
+            "expert": expert_pieces(tokens),
+        })
         for expression, written in GENERATED_ANNOTATION.findall(text):
             tally.annotations += 1
             # An expression that does not evaluate counts as a wrong annotation.
@@ -172,6 +190,9 @@ def main() -> int:
     parser.add_argument("--max-deferral", type=float, default=0.09,
                         help="largest deferred share of calibration tokens to accept (the target is 10%%)")
     parser.add_argument("--png", type=Path, default=Path("bench/gsm8k.png"))
+    parser.add_argument("--answers", type=Path,
+                        help="write every free-generation answer here (JSON lines: system, question, "
+                             "final_right, text, the expert's pieces)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -194,6 +215,7 @@ def main() -> int:
     expert_gguf = ensure_math_expert()
     audit_dir = Path(tempfile.mkdtemp(prefix="bench-gsm8k-audit-"))  # this run's egress log
     results: dict[str, Any] = {"probes": {}, "free": {}, "sweep": []}
+    written: list[dict[str, Any]] = []
     with serve_gateway(expert_gguf, name="math-expert", n_threads=args.threads) as url:
         setup = DecodingSetup(
             base_gguf=smollm2_path(),
@@ -234,12 +256,17 @@ def main() -> int:
             for switch, limit, name in ((ConstantSwitch(0.0), 0.5, "base"), (head, threshold, "co-llm")):
                 tally = run_free(models, switch, limit, prefix, questions, name, args.max_tokens)
                 results["free"][name] = tally.row()
+                written += tally.answers_written
             free_rate = results["free"]["co-llm"]["deferred_share"]
             tally = run_free(models, RandomSwitch(args.seed), 1.0 - free_rate, prefix, questions, "random",
                              args.max_tokens)
             results["free"]["random"] = tally.row()
+            written += tally.answers_written
     results["threshold"] = threshold
     results["seed"] = args.seed
+    if args.answers is not None:
+        args.answers.parent.mkdir(parents=True, exist_ok=True)
+        args.answers.write_text("".join(json.dumps(answer) + "\n" for answer in written))
     print_table(results)
     plot(results, args.png)
     print(json.dumps({"bench": "gsm8k", **results}, sort_keys=True))
