@@ -190,8 +190,10 @@ PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 # A binary operator follows a digit or ")"; any other minus is a sign.
 _BINARY_OPERATOR = re.compile(r"(?<=[\d)])([-+*/])(?=[\d(.-])")
-# GSM8K's own expression before ``= <<``, as in "sold 48/2 = <<48/2=24>>".
-_WRITTEN_EXPRESSION = re.compile(r"[\d.+\-*/()]+ ?= ?$")
+# GSM8K's own expression before ``= <<``: "sold 48/2 = <<48/2=24>>", "$5 * 4 = $<<5*4=20>>".
+_WRITTEN_EXPRESSION = re.compile(r"[.+\-*/()$ ]*\d[\d.+\-*/()$ ]*= ?\$?$")
+# The copy of a result after ``>>``, which GSM8K sometimes writes with thousands commas.
+_COPY = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
 
 
 def spaced(expression: str) -> str:
@@ -237,8 +239,9 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
             continue
         before = solution[cursor : annotation.start]
         after = annotation.end
-        if solution.startswith(annotation.written_result, after) and annotation.written_result:
-            after += len(annotation.written_result)  # the copy, rewritten below
+        copy = _COPY.match(solution, after)
+        if copy and copy.group(0).replace(",", "") == annotation.written_result.replace(",", ""):
+            after = copy.end()  # the copy, rewritten below
         draw = rng.random()
         if draw < options.synthetic_share:
             expression, value = synthetic_expression(rng)
@@ -247,7 +250,7 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
         if options.synthetic_share <= draw < options.synthetic_share + options.plain_share:
             # "48/2 = <<48/2=24>>24" becomes "48/2 = 24"; "$<<12*5=60>>60" becomes "$12*5 = 60";
             # with spaced operators, "48 / 2 = 24" and "$12 * 5 = 60"
-            written = "" if before.rstrip().endswith("=") else expression + " = "
+            written = "" if before.rstrip(" $").endswith("=") else expression + " = "
             if rng.random() < options.spaced_share and (written or _WRITTEN_EXPRESSION.search(before)):
                 before = _WRITTEN_EXPRESSION.sub("", before)
                 written = spaced(expression) + " = "
@@ -268,6 +271,15 @@ def problem_segments(problem: Problem, rng: random.Random, options: RowOptions) 
     segments += text_segments(tail)
     segments.append((CHAT_END if chat else "\n\n", False))
     return _merge(segments)
+
+
+def plain_solution(problem: Problem, rng: random.Random, share: float) -> str:
+    """The solution with a share of its annotations written as SmolLM2 writes its own arithmetic:
+    ``48 / 2 = 24``, no brackets, spaced operators. A switch head trained on gold solutions alone
+    never sees the form in which the base does most of its sums in free text."""
+    options = RowOptions(synthetic_share=0.0, plain_share=share, spaced_share=1.0, chat_share=0.0)
+    text = "".join(text for text, _ in problem_segments(problem, rng, options))
+    return text.removeprefix(QUESTION_PREFIX + problem.question + ANSWER_PREFIX).removesuffix("\n\n")
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:

@@ -167,7 +167,10 @@ def prepare_corpora(config: PipelineConfig, out: Path) -> dict[str, tuple[Path, 
     if corpus.kind == "gsm8k":
         from export.gsm8k_corpus import write_corpora
 
-        written = write_corpora(out / "corpus", gsm8k_path=corpus.gsm8k, seed=config.seed, limits=limits)
+        written = write_corpora(
+            out / "corpus", gsm8k_path=corpus.gsm8k, seed=config.seed, limits=limits,
+            plain_share=corpus.plain_share,
+        )
         return {name: (path, None) for name, path in written.items()}
     if corpus.kind == "toy":
         from export.toy import ensure_toy_pair

@@ -83,6 +83,13 @@ class CorpusSection(_Strict):
     )
     sweep_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples per sweep point")
     test_limit: int | None = Field(default=None, ge=1, le=100_000, description="examples evaluated")
+    plain_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="gsm8k: share of the collected solutions' annotations written as plain spaced "
+        "arithmetic (48 / 2 = 24), the form SmolLM2 writes in its own answers",
+    )
 
     @model_validator(mode="after")
     def _paths(self) -> CorpusSection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -88,3 +89,22 @@ def test_pipeline_corpora_never_use_held_out_problems_for_training(tmp_path: Pat
             assert question not in held_questions
     test_lines = [json.loads(line) for line in paths["test"].read_text().splitlines()]
     assert len(test_lines) == 6 and all(r["prompt"].endswith("=") for r in test_lines)
+
+
+def test_pipeline_corpora_write_a_share_of_annotations_as_smollm2_writes_its_sums(tmp_path: Path) -> None:
+    limits = {"train": 40, "validation": 5, "sweep": 6, "test": 6}
+    gold = write_corpora(tmp_path / "gold", gsm8k_path=None, seed=0, limits=limits)
+    plain = write_corpora(tmp_path / "plain", gsm8k_path=None, seed=0, limits=limits, plain_share=0.5)
+    gold_rows = [json.loads(line) for line in gold["train"].read_text().splitlines()]
+    plain_rows = [json.loads(line) for line in plain["train"].read_text().splitlines()]
+    assert [r["prompt"] for r in gold_rows] == [r["prompt"] for r in plain_rows]
+    assert gold["test"].read_text() == plain["test"].read_text()  # probes stay annotations
+    plain_text = "".join(r["answer"] for r in plain_rows)
+    sums = re.findall(r"(?<![\d./])(\d[\d.]*(?: [-+*/] [\d.]+)+) = (\d+(?:\.\d+)?)(?![\d.])", plain_text)
+    assert len(sums) >= 20 and all(
+        gsm8k.result_is_right(result, gsm8k.evaluate(expression)) for expression, result in sums
+    )
+    annotations = len(gsm8k.find_annotations(plain_text))
+    assert 0.3 < len(sums) / (len(sums) + annotations) < 0.7
+    assert all(row["answer"].startswith(" ") and "#### " in row["answer"] for row in plain_rows)
+    assert "Question:" not in plain_text and not plain_text.endswith("\n\n")

@@ -55,6 +55,21 @@ def test_plain_form_with_spaced_operators_as_smollm2_writes_them() -> None:
     )
 
 
+def test_a_copy_with_thousands_commas_or_after_a_dollar_is_rewritten_once() -> None:
+    problem = gsm8k.Problem("q", "He earns 45000*5 = $<<45000*5=225000>>225,000 a year.\n#### 225000")
+    spaced = math_data.RowOptions(synthetic_share=0.0, plain_share=1.0, spaced_share=1.0, chat_share=0.0)
+    assert marked(math_data.problem_segments(problem, random.Random(0), spaced)).endswith(
+        "He earns [45000] * [5] = [225000] a year.\n#### [225000]\n\n"
+    )
+    assert marked(math_data.problem_segments(problem, random.Random(0), PLAIN)).endswith(
+        "He earns [45000]*[5] = $<<45000*5=[225000>>][225000] a year.\n#### [225000]\n\n"
+    )
+    problem = gsm8k.Problem("q", "He eats .25+.25=<<.25+.25=.5>>.5 pounds.\n#### .5")
+    assert marked(math_data.problem_segments(problem, random.Random(0), spaced)).endswith(
+        "He eats .[25] + .[25] = [0.5] pounds.\n#### [0.5]\n\n"
+    )
+
+
 def test_spaced_keeps_signs_and_parentheses() -> None:
     assert math_data.spaced("7*365") == "7 * 365"
     assert math_data.spaced("-5+(3.5*2)/4") == "-5 + (3.5 * 2) / 4"
