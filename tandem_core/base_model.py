@@ -540,12 +540,22 @@ class LlamaModel:
         with self._lock:
             self._require_open()
             order = self._batch_rows
-            logits, hidden = self._read_rows([order[row] for row in rows] if order
-                                             else list(rows))
-            if not rows:
-                return DecodeOutput(np.zeros((0, self.vocab_size), np.float32),
-                                    np.zeros((0, self.hidden_size), np.float32))
-            return DecodeOutput(np.stack(logits), np.stack(hidden))
+            # Each row is copied once, straight into the arrays returned: a batching step
+            # reads 8 or more rows of 49,152 logits (SmolLM2) on the engine thread.
+            logits = np.empty((len(rows), self.vocab_size), np.float32)
+            hidden = np.empty((len(rows), self.hidden_size), np.float32)
+            logits_at, hidden_at = logits.ctypes.data, hidden.ctypes.data
+            for row in rows:
+                batch_index = order[row] if order else row
+                logits_pointer = self._lib.llama_get_logits_ith(self._context, batch_index)
+                hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, batch_index)
+                if not logits_pointer or not hidden_pointer:
+                    raise ModelError(f"llama.cpp returned no output for batch row {row}")
+                ctypes.memmove(logits_at, logits_pointer, logits.strides[0])
+                ctypes.memmove(hidden_at, hidden_pointer, hidden.strides[0])
+                logits_at += logits.strides[0]
+                hidden_at += hidden.strides[0]
+            return DecodeOutput(logits, hidden)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.
