@@ -20,6 +20,11 @@ never freezes the running answers, and a new request's prefill starts at the nex
 prompt is always cut at the same places (from its start, every ``prefill_chunk`` tokens),
 whatever else is pending: llama.cpp's rows change with how a prompt is split.
 
+Batch order: llama.cpp gets a step's pieces in sequence-id order (``LlamaModel.decode_pieces``),
+and the daemon's pool lends the lowest free sequence: with one KV stream per sequence, llama.cpp
+computes a batch in one pass per run of consecutive sequence ids, so a step in arrival order took
+several passes.
+
 Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
 longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
 
