@@ -63,7 +63,9 @@ class DecoderPool:
     def __init__(self, engine: BatchEngine, *, switch: Any, expert: Any,
                  make: DecoderFactory) -> None:
         self.engine = engine
-        self._free: queue.LifoQueue[Any] = queue.LifoQueue()
+        # The lowest free sequence first: busy sequences then stay a run of consecutive ids,
+        # which llama.cpp decodes in one pass (``LlamaModel.decode_pieces``).
+        self._free: queue.PriorityQueue[int] = queue.PriorityQueue()
         self.decoders = []
         for seq in range(engine.model.n_seq_max):
             view = engine.view(seq)
@@ -71,7 +73,7 @@ class DecoderPool:
             parking = ParkingExpert(expert, view) if expert is not None else None
             decoder = make(view, scored, parking)
             self.decoders.append(decoder)
-            self._free.put(decoder)
+            self._free.put(seq)
         self.decoder = self.decoders[0]  # for prompt_length and the expert's destination
         self._lock = threading.Lock()
 
@@ -86,11 +88,12 @@ class DecoderPool:
     @contextlib.contextmanager
     def checkout(self, *, cancelled: threading.Event | None = None) -> Iterator[Any]:
         """A free decoder for one answer; its sequence is live in the engine until the end."""
-        decoder = self._free.get()
+        seq = self._free.get()
+        decoder = self.decoders[seq]
         view: SequenceView = decoder.base
         view.open(cancelled=cancelled if cancelled is not None else current_cancel())
         try:
             yield decoder
         finally:
             view.close()
-            self._free.put(decoder)
+            self._free.put(seq)

@@ -200,6 +200,7 @@ class LlamaModel:
         self._context: Any = None
         self._batch: Any = None
         self._pieces: list[bytes] | None = None
+        self._batch_rows: list[int] = []  # the last decode_pieces: caller's row -> batch index
         self._fingerprint: str | None = None
         self._lib = _llama()
         self._load_model()
@@ -446,6 +447,7 @@ class LlamaModel:
             # Pooling NONE with embeddings makes llama.cpp output every position anyway.
             batch.logits[index] = True
         batch.n_tokens = len(chunk)
+        self._batch_rows = []  # rows in batch order, as read_rows reads them
         status = self._lib.llama_decode(self._context, batch)
         if status == 1:
             raise ContextOverflowError(
@@ -483,6 +485,12 @@ class LlamaModel:
         Batch row ``i`` is the ``i``-th token over all pieces; read its outputs with
         ``read_rows``. Each piece goes after what its sequence holds; a failure leaves every
         sequence as it was.
+
+        llama.cpp is handed the pieces in sequence-id order, whatever order they come in: with one
+        KV stream per sequence it computes a batch in one pass per run of consecutive sequence
+        ids in batch order (``split_equal``), so 8 single-token pieces in shuffled order took
+        several passes. Measured on 2 cores, SmolLM2-135M, 8 sequences: 178 tok/s in order,
+        105 shuffled. The rows ``read_rows`` returns are still in the caller's order.
         """
         with self._lock:
             self._require_open()
@@ -496,8 +504,14 @@ class LlamaModel:
                 seen.add(seq)
                 self._check_decode(tokens, seq)
             batch = self._batch
+            starts, row = [], 0  # each piece's first row in the caller's numbering
+            for _, tokens in pieces:
+                starts.append(row)
+                row += len(tokens)
+            rows = [0] * total  # caller's row -> llama.cpp's batch index
             index = 0
-            for seq, tokens in pieces:
+            for number in sorted(range(len(pieces)), key=lambda item: pieces[item][0]):
+                seq, tokens = pieces[number]
                 first_position = len(self._cached[seq])
                 for offset, token in enumerate(tokens):
                     batch.token[index] = int(token)
@@ -505,8 +519,10 @@ class LlamaModel:
                     batch.n_seq_id[index] = 1
                     batch.seq_id[index][0] = seq
                     batch.logits[index] = True
+                    rows[starts[number] + offset] = index
                     index += 1
             batch.n_tokens = total
+            self._batch_rows = rows
             status = self._lib.llama_decode(self._context, batch)
             if status != 0:
                 for seq, _ in pieces:
@@ -523,11 +539,23 @@ class LlamaModel:
         """Logits and hidden states of batch rows of the last decode."""
         with self._lock:
             self._require_open()
-            logits, hidden = self._read_rows(list(rows))
-            if not rows:
-                return DecodeOutput(np.zeros((0, self.vocab_size), np.float32),
-                                    np.zeros((0, self.hidden_size), np.float32))
-            return DecodeOutput(np.stack(logits), np.stack(hidden))
+            order = self._batch_rows
+            # Each row is copied once, straight into the arrays returned: a batching step
+            # reads 8 or more rows of 49,152 logits (SmolLM2) on the engine thread.
+            logits = np.empty((len(rows), self.vocab_size), np.float32)
+            hidden = np.empty((len(rows), self.hidden_size), np.float32)
+            logits_at, hidden_at = logits.ctypes.data, hidden.ctypes.data
+            for row in rows:
+                batch_index = order[row] if order else row
+                logits_pointer = self._lib.llama_get_logits_ith(self._context, batch_index)
+                hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, batch_index)
+                if not logits_pointer or not hidden_pointer:
+                    raise ModelError(f"llama.cpp returned no output for batch row {row}")
+                ctypes.memmove(logits_at, logits_pointer, logits.strides[0])
+                ctypes.memmove(hidden_at, hidden_pointer, hidden.strides[0])
+                logits_at += logits.strides[0]
+                hidden_at += hidden.strides[0]
+            return DecodeOutput(logits, hidden)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.

@@ -20,6 +20,11 @@ never freezes the running answers, and a new request's prefill starts at the nex
 prompt is always cut at the same places (from its start, every ``prefill_chunk`` tokens),
 whatever else is pending: llama.cpp's rows change with how a prompt is split.
 
+Batch order: llama.cpp gets a step's pieces in sequence-id order (``LlamaModel.decode_pieces``),
+and the daemon's pool lends the lowest free sequence: with one KV stream per sequence, llama.cpp
+computes a batch in one pass per run of consecutive sequence ids, so a step in arrival order took
+several passes.
+
 Prompt prefixes: before a sequence prefills, the engine looks for another sequence that holds a
 longer common prefix and takes its KV cells (``LlamaModel.copy_prefix``: ``llama_memory_seq_cp``).
 
@@ -112,8 +117,6 @@ class RunAhead:
             limit = self.warmup_threshold if position < self.warmup_until else self.threshold
             if score is None or score > limit:
                 return None
-        if self.temperature <= 0:  # sample_from_logits' greedy branch, without a float64 copy
-            return int(np.argmax(logits))
         return sample_from_logits(logits, temperature=self.temperature, seed=self.seed,
                                   position=position)
 
@@ -478,10 +481,10 @@ class BatchEngine:
         with self._changed:
             for request in included:
                 if request.remaining == 0:
-                    request.output = DecodeOutput(np.concatenate(request.logits),
-                                                  np.concatenate(request.hidden))
+                    request.output = DecodeOutput(_joined(request.logits),
+                                                  _joined(request.hidden))
                     if request.scores:
-                        request.output_scores = np.concatenate(request.scores)
+                        request.output_scores = _joined(request.scores)
                     self._continue(request)  # first: its caller wakes to the token fed
                     self._finish(request)
 
@@ -518,6 +521,11 @@ class BatchEngine:
         gained = best_length - len(held)
         request.tokens = request.tokens[gained:]
         self.stats.shared_prefix_tokens += gained
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of one request: the step's own array when they came in one step (no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:

@@ -114,9 +114,11 @@ def positional_uniform(seed: int, position: int) -> float:
 def sample_from_logits(logits: Sequence[float] | np.ndarray, *, temperature: float,
                        seed: int | None, position: int) -> int:
     """Greedy when temperature is 0, else inverse-CDF sampling with the positional uniform."""
-    values = np.asarray(logits, dtype=np.float64)
     if temperature <= 0.0:
-        return int(np.argmax(values))
+        # argmax of float32 logits as they are: widening to float64 is exact, so the token is
+        # the same, without a copy of the row per token.
+        return int(np.argmax(np.asarray(logits)))
+    values = np.asarray(logits, dtype=np.float64)
     scaled = values / temperature
     probabilities = np.exp(scaled - scaled.max())
     cumulative = np.cumsum(probabilities / probabilities.sum())

@@ -191,3 +191,30 @@ def test_loading_prints_no_llama_cpp_log_but_errors_still_reach_stderr(
     with pytest.raises(ModelLoadError):
         LlamaModel(garbage)
     assert "failed to load model" in capfd.readouterr().err
+
+
+def test_pieces_reach_llama_cpp_in_sequence_order_and_rows_come_back_in_the_callers(
+        toy_pair: Any) -> None:
+    """With one KV stream per sequence llama.cpp computes a batch in one pass per run of
+    consecutive sequence ids in batch order, so a batch in any other order took several passes
+    (decode_pieces gives the numbers). The caller still numbers rows in its own order."""
+    with LlamaModel(toy_pair.base_gguf, n_ctx=4 * 64, n_seq_max=4, n_ctx_seq=64,
+                    flash_attention=True) as model:
+        prompt = prompt_of(model)
+        prompts = {seq: prompt[:6 + seq] for seq in range(4)}
+        order = [3, 1, 0, 2]
+        model.decode_pieces([(seq, prompts[seq]) for seq in order])
+        total = sum(len(tokens) for tokens in prompts.values())
+        handed = [model._batch.seq_id[index][0] for index in range(total)]
+        assert handed == sorted(handed)
+        last_rows, row = [], 0
+        for seq in order:
+            row += len(prompts[seq])
+            last_rows.append(row - 1)
+        together = model.read_rows(last_rows).logits
+        assert all(model.cached_tokens(seq) == prompts[seq] for seq in order)
+        for index, seq in enumerate(order):
+            model.reset(seq)
+            model.decode_pieces([(seq, prompts[seq])])
+            alone = model.read_rows([len(prompts[seq]) - 1]).logits[0]
+            np.testing.assert_allclose(together[index], alone, atol=1e-4)

@@ -7,6 +7,7 @@ checked as in test_decoding.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -587,3 +588,22 @@ def test_the_engine_thread_gets_the_interpreter_lock_back_soon(shared: LlamaMode
         assert sys.getswitchinterval() == pytest.approx(0.0001, abs=2e-6)  # kept (microseconds)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_the_pool_lends_the_lowest_free_sequence(shared: LlamaModel) -> None:
+    """Busy sequences stay a run of consecutive ids, which llama.cpp decodes in one pass
+    (``LlamaModel.decode_pieces``); lending the last one returned left gaps (0, 2 busy)."""
+    engine = BatchEngine(shared)
+    pool = DecoderPool(engine, switch=None, expert=None,
+                       make=lambda view, scored, _: CoDecoder(base=view, switch=scored,
+                                                              expert=None, seq=view.seq))
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        lent = [first.enter_context(pool.checkout()).seq,
+                second.enter_context(pool.checkout()).seq]
+        with pool.checkout() as third:
+            lent.append(third.seq)
+        second.close()
+        assert lent == [0, 1, 2]
+        with pool.checkout() as again, pool.checkout() as after:
+            assert (again.seq, after.seq) == (1, 2)
+    engine.close()
