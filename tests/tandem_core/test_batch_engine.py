@@ -345,7 +345,11 @@ def test_tokens_fed_ahead_are_dropped_when_the_caller_goes_another_way(
         assert view.cached_tokens() == prompt + greedy[:1]
         other = (greedy[1] + 1) % shared.vocab_size  # not the token the engine guessed
         ours = view.decode([other]).logits[-1]
-        assert shared.cached_tokens(1) == [*prompt, greedy[0], other]
+        # What was fed ahead of `other` is gone; the engine may already run ahead of `other` too
+        # (it queues that before the caller wakes), by at most depth tokens.
+        held = shared.cached_tokens(1)
+        assert held[: len(prompt) + 2] == [*prompt, greedy[0], other]
+        assert len(held) <= len(prompt) + 2 + 4
         view.rollback(len(prompt))
         again = view.decode(greedy[:2]).logits[-1]
     view.close()
