@@ -105,18 +105,14 @@ def deferred_inside_results(tokens: list[Any]) -> int:
     """How many expert tokens lie inside an annotation's result (between ``=`` and ``>>``)."""
     text = b"".join(token.text for token in tokens).decode("utf-8", errors="replace")
     spans = [match.span(2) for match in GENERATED_ANNOTATION.finditer(text)]
-    count, offset = 0, 0
-    for token in tokens:
-        width = len(token.text.decode("utf-8", errors="replace"))
-        if token.provenance == "expert" and any(
-            start <= offset < end or offset == end for start, end in spans  # ``>>`` ends a result
-        ):
-            count += 1
-        offset += width
-    return count
+    return sum(
+        any(start <= offset < end or offset == end for start, end in spans)  # ``>>`` ends a result
+        for offset, _ in expert_pieces(tokens)
+    )
 
 
 def expert_pieces(tokens: list[Any]) -> list[tuple[int, str]]:
+    """Where the expert wrote: each expert token's character offset in the answer, and its text."""
     pieces, offset = [], 0
     for token in tokens:
         text = token.text.decode("utf-8", errors="replace")

@@ -400,16 +400,18 @@ class LlamaModel:
         with self._lock:
             self._require_open()
             self._check_decode(tokens, seq)
-            logits: list[np.ndarray] = []
-            hidden: list[np.ndarray] = []
+            outputs: list[DecodeOutput] = []
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 is_final_chunk = start + self.n_batch >= len(tokens)
-                rows = self._decode_chunk(chunk, seq, outputs=not last_only or is_final_chunk,
-                                          last_only=last_only)
-                logits += rows[0]
-                hidden += rows[1]
-            return DecodeOutput(np.stack(logits), np.stack(hidden))
+                output = self._decode_chunk(chunk, seq, outputs=not last_only or is_final_chunk,
+                                            last_only=last_only)
+                if output is not None:
+                    outputs.append(output)
+            if len(outputs) == 1:
+                return outputs[0]
+            return DecodeOutput(np.concatenate([output.logits for output in outputs]),
+                                np.concatenate([output.hidden for output in outputs]))
 
     def check_decode(self, tokens: Sequence[int], seq: int) -> None:
         """Raise what ``decode`` would raise for these tokens before decoding anything."""
@@ -436,7 +438,7 @@ class LlamaModel:
             )
 
     def _decode_chunk(self, chunk: Sequence[int], seq: int, *, outputs: bool,
-                      last_only: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                      last_only: bool) -> DecodeOutput | None:
         batch = self._batch
         first_position = len(self._cached[seq])
         for index, token in enumerate(chunk):
@@ -459,20 +461,26 @@ class LlamaModel:
             raise ModelError(f"llama_decode failed with status {status}")
         self._cached[seq].extend(int(token) for token in chunk)
         if not outputs:
-            return [], []
-        rows = [len(chunk) - 1] if last_only else list(range(len(chunk)))
-        return self._read_rows(rows)
+            return None
+        return self._read_rows([len(chunk) - 1] if last_only else range(len(chunk)))
 
-    def _read_rows(self, rows: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        logits, hidden = [], []
-        for row in rows:
-            logits_pointer = self._lib.llama_get_logits_ith(self._context, row)
-            hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, row)
+    def _read_rows(self, batch_indices: Sequence[int]) -> DecodeOutput:
+        """Outputs of llama.cpp's batch rows. Each row is copied once, straight into the arrays
+        returned: a batching step reads 8 or more rows of 49,152 logits (SmolLM2) on the engine
+        thread."""
+        logits = np.empty((len(batch_indices), self.vocab_size), np.float32)
+        hidden = np.empty((len(batch_indices), self.hidden_size), np.float32)
+        logits_at, hidden_at = logits.ctypes.data, hidden.ctypes.data
+        for batch_index in batch_indices:
+            logits_pointer = self._lib.llama_get_logits_ith(self._context, batch_index)
+            hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, batch_index)
             if not logits_pointer or not hidden_pointer:
-                raise ModelError(f"llama.cpp returned no output for batch row {row}")
-            logits.append(np.ctypeslib.as_array(logits_pointer, shape=(self.vocab_size,)).copy())
-            hidden.append(np.ctypeslib.as_array(hidden_pointer, shape=(self.hidden_size,)).copy())
-        return logits, hidden
+                raise ModelError(f"llama.cpp returned no output for batch row {batch_index}")
+            ctypes.memmove(logits_at, logits_pointer, logits.strides[0])
+            ctypes.memmove(hidden_at, hidden_pointer, hidden.strides[0])
+            logits_at += logits.strides[0]
+            hidden_at += hidden.strides[0]
+        return DecodeOutput(logits, hidden)
 
     @property
     def seq_capacity(self) -> int:
@@ -540,22 +548,7 @@ class LlamaModel:
         with self._lock:
             self._require_open()
             order = self._batch_rows
-            # Each row is copied once, straight into the arrays returned: a batching step
-            # reads 8 or more rows of 49,152 logits (SmolLM2) on the engine thread.
-            logits = np.empty((len(rows), self.vocab_size), np.float32)
-            hidden = np.empty((len(rows), self.hidden_size), np.float32)
-            logits_at, hidden_at = logits.ctypes.data, hidden.ctypes.data
-            for row in rows:
-                batch_index = order[row] if order else row
-                logits_pointer = self._lib.llama_get_logits_ith(self._context, batch_index)
-                hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, batch_index)
-                if not logits_pointer or not hidden_pointer:
-                    raise ModelError(f"llama.cpp returned no output for batch row {row}")
-                ctypes.memmove(logits_at, logits_pointer, logits.strides[0])
-                ctypes.memmove(hidden_at, hidden_pointer, hidden.strides[0])
-                logits_at += logits.strides[0]
-                hidden_at += hidden.strides[0]
-            return DecodeOutput(logits, hidden)
+            return self._read_rows([order[row] for row in rows] if order else rows)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.
