@@ -200,6 +200,10 @@ class LlamaModel:
         self._context: Any = None
         self._batch: Any = None
         self._pieces: list[bytes] | None = None
+        # Answers and the engine ask these per token; each ctypes call lets go of the
+        # interpreter lock, and on a busy daemon taking it back can wait a switch interval.
+        self._plain_pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self._batch_rows: list[int] = []  # the last decode_pieces: caller's row -> batch index
         self._fingerprint: str | None = None
         self._lib = _llama()
@@ -332,8 +336,11 @@ class LlamaModel:
 
     def is_end_of_generation(self, token_id: int) -> bool:
         """Whether the vocabulary marks ``token_id`` as ending a generation (EOS, <|im_end|>...)."""
-        self._require_open()
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token_id))
+        known = self._eog.get(token_id)
+        if known is None:
+            self._require_open()
+            known = self._eog[token_id] = bool(self._lib.llama_vocab_is_eog(self._vocab, token_id))
+        return known
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = False) -> list[int]:
         """Token ids of ``text``; ``special`` parses control tokens such as ``<|im_start|>``.
@@ -359,7 +366,10 @@ class LlamaModel:
             raise ModelError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
         if special:
             return self._all_pieces()[token_id]
-        return self._piece(token_id, special=False)
+        piece = self._plain_pieces.get(token_id)
+        if piece is None:
+            piece = self._plain_pieces[token_id] = self._piece(token_id, special=False)
+        return piece
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
         """The bytes of a token sequence (no space stripping: pieces are joined as they are)."""
@@ -465,22 +475,27 @@ class LlamaModel:
         return self._read_rows([len(chunk) - 1] if last_only else range(len(chunk)))
 
     def _read_rows(self, batch_indices: Sequence[int]) -> DecodeOutput:
-        """Outputs of llama.cpp's batch rows. Each row is copied once, straight into the arrays
-        returned: a batching step reads 8 or more rows of 49,152 logits (SmolLM2) on the engine
-        thread."""
-        logits = np.empty((len(batch_indices), self.vocab_size), np.float32)
-        hidden = np.empty((len(batch_indices), self.hidden_size), np.float32)
-        logits_at, hidden_at = logits.ctypes.data, hidden.ctypes.data
-        for batch_index in batch_indices:
-            logits_pointer = self._lib.llama_get_logits_ith(self._context, batch_index)
-            hidden_pointer = self._lib.llama_get_embeddings_ith(self._context, batch_index)
-            if not logits_pointer or not hidden_pointer:
-                raise ModelError(f"llama.cpp returned no output for batch row {batch_index}")
-            ctypes.memmove(logits_at, logits_pointer, logits.strides[0])
-            ctypes.memmove(hidden_at, hidden_pointer, hidden.strides[0])
-            logits_at += logits.strides[0]
-            hidden_at += hidden.strides[0]
-        return DecodeOutput(logits, hidden)
+        """Outputs of llama.cpp's batch rows, copied once into the arrays returned.
+
+        Two ctypes calls whatever the number of rows: llama.cpp keeps every output row in batch
+        order (every row of our batches asks for outputs), and a batching step reads 8 or more
+        rows of 49,152 logits (SmolLM2) on the engine thread. Each ctypes call releases the
+        interpreter lock, and taking it back from busy answer threads can wait a switch interval;
+        reading each row with its own ``llama_get_logits_ith`` and ``memmove`` made 32 such calls
+        a step of 8.
+        """
+        count = max(batch_indices, default=-1) + 1
+        logits_pointer = self._lib.llama_get_logits(self._context)
+        hidden_pointer = self._lib.llama_get_embeddings(self._context)
+        if count and (not logits_pointer or not hidden_pointer):
+            raise ModelError("llama.cpp returned no outputs for the last batch")
+        if not count:
+            return DecodeOutput(np.empty((0, self.vocab_size), np.float32),
+                                np.empty((0, self.hidden_size), np.float32))
+        logits = np.ctypeslib.as_array(logits_pointer, shape=(count, self.vocab_size))
+        hidden = np.ctypeslib.as_array(hidden_pointer, shape=(count, self.hidden_size))
+        rows = np.asarray(batch_indices, dtype=np.intp)
+        return DecodeOutput(logits[rows], hidden[rows])  # fancy indexing copies
 
     @property
     def seq_capacity(self) -> int:

@@ -211,10 +211,11 @@ def test_pieces_reach_llama_cpp_in_sequence_order_and_rows_come_back_in_the_call
         for seq in order:
             row += len(prompts[seq])
             last_rows.append(row - 1)
-        together = model.read_rows(last_rows).logits
+        together = model.read_rows(last_rows)
         assert all(model.cached_tokens(seq) == prompts[seq] for seq in order)
         for index, seq in enumerate(order):
             model.reset(seq)
             model.decode_pieces([(seq, prompts[seq])])
-            alone = model.read_rows([len(prompts[seq]) - 1]).logits[0]
-            np.testing.assert_allclose(together[index], alone, atol=1e-4)
+            alone = model.read_rows([len(prompts[seq]) - 1])
+            np.testing.assert_allclose(together.logits[index], alone.logits[0], atol=1e-4)
+            np.testing.assert_allclose(together.hidden[index], alone.hidden[0], atol=1e-4)
