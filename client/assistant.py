@@ -483,6 +483,7 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
     from client.decoding import CoDecoder, DecodingOptions
     from client.serving import DecoderPool
     from tandem_core.batch_engine import BatchEngine
+    from tandem_core.prompt_cache import prompt_cache
 
     with contextlib.ExitStack() as stack:
         parts = open_parts(stack, PartsSpec(
@@ -490,7 +491,8 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
             switch_provider=settings.switch.provider,
             expert=GatewayExpert(settings.expert, gateway_token),
             egress=Egress(policy_settings.audit_log, audit_key, policy_settings)))
-        engine = BatchEngine(parts.base, scorer=parts.switch)
+        engine = BatchEngine(parts.base, scorer=parts.switch,
+                             prompt_cache=prompt_cache(settings.base.prompt_cache_mib))
         stack.callback(engine.close)
         options = DecodingOptions.from_settings(settings)
         policy, audit = parts.policy, parts.audit

@@ -36,6 +36,12 @@ class BaseModelSettings(Section):
         description="answers decoded together in one batched llama.cpp context; the KV cache "
         "holds max_parallel * n_ctx tokens",
     )
+    prompt_cache_mib: int = Field(
+        default=512, ge=0, le=1_048_576,
+        description="host memory for finished answers' KV state, restored when a new prompt "
+        "shares a prefix with one (llama-server's --cache-ram); 0 turns it off. It stays in "
+        "this process's memory and is never written to disk",
+    )
     prompt_style: Literal["auto", "plain", "chat"] = Field(
         default="auto", description="chat uses the GGUF chat template; auto picks chat when present"
     )

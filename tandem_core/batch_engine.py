@@ -57,6 +57,7 @@ import numpy as np
 from tandem_core.base_model import DecodeOutput, LlamaModel
 from tandem_core.errors import ModelError, TandemError
 from tandem_core.interpreter import favour_engine_threads
+from tandem_core.prompt_cache import PromptCache
 from tandem_core.protocol import sample_from_logits
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ SHORT_REQUEST = 64  # requests up to this many tokens (decode rows, expert spans
 # Shorter shared prefixes cost more than they save: with one KV stream per sequence a share
 # copies the whole stream (n_ctx_seq cells of every layer), about a 32-token prefill's worth.
 MIN_SHARED_PREFIX = 32
+# Restoring a saved state costs well under a millisecond against about 4 ms a prompt token
+# (``tandem_core.prompt_cache``), so even a short gain is worth it.
+MIN_RESTORED_PREFIX = 4
 # Tokens decoded ahead of a caller that has not taken them yet. Enough to cover an answer thread
 # that lost the GIL for a few steps; each is wasted (one row of one step) when the answer stops
 # on a stop sequence or is cancelled.
@@ -166,6 +170,7 @@ class EngineStats:
     scored_rows: int = 0
     max_sequences: int = 0
     shared_prefix_tokens: int = 0
+    restored_prefix_tokens: int = 0  # prompt tokens not prefilled thanks to the prompt cache
     ahead_fed: int = 0  # tokens the engine fed ahead of their callers
     ahead_taken: int = 0  # of those, tokens their callers then took
 
@@ -175,8 +180,10 @@ class BatchEngine:
 
     def __init__(self, model: LlamaModel, *, scorer: Scorer | None = None,
                  gather_s: float = DEFAULT_GATHER_S,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, share_prefixes: bool = True) -> None:
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, share_prefixes: bool = True,
+                 prompt_cache: PromptCache | None = None) -> None:
         self.model = model
+        self.prompt_cache = prompt_cache
         self.scorer = scorer
         self.gather_s = gather_s
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
@@ -187,6 +194,7 @@ class BatchEngine:
         self._live: set[int] = set()
         self._parked: set[int] = set()
         self._cancelled: dict[int, threading.Event] = {}
+        self._unsaved: set[int] = set()  # closed sequences whose state the prompt cache lacks
         self._lanes = [_Lane() for _ in range(model.n_seq_max)]
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -208,9 +216,13 @@ class BatchEngine:
     def open(self, seq: int, *, cancelled: threading.Event | None = None) -> None:
         """Mark ``seq`` live: the engine waits (briefly) for its submissions when gathering."""
         with self._changed:
+            unsaved = seq in self._unsaved
+            self._unsaved.discard(seq)
             self._live.add(seq)
             if cancelled is not None:
                 self._cancelled[seq] = cancelled
+        if unsaved:  # the engine thread has not saved it yet: before its new owner cuts it
+            self._save(seq)
 
     def close_sequence(self, seq: int) -> None:
         """The caller is done with ``seq``: drop what was decoded ahead, stop waiting for it."""
@@ -219,6 +231,8 @@ class BatchEngine:
             self._live.discard(seq)
             self._parked.discard(seq)
             self._cancelled.pop(seq, None)
+            if self.prompt_cache is not None:
+                self._unsaved.add(seq)  # saved by the engine thread between steps
             self._changed.notify_all()
 
     @contextlib.contextmanager
@@ -381,12 +395,14 @@ class BatchEngine:
     def _gather(self) -> list[_Request] | None:
         """The requests of this step: wait for work, then briefly for every live sequence."""
         with self._changed:
-            while not self._pending and not self._closed:
+            while not self._pending and not self._closed and not self._unsaved:
                 self._changed.wait()
             if self._closed:
                 for request in list(self._pending.values()):
                     self._finish(request, error=ModelError("the batching engine is closed"))
                 return None
+            if not self._pending:
+                return []  # woken to save a closed sequence
             deadline = time.monotonic() + self.gather_s
             while True:
                 # A caller running ahead is busy with the rows fed to it, or off to its expert
@@ -407,6 +423,7 @@ class BatchEngine:
             return requests
 
     def _step(self, requests: list[_Request]) -> None:
+        self._save_closed()  # first: a new prompt of this step may want what they held
         model = self.model
         pieces: list[tuple[int, list[int]]] = []
         budget = model.n_batch
@@ -423,7 +440,7 @@ class BatchEngine:
                     with self._changed:
                         self._finish(request, error=exc)
                     continue
-                if self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX:
+                if request.last_only and len(request.tokens) > 1:
                     self._share_prefix(request)
             # A request's pieces never depend on what else is pending: it goes whole, or in
             # chunks of prefill_chunk from its start, or waits for the next step. llama.cpp's
@@ -497,30 +514,76 @@ class BatchEngine:
         request.done.set()
 
     def _share_prefix(self, request: _Request) -> None:
-        """Take the KV of a longer common prefix from another sequence (unified cache)."""
+        """Skip the part of a prompt whose KV another sequence or the prompt cache holds.
+
+        Only for requests that want the last row alone: the rows of skipped tokens are not
+        computed. Another sequence's prefix is copied with ``copy_prefix`` (a whole stream, so
+        only when it saves ``MIN_SHARED_PREFIX`` tokens); a saved state is restored whole and cut
+        back.
+        """
         model = self.model
         seq = request.seq
         with model._lock:  # other sequences' owners may roll back meanwhile
             held = model.cached_tokens(seq)
             wanted = held + request.tokens
             best, best_length = None, len(held)
-            for other in range(model.n_seq_max):
-                if other == seq:
-                    continue
-                length = _common_prefix(model.cached_tokens(other), wanted)
-                if length > best_length:
-                    best, best_length = other, length
+            if self.share_prefixes:
+                for other in range(model.n_seq_max):
+                    if other == seq:
+                        continue
+                    length = _common_prefix(model.cached_tokens(other), wanted)
+                    if length > best_length:
+                        best, best_length = other, length
             best_length = min(best_length, len(wanted) - 1)  # decode one token for outputs
-            if best is None or best_length - len(held) < MIN_SHARED_PREFIX:
+            if best_length - len(held) < MIN_SHARED_PREFIX:
+                best, best_length = None, len(held)
+            if self.prompt_cache is not None:
+                saved, length = self.prompt_cache.longest(wanted)
+                length = min(length, len(wanted) - 1)
+                if saved is not None and length >= best_length \
+                        and length - len(held) >= MIN_RESTORED_PREFIX:
+                    try:
+                        model.restore_sequence(seq, saved)
+                        model.rollback(length, seq=seq)
+                    except ModelError:
+                        logger.warning("could not restore a saved prompt into sequence %d", seq)
+                        model.reset(seq)
+                        request.tokens = wanted  # the sequence is empty now: prefill it all
+                        return
+                    self._skip(request, length - len(held))
+                    self.stats.restored_prefix_tokens += length - len(held)
+                    return
+            if best is None:
                 return
             try:
                 model.copy_prefix(best, seq, best_length)
             except ModelError:
                 logger.warning("could not share a prefix of sequence %d with %d", best, seq)
                 return
-        gained = best_length - len(held)
+        self._skip(request, best_length - len(held))
+        self.stats.shared_prefix_tokens += best_length - len(held)
+
+    @staticmethod
+    def _skip(request: _Request, gained: int) -> None:
         request.tokens = request.tokens[gained:]
-        self.stats.shared_prefix_tokens += gained
+
+    def _save_closed(self) -> None:
+        """Save the sequences closed since the last step into the prompt cache."""
+        with self._changed:
+            closed = sorted(self._unsaved)
+            self._unsaved.clear()
+        for seq in closed:
+            self._save(seq)
+
+    def _save(self, seq: int) -> None:
+        assert self.prompt_cache is not None
+        try:
+            saved = self.model.save_sequence(seq)
+        except ModelError:
+            logger.warning("could not save sequence %d into the prompt cache", seq)
+            return
+        if saved is not None:
+            self.prompt_cache.store(saved)
 
 
 def _joined(parts: list[np.ndarray]) -> np.ndarray:

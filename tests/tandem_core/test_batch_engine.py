@@ -611,3 +611,49 @@ def test_the_pool_lends_the_lowest_free_sequence(shared: LlamaModel) -> None:
         with pool.checkout() as again, pool.checkout() as after:
             assert (again.seq, after.seq) == (1, 2)
     engine.close()
+
+
+def test_rows_wanted_for_every_token_are_computed_even_where_another_sequence_holds_them(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    """Only a prompt that wants its last row alone may skip a prefix held elsewhere: a request
+    for every row (an expert span, a gateway session's prompt) got fewer rows than tokens."""
+    base, _ = solo
+    tokens = base.tokenize(" ".join(toy_prompts(toy_pair)[:3]), add_bos=True)[:80]
+    engine = BatchEngine(shared)
+    for seq in (0, 1):
+        shared.reset(seq)
+    engine.view(0).decode(tokens, last_only=True)
+    output = engine.view(1).decode(tokens)
+    engine.close()
+    assert output.logits.shape[0] == len(tokens)
+    assert engine.stats.shared_prefix_tokens == 0
+
+
+def test_a_closed_sequences_prompt_is_restored_from_the_prompt_cache_into_another(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    from tandem_core.prompt_cache import PromptCache
+
+    base, _ = solo
+    prompt = base.tokenize(" ".join(toy_prompts(toy_pair)[:2]), add_bos=True)[:60]
+    cache = PromptCache(64 * 2**20)
+    engine = BatchEngine(shared, share_prefixes=False, prompt_cache=cache)
+    for seq in range(PARALLEL):
+        shared.reset(seq)
+    first = engine.view(0)
+    first.open()
+    before = first.decode(prompt, last_only=True)
+    greedy = int(np.argmax(before.logits[-1]))
+    first.decode([greedy])
+    first.close()
+    second = engine.view(2)
+    second.open()
+    again = second.decode(prompt, last_only=True)  # the engine saves sequence 0 first
+    second.close()
+    engine.close()
+    assert len(cache) == 1 and cache.longest(prompt)[1] == len(prompt)
+    assert engine.stats.restored_prefix_tokens == len(prompt) - 1  # the last one is decoded
+    assert shared.cached_tokens(2) == prompt
+    # The prefix's KV is the saved one, bit for bit; only the last prompt token's row is
+    # computed in a batch of its own rather than in the prompt's.
+    assert np.abs(again.logits[-1] - before.logits[-1]).max() < 5e-2
+    assert int(np.argmax(again.logits[-1])) == greedy
