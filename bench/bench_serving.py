@@ -386,9 +386,11 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threa
     from client.assistant import ChatTurn, Question, prompt_builder_for
     from client.decoding import CoDecoder, DecodingOptions
     from client.serving import DecoderPool
+    from client.settings import BaseModelSettings
     from client.switch import OnnxSwitch
     from tandem_core.base_model import LlamaModel
     from tandem_core.batch_engine import BatchEngine
+    from tandem_core.prompt_cache import PromptCache
 
     flash = flash_attention
     shared = LlamaModel(gguf, n_ctx=parallel * 512, n_seq_max=parallel, n_ctx_seq=512,
@@ -400,7 +402,9 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threa
     build = prompt_builder_for(shared, "auto")
     prompts = [build(Question(messages=[ChatTurn("user", PROMPTS[index % len(PROMPTS)])]), [])
                for index in range(answers)]
-    engine = BatchEngine(shared, scorer=switch)
+    # The daemon's engine: its prompt cache restores the chat template's common prefix.
+    engine = BatchEngine(shared, scorer=switch,
+                         prompt_cache=PromptCache(BaseModelSettings().prompt_cache_mib * 2**20))
     pool = DecoderPool(engine, switch=switch, expert=expert, make=lambda view, scored, proxy: (
         CoDecoder(base=view, switch=scored, expert=proxy, options=options, seq=view.seq)))
 
@@ -433,7 +437,8 @@ def exactness_rows(gguf: Path, head: Path, *, parallel: int, answers: int, threa
     return {"flash_attention": flash_attention, "answers": answers, "identical": same,
             "share": same / answers, "divergences": divergences,
             "near_ties": sum(1 for item in divergences if item["near_tie"]),
-            "max_batch": engine.stats.max_sequences, "ahead_taken": engine.stats.ahead_taken}
+            "max_batch": engine.stats.max_sequences, "ahead_taken": engine.stats.ahead_taken,
+            "restored_prefix_tokens": engine.stats.restored_prefix_tokens}
 
 
 def _divergence(base: Any, expert_model: Any, switch: Any, options: Any, prefix: list[int],
