@@ -31,13 +31,21 @@ class ContinueOptions:
 
 
 def token_logprob(logits: np.ndarray, token: int, *, top: int) -> TokenLogprob:
-    """The raw-distribution log-prob of ``token`` and the ``top`` best alternatives."""
-    logprobs = log_softmax(np.asarray(logits, dtype=np.float64))
+    """The raw-distribution log-prob of ``token`` and the ``top`` best alternatives.
+
+    The same float64 arithmetic as ``log_softmax``, bit for bit, but the whole row of log-probs
+    is only made when alternatives are asked for: the gateway reports every token's log-prob,
+    and on a CPU host its session threads share the cores with llama.cpp.
+    """
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max()
+    log_total = np.log(np.exp(shifted).sum())
     best: list[tuple[int, float]] = []
     if top > 0:
+        logprobs = shifted - log_total
         order = np.argsort(-logprobs, kind="stable")[:top]
         best = [(int(index), float(logprobs[index])) for index in order]
-    return TokenLogprob(token=token, logprob=float(logprobs[token]), top=best)
+    return TokenLogprob(token=token, logprob=float(shifted[token] - log_total), top=best)
 
 
 def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], *, position: int,
