@@ -20,7 +20,7 @@ def saved(tokens: list[int], nbytes: int = 10) -> SavedSequence:
 
 @pytest.mark.parametrize(("left", "right", "length"), [
     ((), (1, 2), 0), ((1, 2, 3), (1, 2, 3), 3), ((1, 2, 3), (1, 2), 2), ((1, 9, 3), (1, 2, 3), 1),
-    ((5,), (6,), 0), (tuple(range(100)), tuple(range(57)) + (0,), 57),
+    ((5,), (6,), 0), (tuple(range(100)), (*range(57), 0), 57),
 ])
 def test_shared_length_is_the_common_prefix(left: tuple[int, ...], right: tuple[int, ...],
                                             length: int) -> None:
