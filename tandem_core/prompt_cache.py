@@ -19,21 +19,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from tandem_core.base_model import SavedSequence, available_memory_bytes
 from tandem_core.errors import ModelLoadError
-
-
-@dataclass(frozen=True)
-class SavedSequence:
-    """The tokens a sequence held and llama.cpp's serialised KV state of them."""
-
-    tokens: tuple[int, ...]
-    state: bytearray
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.state)
 
 
 def shared_length(left: tuple[int, ...], right: tuple[int, ...]) -> int:
@@ -107,8 +95,6 @@ def prompt_cache(mib: int, *, available: int | None = None) -> PromptCache | Non
     (``available``, default: MemAvailable), as the KV cache check at start-up does."""
     if mib == 0:
         return None
-    from tandem_core.base_model import available_memory_bytes
-
     wanted = mib * 2**20
     free = available_memory_bytes() if available is None else available
     if free is not None and wanted > free:
