@@ -64,6 +64,24 @@ PROMPTS = [
     "Explain how a bill becomes a law, in simple terms.",
     "Write a recipe for a vegetable soup with instructions.",
 ]
+# Questions for the time-to-first-token rows that no other row asks: the prompt cache has not
+# seen them, so each first token needs its prompt's prefill (all but the shared chat template).
+NEW_QUESTIONS = [
+    "Explain how a compass finds north.",
+    "Describe how honey bees make honey.",
+    "Explain why leaves change colour in autumn.",
+    "Describe how a train stays on its rails.",
+    "Explain how a microwave oven heats food.",
+    "Describe how glass is made from sand.",
+    "Explain why ice floats on water.",
+    "Describe how a bill is paid by bank transfer.",
+    "Explain how a rainbow forms after rain.",
+    "Describe how cheese is made from milk.",
+    "Explain how an electric kettle switches itself off.",
+    "Describe how a spider builds its web.",
+    "Explain why the moon has phases.",
+    "Describe how paper is recycled.",
+]
 TARGETS = {
     "aggregate_8_vs_llama_server": (">=", 1.0),
     "single_vs_llama_server": (">=", 0.9),
@@ -214,8 +232,13 @@ def first_token_seconds(url: str, prompt: str) -> float:
 
 
 def ttft(url: str, *, samples: int) -> dict[str, float]:
-    """Median TTFT alone, and while 7 other clients keep answers decoding."""
-    idle = [first_token_seconds(url, PROMPTS[index % len(PROMPTS)]) for index in range(samples)]
+    """Median TTFT alone, and while 7 other clients keep answers decoding: of new questions
+    (half of ``NEW_QUESTIONS`` each), and of questions asked before (in the prompt cache)."""
+    if 2 * samples > len(NEW_QUESTIONS):
+        raise SystemExit(f"--ttft-samples is at most {len(NEW_QUESTIONS) // 2}")
+    idle = [first_token_seconds(url, NEW_QUESTIONS[index]) for index in range(samples)]
+    idle_cached = [first_token_seconds(url, PROMPTS[index % len(PROMPTS)])
+                   for index in range(samples)]
     stop = threading.Event()
 
     def background(index: int) -> None:
@@ -231,14 +254,18 @@ def ttft(url: str, *, samples: int) -> dict[str, float]:
     with concurrent.futures.ThreadPoolExecutor(7) as pool:
         futures = [pool.submit(background, index) for index in range(7)]
         time.sleep(3.0)  # all seven are decoding
-        busy = []
+        busy, busy_cached = [], []
         for index in range(samples):
-            busy.append(first_token_seconds(url, PROMPTS[(index + 5) % len(PROMPTS)]))
+            busy.append(first_token_seconds(url, NEW_QUESTIONS[samples + index]))
+            time.sleep(0.3)
+            busy_cached.append(first_token_seconds(url, PROMPTS[(index + 5) % len(PROMPTS)]))
             time.sleep(0.3)
         stop.set()
         for future in futures:
             future.result()
-    return {"idle_s": statistics.median(idle), "busy_s": statistics.median(busy)}
+    return {"idle_s": statistics.median(idle), "busy_s": statistics.median(busy),
+            "idle_cached_s": statistics.median(idle_cached),
+            "busy_cached_s": statistics.median(busy_cached)}
 
 
 # -- the expert side: gateway on the same GGUF behind a delaying proxy ---------------------------
@@ -535,8 +562,12 @@ def main() -> int:
         if "ttft" not in args.skip:
             report["ttft"] = ttft(ours, samples=args.ttft_samples)
             report["ttft_busy_vs_idle"] = ratio(report["ttft"]["busy_s"], report["ttft"]["idle_s"])
-            rows.append(("TTFT idle, s", report["ttft"]["idle_s"], ""))
-            rows.append(("TTFT with 7 decoding, s", report["ttft"]["busy_s"], ""))
+            rows.append(("TTFT idle, s", report["ttft"]["idle_s"], "new questions"))
+            rows.append(("TTFT with 7 decoding, s", report["ttft"]["busy_s"], "new questions"))
+            rows.append(("TTFT idle, question asked before, s", report["ttft"]["idle_cached_s"],
+                         "prompt cache"))
+            rows.append(("TTFT with 7 decoding, question asked before, s",
+                         report["ttft"]["busy_cached_s"], "prompt cache"))
         if args.threads_sweep:
             sweep = {}
             for label, threads, passive in (("n_threads=2", 2, False), ("n_threads=1", 1, False),

@@ -567,7 +567,7 @@ class BatchEngine:
                         model.reset(seq)
                         request.tokens = wanted  # the sequence is empty now: prefill it all
                         return
-                    self._skip(request, length - len(held))
+                    request.tokens = request.tokens[length - len(held):]
                     self.stats.restored_prefix_tokens += length - len(held)
                     return
             if best is None:
@@ -577,12 +577,8 @@ class BatchEngine:
             except ModelError:
                 logger.warning("could not share a prefix of sequence %d with %d", best, seq)
                 return
-        self._skip(request, best_length - len(held))
+        request.tokens = request.tokens[best_length - len(held):]
         self.stats.shared_prefix_tokens += best_length - len(held)
-
-    @staticmethod
-    def _skip(request: _Request, gained: int) -> None:
-        request.tokens = request.tokens[gained:]
 
     def _save_closed(self) -> None:
         """Save the sequences closed since the last step into the prompt cache."""
