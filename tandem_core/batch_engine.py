@@ -436,6 +436,7 @@ class BatchEngine:
     def _step(self, requests: list[_Request]) -> None:
         self._save_closed()  # first: a new prompt of this step may want what they held
         model = self.model
+        requests = self._prompts_first(self._admitted(requests))
         pieces: list[tuple[int, list[int]]] = []
         budget = model.n_batch
         prefill_budget = self.prefill_chunk
@@ -444,18 +445,6 @@ class BatchEngine:
         # Short requests first (every running answer's decode row goes in), except that a
         # request left out of the last step goes first now, so it cannot starve.
         for request in sorted(requests, key=lambda item: (not item.skipped, item.remaining)):
-            if request.fed == 0 and not request.skipped:
-                try:  # a request that cannot fit fails alone, not the whole step
-                    model.check_decode(request.tokens, request.seq)
-                except TandemError as exc:
-                    with self._changed:
-                        self._finish(request, error=exc)
-                    continue
-                if request.last_only and (
-                        (self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX)
-                        or (self.prompt_cache is not None
-                            and len(request.tokens) > MIN_RESTORED_PREFIX)):
-                    self._share_prefix(request)
             # A request's pieces never depend on what else is pending: it goes whole, or in
             # chunks of prefill_chunk from its start, or waits for the next step. llama.cpp's
             # rows change with how a prompt is split, so an answer must be split the same way
@@ -521,6 +510,46 @@ class BatchEngine:
                         request.output_scores = _joined(request.scores)
                     self._continue(request)  # first: its caller wakes to the token fed
                     self._finish(request)
+
+    def _admitted(self, requests: list[_Request]) -> list[_Request]:
+        """New requests checked (one that cannot fit fails alone, not the step) and shortened
+        by a prefix held elsewhere; the rest as they are."""
+        admitted = []
+        for request in requests:
+            if request.fed == 0 and not request.skipped:
+                try:
+                    self.model.check_decode(request.tokens, request.seq)
+                except TandemError as exc:
+                    with self._changed:
+                        self._finish(request, error=exc)
+                    continue
+                if request.last_only and (
+                        (self.share_prefixes and len(request.tokens) > MIN_SHARED_PREFIX)
+                        or (self.prompt_cache is not None
+                            and len(request.tokens) > MIN_RESTORED_PREFIX)):
+                    self._share_prefix(request)
+            admitted.append(request)
+        return admitted
+
+    def _prompts_first(self, requests: list[_Request]) -> list[_Request]:
+        """New prompts that finish in this step, alone, when other requests wait with them.
+
+        With one KV stream per sequence llama.cpp computes a step of decode rows and a prompt in
+        one pass for the rows and one for the rest of the prompt, and hands back every row at
+        the end. In a step of its own the prompt's pass comes first, so a new answer's first
+        token comes a decode step sooner and the running answers' rows no later. The requests
+        left out go first in the next step, which therefore never leaves them out again.
+        """
+        prompts = [request for request in requests
+                   if request.last_only and request.fed == 0
+                   and 1 < len(request.tokens) <= self.prefill_chunk]
+        if not prompts or len(prompts) == len(requests) \
+                or any(request.skipped for request in requests):
+            return requests
+        for request in requests:
+            if not any(request is prompt for prompt in prompts):
+                request.skipped = True
+        return prompts
 
     def _finish(self, request: _Request, *, error: BaseException | None = None) -> None:
         """Hand a request back (engine condition held)."""

@@ -657,3 +657,54 @@ def test_a_closed_sequences_prompt_is_restored_from_the_prompt_cache_into_anothe
     # computed in a batch of its own rather than in the prompt's.
     assert np.abs(again.logits[-1] - before.logits[-1]).max() < 5e-2
     assert int(np.argmax(again.logits[-1])) == greedy
+
+
+def test_a_new_prompt_gets_a_step_of_its_own_before_the_running_answers_rows(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp computes decode rows and a prompt in separate passes anyway and returns every
+    row at the end of the call; the prompt alone first gives its first token a step sooner."""
+    base, _ = solo
+    prompts = toy_prompts(toy_pair)
+    running_prompt = base.tokenize(prompts[0], add_bos=True)[:30]
+    new_prompt = base.tokenize(prompts[1], add_bos=True)[:20]
+    steps: list[list[tuple[int, int]]] = []
+    decode_pieces = shared.decode_pieces
+
+    def recorded(pieces: Sequence[tuple[int, Sequence[int]]]) -> None:
+        steps.append([(seq, len(tokens)) for seq, tokens in pieces])
+        decode_pieces(pieces)
+
+    monkeypatch.setattr(shared, "decode_pieces", recorded)
+    engine = BatchEngine(shared, share_prefixes=False, gather_s=0.0)
+    for seq in (0, 1):
+        shared.reset(seq)
+    answer, newcomer = engine.view(0), engine.view(1)
+    answer.open()
+    logits = answer.decode(running_prompt, last_only=True).logits[-1]
+    done = threading.Event()
+
+    def keep_decoding() -> None:
+        nonlocal logits
+        # Running ahead: the engine always holds this answer's next row when the prompt comes.
+        with answer.running_ahead(RunAhead(feed_until=len(running_prompt) + 400)):
+            while not done.is_set():
+                logits = answer.decode([int(np.argmax(logits))]).logits[-1]
+
+    thread = threading.Thread(target=keep_decoding)
+    thread.start()
+    time.sleep(0.05)
+    newcomer.open()
+    first = newcomer.decode(new_prompt, last_only=True)
+    done.set()
+    thread.join(30)
+    answer.close()
+    newcomer.close()
+    engine.close()
+    with_prompt = [step for step in steps if (1, len(new_prompt)) in step]
+    assert with_prompt == [[(1, len(new_prompt))]]  # alone, although answer 0 was decoding
+    after = steps[steps.index(with_prompt[0]) + 1]
+    assert after == [(0, 1)]  # answer 0's row, left out once, goes next
+    shared.reset(1)
+    alone = shared.decode(new_prompt, seq=1, last_only=True)
+    np.testing.assert_array_equal(first.logits[-1], alone.logits[-1])
