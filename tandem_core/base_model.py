@@ -218,6 +218,7 @@ class LlamaModel:
         self._plain_pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._batch_rows: list[int] = []  # the last decode_pieces: caller's row -> batch index
+        self._outputs = 0  # rows of the last successful decode (every row has outputs)
         self._fingerprint: str | None = None
         self._lib = _llama()
         self._load_model()
@@ -473,6 +474,7 @@ class LlamaModel:
             batch.logits[index] = True
         batch.n_tokens = len(chunk)
         self._batch_rows = []  # rows in batch order, as read_rows reads them
+        self._outputs = 0
         status = self._lib.llama_decode(self._context, batch)
         if status == 1:
             raise ContextOverflowError(
@@ -483,6 +485,7 @@ class LlamaModel:
             self._remove_from(first_position, seq)
             raise ModelError(f"llama_decode failed with status {status}")
         self._cached[seq].extend(int(token) for token in chunk)
+        self._outputs = len(chunk)
         if not outputs:
             return None
         return self._read_rows([len(chunk) - 1] if last_only else range(len(chunk)))
@@ -497,6 +500,9 @@ class LlamaModel:
         reading each row with its own ``llama_get_logits_ith`` and ``memmove`` made 32 such calls
         a step of 8.
         """
+        if any(not 0 <= index < self._outputs for index in batch_indices):
+            raise ModelError(f"batch rows {list(batch_indices)} are not all among the "
+                             f"{self._outputs} rows of the last decode")
         count = max(batch_indices, default=-1) + 1
         logits_pointer = self._lib.llama_get_logits(self._context)
         hidden_pointer = self._lib.llama_get_embeddings(self._context)
@@ -559,6 +565,7 @@ class LlamaModel:
                     index += 1
             batch.n_tokens = total
             self._batch_rows = rows
+            self._outputs = 0
             status = self._lib.llama_decode(self._context, batch)
             if status != 0:
                 for seq, _ in pieces:
@@ -570,13 +577,19 @@ class LlamaModel:
                 raise ModelError(f"llama_decode failed with status {status}")
             for seq, tokens in pieces:
                 self._cached[seq].extend(int(token) for token in tokens)
+            self._outputs = total
 
     def read_rows(self, rows: Sequence[int]) -> DecodeOutput:
         """Logits and hidden states of batch rows of the last decode."""
         with self._lock:
             self._require_open()
             order = self._batch_rows
-            return self._read_rows([order[row] for row in rows] if order else rows)
+            if order:
+                if any(not 0 <= row < len(order) for row in rows):
+                    raise ModelError(f"batch rows {list(rows)} are not all among the "
+                                     f"{len(order)} rows of the last decode")
+                rows = [order[row] for row in rows]
+            return self._read_rows(rows)
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Make ``target`` hold the first ``length`` tokens of ``source``, from its KV cache.

@@ -219,3 +219,18 @@ def test_pieces_reach_llama_cpp_in_sequence_order_and_rows_come_back_in_the_call
             alone = model.read_rows([len(prompts[seq]) - 1])
             np.testing.assert_allclose(together.logits[index], alone.logits[0], atol=1e-4)
             np.testing.assert_allclose(together.hidden[index], alone.hidden[0], atol=1e-4)
+
+
+def test_rows_outside_the_last_decode_are_refused_not_read(toy_pair: Any) -> None:
+    """read_rows reads llama.cpp's output buffers directly: a row past the last batch would
+    read memory that is not its own."""
+    with LlamaModel(toy_pair.base_gguf, n_ctx=2 * 64, n_seq_max=2, n_ctx_seq=64) as model:
+        prompt = prompt_of(model)[:5]
+        model.decode_pieces([(1, prompt[:3]), (0, prompt[:2])])
+        assert model.read_rows([4, 0]).logits.shape == (2, model.vocab_size)
+        for rows in ([5], [-1], [0, 9]):
+            with pytest.raises(ModelError, match="not all among the 5 rows"):
+                model.read_rows(rows)
+        model.decode(prompt[3:5], seq=1)
+        with pytest.raises(ModelError, match="not all among the 2 rows"):
+            model.read_rows([2])
