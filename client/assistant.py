@@ -503,7 +503,7 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
         documents = stack.enter_context(contextlib.closing(DocumentStore(
             settings.daemon.data_dir / "documents.sqlite3",
             max_bytes=settings.daemon.max_upload_bytes,
-            passage_chars=settings.daemon.passage_chars)))
+            passage_chars=settings.daemon.passage_chars, on_delete=engine.forget_prompts)))
         source = CoDecoderSource(pool.decoder, audit_path=policy_settings.audit_log, pool=pool)
         assistant = Assistant(decoder=source, documents=documents,
                               prompt_builder=prompt_builder_for(parts.base,

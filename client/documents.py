@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +101,10 @@ class DocumentStore:
     """Documents and their passages in one SQLite database with a full-text index."""
 
     def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024,
-                 passage_chars: int = 600, parser: TextExtractor | None = None) -> None:
+                 passage_chars: int = 600, parser: TextExtractor | None = None,
+                 on_delete: Callable[[], None] | None = None) -> None:
         self.path = path
+        self._on_delete = on_delete  # drops what the model keeps of earlier prompts
         self._parser = parser
         self.max_bytes = max_bytes
         self.passage_chars = passage_chars
@@ -161,6 +163,8 @@ class DocumentStore:
             connection.execute("COMMIT")
         if deleted.rowcount == 0:
             raise DocumentNotFoundError(f"no document with id {document_id!r}")
+        if self._on_delete is not None:
+            self._on_delete()
 
     def search(self, question: str, k: int = 1) -> list[Passage]:
         """The ``k`` passages that best match the question's words (BM25), best first."""

@@ -245,6 +245,18 @@ class BatchEngine:
                 self._unsaved.add(seq)  # saved by the engine thread between steps
             self._changed.notify_all()
 
+    def forget_prompts(self) -> None:
+        """Drop what the engine keeps of earlier prompts: the prompt cache, and the KV of every
+        sequence no caller holds (a document was deleted, and its passages must not stay
+        reusable). Sequences in use keep theirs until their answers end."""
+        with self._changed:
+            idle = [seq for seq in range(self.model.n_seq_max) if seq not in self._live]
+            self._unsaved.clear()
+            if self.prompt_cache is not None:
+                self.prompt_cache.clear()
+            for seq in idle:
+                self.model.reset(seq)
+
     @contextlib.contextmanager
     def parked(self, seq: int) -> Iterator[None]:
         """While inside, the engine does not wait for ``seq`` (it is blocked elsewhere)."""

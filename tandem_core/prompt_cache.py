@@ -75,6 +75,11 @@ class PromptCache:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
     def longest(self, prompt: Sequence[int]) -> tuple[SavedSequence | None, int]:
         """The entry sharing the longest prefix with ``prompt``, and that length (0: none)."""
         wanted = tuple(prompt)

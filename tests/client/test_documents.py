@@ -168,3 +168,20 @@ def test_query_building_and_media_detection() -> None:
     assert detect_media_type("notes.md", b"hi", "application/octet-stream") == "text/markdown"
     assert html_text("<p>a</p><p>b &lt; c</p>") == "a\n\nb < c"
     assert markdown_text("## Title\n*x* and __y__") == "Title\n\nx and y"
+
+
+def test_a_deletion_tells_the_model_to_drop_earlier_prompts(tmp_path: Path) -> None:
+    """The daemon passes the batching engine's ``forget_prompts``: cached KV of prompts that
+    held a deleted document's passages must not stay reusable."""
+    calls: list[str] = []
+    store = DocumentStore(tmp_path / "documents.sqlite3", on_delete=lambda: calls.append("forget"))
+    try:
+        info = store.add_text("notes.txt", "The boiler was serviced in March.")
+        with pytest.raises(DocumentNotFoundError):
+            store.delete("no-such-document")
+        assert calls == []
+        store.delete(info.id)
+        assert calls == ["forget"]
+        assert store.search("boiler", k=1) == []
+    finally:
+        store.close()

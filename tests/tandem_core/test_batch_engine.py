@@ -708,3 +708,32 @@ def test_a_new_prompt_gets_a_step_of_its_own_before_the_running_answers_rows(
     shared.reset(1)
     alone = shared.decode(new_prompt, seq=1, last_only=True)
     np.testing.assert_array_equal(first.logits[-1], alone.logits[-1])
+
+
+def test_forgetting_prompts_empties_the_cache_and_idle_sequences_not_busy_ones(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    """A document deletion calls ``forget_prompts``: no KV of an earlier prompt stays to be
+    restored or reused, except in sequences whose answers are still running."""
+    from tandem_core.prompt_cache import PromptCache
+
+    base, _ = solo
+    prompt = base.tokenize(toy_prompts(toy_pair)[0], add_bos=True)[:30]
+    cache = PromptCache(64 * 2**20)
+    engine = BatchEngine(shared, share_prefixes=False, prompt_cache=cache)
+    for seq in range(PARALLEL):
+        shared.reset(seq)
+    finished, running = engine.view(0), engine.view(1)
+    finished.open()
+    finished.decode(prompt, last_only=True)
+    finished.close()
+    running.open()
+    running.decode(prompt[:20], last_only=True)  # the engine saves sequence 0 first
+    assert len(cache) == 1
+    engine.forget_prompts()
+    assert len(cache) == 0 and cache.nbytes == 0
+    assert shared.cached_tokens(0) == []
+    assert shared.cached_tokens(1) == prompt[:20]
+    running.decode(prompt[20:22])  # the running answer goes on
+    running.close()
+    engine.close()
+    assert shared.cached_tokens(1) == prompt[:22]
