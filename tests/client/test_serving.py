@@ -203,3 +203,33 @@ def test_a_cancelled_stream_frees_its_sequence_at_once(
         # Both sequences serve new answers.
         with concurrent.futures.ThreadPoolExecutor(2) as executor:
             assert all(r["choices"] for r in executor.map(lambda i: ask(url, i), range(2)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_question_asked_again_restores_its_prompt_and_a_deletion_forgets_it(
+        toy_pair: Any, gateway: str, tmp_path: Path) -> None:
+    with toy_daemon(toy_pair, tmp_path, gateway, max_parallel=2, threshold=1.0) as (url, runtime):
+        engine = runtime.assistant.decoder.pool.engine
+        uploaded = httpx.post(f"{url}/v1/documents", json={
+            "name": "memo.txt", "text": "The quokka budget for the harbour office is 9 coins."})
+        document = uploaded.json()["data"][0]["id"]
+
+        def chat(question: str) -> dict[str, Any]:
+            reply = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+                "model": "tandem-toy", "max_tokens": 8,
+                "messages": [{"role": "user", "content": question}]})
+            assert reply.status_code == 200, reply.text
+            return dict(reply.json())
+
+        first = chat("What is the quokka budget?")
+        assert first["tandem"]["passages"][0]["document_name"] == "memo.txt"
+        chat("Which office has a budget?")  # the same sequence now holds another prompt
+        restored = engine.stats.restored_prefix_tokens
+        again = chat("What is the quokka budget?")  # restored from the cache, not prefilled
+        assert engine.stats.restored_prefix_tokens > restored
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert len(engine.prompt_cache) >= 1
+        assert httpx.delete(f"{url}/v1/documents/{document}").status_code == 200
+        assert len(engine.prompt_cache) == 0
+        assert all(engine.model.cached_tokens(seq) == [] for seq in range(engine.model.n_seq_max))
