@@ -37,8 +37,8 @@ was decoded ahead and rolls its KV back. The rows are those the caller would hav
 context a row's logits do not depend on the batch it was decoded in. So the engine never waits
 on an answer thread between steps, and answers that are ready join the next step.
 
-This module imports only the llama.cpp wrapper, the sampling rule, the error tree and the
-interpreter setting, so it can move with them.
+This module imports only the llama.cpp wrapper, the prompt cache, the sampling rule, the token
+helpers, the error tree and the interpreter setting, so it can move with them.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from tandem_core.errors import ModelError, TandemError
 from tandem_core.interpreter import favour_engine_threads
 from tandem_core.prompt_cache import PromptCache
 from tandem_core.protocol import sample_from_logits
+from tandem_core.tokens import common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -558,8 +559,9 @@ class BatchEngine:
         if not prompts or len(prompts) == len(requests) \
                 or any(request.skipped for request in requests):
             return requests
+        chosen = {id(prompt) for prompt in prompts}
         for request in requests:
-            if not any(request is prompt for prompt in prompts):
+            if id(request) not in chosen:
                 request.skipped = True
         return prompts
 
@@ -589,7 +591,7 @@ class BatchEngine:
                 for other in range(model.n_seq_max):
                     if other == seq:
                         continue
-                    length = _common_prefix(model.cached_tokens(other), wanted)
+                    length = common_prefix_length(model.cached_tokens(other), wanted)
                     if length > best_length:
                         best, best_length = other, length
             best_length = min(best_length, len(wanted) - 1)  # decode one token for outputs
@@ -643,15 +645,6 @@ class BatchEngine:
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
     """The rows of one request: the step's own array when they came in one step (no copy)."""
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
-    length = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 class SequenceView:

@@ -22,19 +22,7 @@ from collections.abc import Sequence
 
 from tandem_core.base_model import SavedSequence, available_memory_bytes
 from tandem_core.errors import ModelLoadError
-
-
-def shared_length(left: tuple[int, ...], right: tuple[int, ...]) -> int:
-    """How many leading tokens two tuples share, by binary search over slice comparisons (each
-    runs in C, so this costs a few slices rather than a Python step per token)."""
-    low, high = 0, min(len(left), len(right))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if left[:middle] == right[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+from tandem_core.tokens import common_prefix_length
 
 
 class PromptCache:
@@ -87,7 +75,7 @@ class PromptCache:
         best_length = 0
         with self._lock:
             for key, saved in self._entries.items():
-                length = shared_length(key, wanted)
+                length = common_prefix_length(key, wanted)
                 if length > best_length:
                     best, best_length = saved, length
             if best is not None:

@@ -10,21 +10,12 @@ import pytest
 
 from tandem_core.base_model import LlamaModel
 from tandem_core.errors import ModelLoadError
-from tandem_core.prompt_cache import PromptCache, SavedSequence, prompt_cache, shared_length
+from tandem_core.prompt_cache import PromptCache, SavedSequence, prompt_cache
 from tests.client.test_decoding import toy_prompts
 
 
 def saved(tokens: list[int], nbytes: int = 10) -> SavedSequence:
     return SavedSequence(tuple(tokens), bytearray(nbytes))
-
-
-@pytest.mark.parametrize(("left", "right", "length"), [
-    ((), (1, 2), 0), ((1, 2, 3), (1, 2, 3), 3), ((1, 2, 3), (1, 2), 2), ((1, 9, 3), (1, 2, 3), 1),
-    ((5,), (6,), 0), (tuple(range(100)), (*range(57), 0), 57),
-])
-def test_shared_length_is_the_common_prefix(left: tuple[int, ...], right: tuple[int, ...],
-                                            length: int) -> None:
-    assert shared_length(left, right) == length == shared_length(right, left)
 
 
 def test_the_longest_shared_prefix_wins_and_nothing_shared_finds_nothing() -> None:
