@@ -197,6 +197,17 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def _float_rows(pointer: Any, count: int, width: int) -> np.ndarray:
+    """A numpy view of ``count`` x ``width`` float32 values behind a ctypes float pointer.
+
+    ``np.ctypeslib.as_array`` builds a ctypes array type on every call; ctypes caches the
+    ``c_float * n`` types made here. Measured right after a decode (SmolLM2-135M, 2 cores): the
+    two getters and two views took 131 us a step with ``as_array``, 62 us this way.
+    """
+    buffer = (ctypes.c_float * (count * width)).from_address(ctypes.addressof(pointer.contents))
+    return np.frombuffer(memoryview(buffer), dtype=np.float32).reshape(count, width)
+
+
 class LlamaModel:
     """A GGUF model with one context; each sequence id is an independent KV stream."""
 
@@ -484,7 +495,7 @@ class LlamaModel:
             # Failed or aborted ubatches may stay in memory; drop them to keep positions exact.
             self._remove_from(first_position, seq)
             raise ModelError(f"llama_decode failed with status {status}")
-        self._cached[seq].extend(int(token) for token in chunk)
+        self._cached[seq].extend(map(int, chunk))
         self._outputs = len(chunk)
         if not outputs:
             return None
@@ -511,8 +522,8 @@ class LlamaModel:
         if not count:
             return DecodeOutput(np.empty((0, self.vocab_size), np.float32),
                                 np.empty((0, self.hidden_size), np.float32))
-        logits = np.ctypeslib.as_array(logits_pointer, shape=(count, self.vocab_size))
-        hidden = np.ctypeslib.as_array(hidden_pointer, shape=(count, self.hidden_size))
+        logits = _float_rows(logits_pointer, count, self.vocab_size)
+        hidden = _float_rows(hidden_pointer, count, self.hidden_size)
         rows = np.asarray(batch_indices, dtype=np.intp)
         return DecodeOutput(logits[rows], hidden[rows])  # fancy indexing copies
 
@@ -576,7 +587,7 @@ class LlamaModel:
                                                f"{total} tokens")
                 raise ModelError(f"llama_decode failed with status {status}")
             for seq, tokens in pieces:
-                self._cached[seq].extend(int(token) for token in tokens)
+                self._cached[seq].extend(map(int, tokens))
             self._outputs = total
 
     def read_rows(self, rows: Sequence[int]) -> DecodeOutput:

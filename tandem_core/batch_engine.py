@@ -135,12 +135,42 @@ class RunAhead:
                                   position=position)
 
 
+class _Latch:
+    """Set once by the engine (its condition held), then open for good to whoever waits.
+
+    A held lock, released to signal. ``threading.Event`` is a ``Condition`` in Python code. On
+    the engine thread right after a decode (SmolLM2-135M on 2 cores, where a step's Python runs
+    on cold caches), making a request and setting its signal took 47 and 61 us with an Event,
+    28 and 47 us with this latch (line profile of one answer); a one-answer step spends about
+    0.7 ms outside ``llama_decode`` in all.
+    """
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self) -> None:
+        with self._lock:  # open once set: each waiter passes the lock on
+            pass
+
+
 @dataclass
 class _Request:
     seq: int
     tokens: list[int]
     last_only: bool
-    done: threading.Event = field(default_factory=threading.Event)
+    done: _Latch = field(default_factory=_Latch)
     fed: int = 0
     rows: list[int] = field(default_factory=list)  # batch rows to read in the current step
     logits: list[np.ndarray] = field(default_factory=list)

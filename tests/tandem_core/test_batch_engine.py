@@ -25,7 +25,13 @@ from client.errors import ExpertUnavailableError
 from client.expert import ExpertReply, InProcessExpert
 from client.serving import DecoderPool
 from tandem_core.base_model import BaseModel, LlamaModel
-from tandem_core.batch_engine import BatchEngine, CancelledError, RunAhead, SequenceSwitch
+from tandem_core.batch_engine import (
+    BatchEngine,
+    CancelledError,
+    RunAhead,
+    SequenceSwitch,
+    _Latch,
+)
 from tandem_core.errors import ModelLoadError
 from tests.client.test_decoding import NUMERICAL_NOISE, fragile_draw, toy_prompts
 
@@ -737,3 +743,20 @@ def test_forgetting_prompts_empties_the_cache_and_idle_sequences_not_busy_ones(
     running.close()
     engine.close()
     assert shared.cached_tokens(1) == prompt[:22]
+
+
+def test_a_request_latch_blocks_its_waiters_until_set_and_then_never_again() -> None:
+    latch = _Latch()
+    passed: list[str] = []
+    waiters = [threading.Thread(target=lambda name=name: (latch.wait(), passed.append(name)))
+               for name in ("caller", "settler")]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.05)
+    assert passed == [] and not latch.is_set()
+    latch.set()
+    latch.set()  # a second set changes nothing (and does not release an unheld lock)
+    for waiter in waiters:
+        waiter.join(timeout=5)
+    assert sorted(passed) == ["caller", "settler"] and latch.is_set()
+    latch.wait()  # open for good
