@@ -45,7 +45,7 @@ from client.provenance import source_of
 from client.settings import ClientSettings, DecodingSettings, SwitchSettings
 from client.switch import SwitchScorer
 from client.tokens import GeneratedToken, Provenance
-from tandem_core.base_model import BaseModel
+from tandem_core.base_model import BaseModel, DecodeOutput
 from tandem_core.batch_engine import RunAhead, RunsAhead
 from tandem_core.errors import ContextOverflowError, ExpertError, ModelError, SessionLostError
 from tandem_core.protocol import TokenLogprob, sample_from_logits
@@ -196,10 +196,16 @@ class DecodeResult:
 
 @dataclass
 class _Row:
-    """Base outputs for the next position: logits [vocab] and hidden state [d]."""
+    """Base outputs for the next position: logits [vocab], hidden state [d], and the logits'
+    argmax when the base already took it."""
 
     logits: np.ndarray
     hidden: np.ndarray
+    argmax: int | None = None
+
+    @classmethod
+    def last(cls, output: DecodeOutput) -> _Row:
+        return cls(output.logits[-1], output.hidden[-1], output.last_argmax)
 
 
 @dataclass
@@ -336,7 +342,7 @@ class CoDecoder:
                 if score > self._threshold_for(answer):
                     row = self._defer(answer, row, score)
                 else:
-                    self._accept(answer, self._sample(row.logits, answer), "base", score)
+                    self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), "base", score)
                     row = None
                 yield from answer.generated[before:]
             if self.base.position(self.seq) > len(answer.tokens):
@@ -364,12 +370,12 @@ class CoDecoder:
         shared = min(shared, len(prompt) - 1)  # decode at least one token to get its outputs
         self.base.rollback(shared, seq=self.seq)
         output = self.base.decode(prompt[shared:], seq=self.seq, last_only=True)
-        return _Row(output.logits[-1], output.hidden[-1])
+        return _Row.last(output)
 
     def _decode_tail(self, answer: _Answer) -> _Row:
         missing = answer.tokens[self.base.position(self.seq):]
         output = self.base.decode(missing, seq=self.seq, last_only=True)
-        return _Row(output.logits[-1], output.hidden[-1])
+        return _Row.last(output)
 
     def _score(self, hidden: np.ndarray) -> np.ndarray:
         return np.asarray(self.switch.score(hidden), dtype=np.float64)
@@ -379,7 +385,9 @@ class CoDecoder:
             return answer.options.warmup_threshold
         return self.threshold
 
-    def _sample(self, logits: np.ndarray, answer: _Answer) -> int:
+    def _sample(self, logits: np.ndarray, answer: _Answer, *, argmax: int | None = None) -> int:
+        if argmax is not None and answer.options.temperature <= 0:
+            return argmax  # greedy: the base's own argmax of these logits
         return sample_from_logits(logits, temperature=answer.options.temperature,
                                   seed=answer.options.seed, position=len(answer.tokens))
 
@@ -420,12 +428,12 @@ class CoDecoder:
         """Handle a deferred position; return the next row when the base already computed it."""
         answer.count("deferred")
         if self.expert is None or (isinstance(self.expert, Gated) and not self.expert.ready()):
-            self._accept(answer, self._sample(row.logits, answer), "fallback", score)
+            self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), "fallback", score)
             return None
         span = min(answer.options.lookahead, answer.remaining)
         outcome = self._call_expert(answer, span)
         if isinstance(outcome, str):
-            self._accept(answer, self._sample(row.logits, answer), outcome, score)
+            self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), outcome, score)
             return None
         reply, egress_id, started = outcome
         accepted, next_row = self._verify_span(answer, row, score, reply)

@@ -45,10 +45,15 @@ _GGML_LOG_CONT = 5  # a continuation of the previous line, at its level
 
 @dataclass(frozen=True)
 class DecodeOutput:
-    """Per-position results of one decode: ``logits`` [n, vocab] and ``hidden`` [n, d], float32."""
+    """Per-position results of one decode: ``logits`` [n, vocab] and ``hidden`` [n, d], float32.
+
+    ``last_argmax`` is ``np.argmax(logits[-1])`` when the decoder already took it (the batching
+    engine takes every step's in one call), so a greedy caller need not read the row again.
+    """
 
     logits: np.ndarray
     hidden: np.ndarray
+    last_argmax: int | None = None
 
 
 @dataclass(frozen=True)

@@ -547,8 +547,9 @@ class BatchEngine:
         with self._changed:
             for request in included:
                 if request.remaining == 0:
-                    request.output = DecodeOutput(_joined(request.logits),
-                                                  _joined(request.hidden))
+                    request.output = DecodeOutput(
+                        _joined(request.logits), _joined(request.hidden),
+                        request.greedy if request.greedy >= 0 else None)
                     if request.scores:
                         request.output_scores = _joined(request.scores)
                     self._continue(request)  # first: its caller wakes to the token fed
@@ -814,12 +815,13 @@ class SequenceSwitch:
         source = output.hidden
         if (hidden.dtype != source.dtype or hidden.shape[1] != source.shape[1]
                 or hidden.strides[1] != source.strides[1]
-                or not np.shares_memory(hidden, source)):
+                or (hidden.shape[0] > 1 and hidden.strides[0] != source.strides[0])):
             return None
-        offset = hidden.ctypes.data - source.ctypes.data
-        if offset % source.strides[0] or (hidden.shape[0] > 1 and hidden.strides[0] != source.strides[0]):
-            return None
-        first = offset // source.strides[0]
-        if not first >= 0 or first + hidden.shape[0] > source.shape[0]:
+        # Rows of ``source`` are the arrays that start inside its buffer on a row boundary.
+        # (``ndarray.ctypes`` and ``np.shares_memory`` made this lookup most of an answer
+        # thread's time per token; the address comes cheaper from the array interface.)
+        offset = hidden.__array_interface__["data"][0] - source.__array_interface__["data"][0]
+        first, misaligned = divmod(offset, source.strides[0])
+        if misaligned or not 0 <= first <= source.shape[0] - hidden.shape[0]:
             return None
         return scores[first:first + hidden.shape[0]].astype(np.float32)

@@ -465,8 +465,27 @@ def test_the_switch_reads_the_engine_scores_of_its_latest_rows(
     direct = head.score(output.hidden)
     assert np.allclose(batched, direct[:-1], atol=1e-6)
     assert np.allclose(single, direct[-1:], atol=1e-6)
+    assert np.allclose(switch.score(output.hidden[1:3]), direct[1:3], atol=1e-6)
+    assert np.allclose(switch.score(output.hidden[2][None, :]), direct[2:3], atol=1e-6)
+    assert switch.direct_calls == 0
     switch.score(output.hidden.copy())  # not a view of the engine's rows: scored directly
     assert switch.direct_calls == 1
+    every_other = switch.score(output.hidden[::2])  # rows of it, but not as the engine has them
+    assert switch.direct_calls == 2
+    assert np.allclose(every_other, direct[::2], atol=1e-6)
+
+
+def test_an_engine_output_carries_the_argmax_of_its_last_row(shared: LlamaModel) -> None:
+    engine = BatchEngine(shared)
+    view = engine.view(2)
+    view.reset()
+    try:
+        prompt = view.decode([1, 5, 7, 9], last_only=True)
+        step = view.decode([int(np.argmax(prompt.logits[-1]))])
+    finally:
+        engine.close()
+    for output in (prompt, step):
+        assert output.last_argmax == int(np.argmax(output.logits[-1]))
 
 
 def test_a_kv_cache_that_does_not_fit_is_refused_at_start(
