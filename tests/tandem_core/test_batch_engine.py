@@ -779,3 +779,36 @@ def test_a_request_latch_blocks_its_waiters_until_set_and_then_never_again() -> 
         waiter.join(timeout=5)
     assert sorted(passed) == ["caller", "settler"] and latch.is_set()
     latch.wait()  # open for good
+
+
+def test_a_caller_running_ahead_is_woken_once_a_burst_and_at_once_at_the_end(
+        toy_pair: Any, solo: tuple[LlamaModel, LlamaModel], shared: LlamaModel) -> None:
+    base, _ = solo
+    prompt = base.tokenize(toy_prompts(toy_pair)[3], add_bos=True)[:60]
+    wanted = _greedy_alone(base, prompt, 24)
+    engine = BatchEngine(shared, share_prefixes=False, wake_every=4)
+    taken: list[int] = []
+
+    def caller() -> None:
+        view = engine.view(2)
+        view.open()
+        view.reset()
+        with view.running_ahead(RunAhead(feed_until=len(prompt) + 23)):
+            logits = view.decode(prompt, last_only=True).logits[-1]
+            while len(taken) < 24:
+                taken.append(int(np.argmax(logits)))
+                if len(taken) < 24:
+                    logits = view.decode(taken[-1:]).logits[-1]
+        view.close()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    thread.join(60)  # the last token stops the chain: a caller still held would hang here
+    engine.close()
+    assert not thread.is_alive()
+    assert taken == wanted
+    stats = engine.stats
+    assert stats.ahead_taken == 23
+    # A caller as fast as this one takes each token while it is decoded and waits for it: woken
+    # once a token, it would count about 23 wake-ups.
+    assert 1 <= stats.ahead_wakeups <= 23 // 4 + 2
