@@ -35,7 +35,10 @@ streaming). The caller's next ``decode`` of exactly that token finds its rows al
 in flight; any other call (a deferral's span, a rollback, the end of the answer) first drops what
 was decoded ahead and rolls its KV back. The rows are those the caller would have got: in this
 context a row's logits do not depend on the batch it was decoded in. So the engine never waits
-on an answer thread between steps, and answers that are ready join the next step.
+on an answer thread between steps, and answers that are ready join the next step. A caller
+waiting for such a token is woken once every ``wake_every`` tokens while its chain goes on, and
+at once when it stops (a deferral, the answer's end, a cancel): on 2 cores every wake-up takes
+CPU from the decoding threads.
 
 This module imports only the llama.cpp wrapper, the prompt cache, the sampling rule, the token
 helpers, the error tree and the interpreter setting, so it can move with them.
