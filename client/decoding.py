@@ -342,7 +342,7 @@ class CoDecoder:
                 if score > self._threshold_for(answer):
                     row = self._defer(answer, row, score)
                 else:
-                    self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), "base", score)
+                    self._accept(answer, self._sample_row(row, answer), "base", score)
                     row = None
                 yield from answer.generated[before:]
             if self.base.position(self.seq) > len(answer.tokens):
@@ -385,9 +385,12 @@ class CoDecoder:
             return answer.options.warmup_threshold
         return self.threshold
 
-    def _sample(self, logits: np.ndarray, answer: _Answer, *, argmax: int | None = None) -> int:
-        if argmax is not None and answer.options.temperature <= 0:
-            return argmax  # greedy: the base's own argmax of these logits
+    def _sample_row(self, row: _Row, answer: _Answer) -> int:
+        if row.argmax is not None and answer.options.temperature <= 0:
+            return row.argmax  # greedy: the base's own argmax of these logits
+        return self._sample(row.logits, answer)
+
+    def _sample(self, logits: np.ndarray, answer: _Answer) -> int:
         return sample_from_logits(logits, temperature=answer.options.temperature,
                                   seed=answer.options.seed, position=len(answer.tokens))
 
@@ -428,12 +431,12 @@ class CoDecoder:
         """Handle a deferred position; return the next row when the base already computed it."""
         answer.count("deferred")
         if self.expert is None or (isinstance(self.expert, Gated) and not self.expert.ready()):
-            self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), "fallback", score)
+            self._accept(answer, self._sample_row(row, answer), "fallback", score)
             return None
         span = min(answer.options.lookahead, answer.remaining)
         outcome = self._call_expert(answer, span)
         if isinstance(outcome, str):
-            self._accept(answer, self._sample(row.logits, answer, argmax=row.argmax), outcome, score)
+            self._accept(answer, self._sample_row(row, answer), outcome, score)
             return None
         reply, egress_id, started = outcome
         accepted, next_row = self._verify_span(answer, row, score, reply)
