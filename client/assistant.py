@@ -492,7 +492,8 @@ def build_runtime(settings: ClientSettings, policy_settings: PolicySettings, *,
             expert=GatewayExpert(settings.expert, gateway_token),
             egress=Egress(policy_settings.audit_log, audit_key, policy_settings)))
         engine = BatchEngine(parts.base, scorer=parts.switch,
-                             prompt_cache=prompt_cache(settings.base.prompt_cache_mib))
+                             prompt_cache=prompt_cache(settings.base.prompt_cache_mib),
+                             wake_every=settings.base.stream_burst)
         stack.callback(engine.close)
         options = DecodingOptions.from_settings(settings)
         policy, audit = parts.policy, parts.audit

@@ -42,6 +42,12 @@ class BaseModelSettings(Section):
         "shares a prefix with one (llama-server's --cache-ram); 0 turns it off. It stays in "
         "this process's memory and is never written to disk",
     )
+    stream_burst: int = Field(
+        default=4, ge=1, le=64,
+        description="tokens an answer's thread takes per wake-up while the engine decodes "
+        "ahead for it, so streamed tokens arrive this many at a time; 1 wakes it (and streams) "
+        "every token, at about 0.1 ms of CPU a token on 2 cores",
+    )
     prompt_style: Literal["auto", "plain", "chat"] = Field(
         default="auto", description="chat uses the GGUF chat template; auto picks chat when present"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -81,7 +82,8 @@ def gateway(toy_pair: Any) -> Iterator[str]:
 
 @contextlib.contextmanager
 def toy_daemon(toy_pair: Any, root: Path, expert_url: str, *, max_parallel: int = 8,
-               threshold: float | None = None, **policy: Any) -> Iterator[tuple[str, Any]]:
+               threshold: float | None = None, stream_burst: int = 4,
+               **policy: Any) -> Iterator[tuple[str, Any]]:
     from client.assistant import build_runtime
     from client.cli_daemon import daemon_services
     from client.settings import (
@@ -97,7 +99,7 @@ def toy_daemon(toy_pair: Any, root: Path, expert_url: str, *, max_parallel: int 
     head = ensure_toy_head(toy_pair)
     settings = ClientSettings(
         base=BaseModelSettings(preset="toy", path=toy_pair.base_gguf, n_ctx=512,
-                               max_parallel=max_parallel),
+                               max_parallel=max_parallel, stream_burst=stream_burst),
         switch=SwitchSettings(path=head, threshold=threshold),
         expert=ExpertSettings(url=expert_url, retries=0, breaker_failures=100),
         daemon=DaemonSettings(data_dir=root, max_queue_per_client=64))
@@ -233,3 +235,27 @@ def test_a_question_asked_again_restores_its_prompt_and_a_deletion_forgets_it(
         assert httpx.delete(f"{url}/v1/documents/{document}").status_code == 200
         assert len(engine.prompt_cache) == 0
         assert all(engine.model.cached_tokens(seq) == [] for seq in range(engine.model.n_seq_max))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_stream_burst_sets_how_often_a_streaming_answer_is_woken(
+        toy_pair: Any, gateway: str, tmp_path: Path) -> None:
+    """Streamed tokens come stream_burst at a time; the text is the same either way."""
+    texts, wakeups = {}, {}
+    for burst in (1, 8):
+        with toy_daemon(toy_pair, tmp_path / str(burst), gateway, threshold=1.0,
+                        stream_burst=burst) as (url, runtime):
+            engine = runtime.assistant.decoder.pool.engine
+            assert engine.wake_every == burst
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=300, json={
+                    "model": "tandem-toy", "max_tokens": 40, "stream": True,
+                    "prompt": "Question 1: what is the capital of the country number 1?"}) as reply:
+                assert reply.status_code == 200
+                chunks = [json.loads(line[len("data: "):]) for line in reply.iter_lines()
+                          if line.startswith("data: {")]
+            texts[burst] = "".join(chunk["choices"][0]["text"] for chunk in chunks
+                                   if chunk.get("choices"))
+            wakeups[burst] = engine.stats.ahead_wakeups
+    assert texts[1] == texts[8] and texts[1]
+    assert wakeups[8] < wakeups[1]
