@@ -193,7 +193,7 @@ class _Request:
     end: int = -1  # the sequence's length after its last token, once decoded
     in_step: bool = False  # gathered into the step now running: not to be dropped meanwhile
     skipped: bool = False  # left out of the last step for want of room
-    greedy: int = -1  # argmax of its last row, once decoded
+    greedy: int | None = None  # argmax of its last row, once decoded
     taken: bool = False  # fed ahead, then taken by its caller, who now waits for it
 
     @property
@@ -210,8 +210,6 @@ class _Lane:
     epoch: int = 0
     ahead: deque[_Request] = field(default_factory=deque)  # oldest first, not yet taken
     stalled: _Request | None = None  # finished, continued once ``ahead`` has room
-    held: _Request | None = None  # finished, its caller not woken yet (``wake_every``)
-    held_since: int = 0  # the engine's step count when ``held`` was held
 
 
 @dataclass
@@ -251,6 +249,9 @@ class BatchEngine:
         self._parked: set[int] = set()
         self._cancelled: dict[int, threading.Event] = {}
         self._unsaved: set[int] = set()  # closed sequences whose state the prompt cache lacks
+        # seq -> a finished token fed ahead whose waiting caller is not woken yet, and the step
+        # count when it was held (``wake_every``)
+        self._held: dict[int, tuple[_Request, int]] = {}
         self._lanes = [_Lane() for _ in range(model.n_seq_max)]
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -411,7 +412,7 @@ class BatchEngine:
         scores = request.output_scores
         score = None if scores is None else float(np.float32(scores[-1]))
         token = policy.next_token(output.logits[-1], score, request.end,
-                                  greedy=request.greedy if request.greedy >= 0 else None)
+                                  greedy=request.greedy)
         if token is None or self.model.is_end_of_generation(token):
             return
         follow = _Request(seq, [token], True, epoch=lane.epoch, position=request.end)
@@ -566,9 +567,8 @@ class BatchEngine:
         with self._changed:
             for request in included:
                 if request.remaining == 0:
-                    request.output = DecodeOutput(
-                        _joined(request.logits), _joined(request.hidden),
-                        request.greedy if request.greedy >= 0 else None)
+                    request.output = DecodeOutput(_joined(request.logits),
+                                                  _joined(request.hidden), request.greedy)
                     if request.scores:
                         request.output_scores = _joined(request.scores)
                     self._continue(request)  # first: its caller wakes to the token fed
@@ -619,23 +619,19 @@ class BatchEngine:
     def _hold(self, request: _Request) -> bool:
         """Leave the caller of a finished run-ahead token asleep while its chain goes on
         (engine condition held); ``_wake_held`` wakes it."""
-        lane = self._lanes[request.seq]
         follow = self._pending.get(request.seq)
-        if (self.wake_every == 1 or not request.taken or lane.held is not None
+        if (self.wake_every == 1 or not request.taken or request.seq in self._held
                 or follow is None or follow is request):
             return False
-        lane.held, lane.held_since = request, self.stats.steps
+        self._held[request.seq] = (request, self.stats.steps)
         return True
 
     def _wake_held(self, *, everyone: bool = False) -> None:
         """Wake callers held for ``wake_every`` steps, or whose chain stopped (condition held)."""
-        for seq, lane in enumerate(self._lanes):
-            held = lane.held
-            if held is None:
-                continue
+        for seq, (held, since) in list(self._held.items()):
             if (everyone or seq not in self._pending
-                    or self.stats.steps - lane.held_since >= self.wake_every - 1):
-                lane.held = None
+                    or self.stats.steps - since >= self.wake_every - 1):
+                del self._held[seq]
                 self._finish(held)
 
     def _finish(self, request: _Request, *, error: BaseException | None = None) -> None:
